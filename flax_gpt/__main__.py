@@ -1,0 +1,3 @@
+from flax_gpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The model config both frameworks build from, its presets, and the positional table.
+
+Framework-free: imports neither jax nor torch, so both model files share it as-is.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from flax_gpt.errors import FlaxGPTError
+
+
+class ConfigError(FlaxGPTError, ValueError):
+    """A config whose fields cannot build a model."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """SPEC.md's model: field names are the contract's, defaults are its defaults."""
+
+    vocab_size: int
+    seq_len: int  # maximum context
+    d_model: int
+    n_heads: int
+    n_layers: int
+    d_ff: int = 0  # 0 means 4 * d_model
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.d_ff == 0:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        for name in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config {name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}: "
+                f"each head takes d_model // n_heads rows")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, fields):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; known: {sorted(names)}")
+        try:
+            return cls(**fields)
+        except TypeError as e:
+            raise ConfigError(f"incomplete config: {e}") from None
+
+    @classmethod
+    def from_json(cls, text):
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        if not isinstance(fields, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(fields)
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """A named preset with fields replaced by the non-None `overrides`."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+PRESETS = {
+    # Tests: seconds to compile and run on a 2-core CPU.
+    "tiny": GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=2),
+    # A few minutes of CPU training on tinyshakespeare (vocab_size comes from the data).
+    "small": GPTConfig(vocab_size=11548, seq_len=64, d_model=256, n_heads=4, n_layers=4),
+    # GPT-2 small's shape; 50304 = 50257 padded to a multiple of 64 for synthetic benchmarks.
+    "gpt2-124m": GPTConfig(vocab_size=50304, seq_len=1024, d_model=768, n_heads=12, n_layers=12),
+}
+
+
+def positional_encoding(seq_len, d_model):
+    """SPEC.md's fixed sinusoidal table, float32 `(seq_len, d_model)`, built in float64 once.
+
+    PE[p, 2i] = sin(p / 10000^(2i/d_model)), PE[p, 2i+1] = cos(p / 10000^(2i/d_model)).
+    Both frameworks take this exact array, so the table cannot be a source of difference.
+    """
+    position = np.arange(seq_len, dtype=np.float64)[:, None]  # (T, 1)
+    freq = 10000.0 ** (-np.arange(0, d_model, 2, dtype=np.float64) / d_model)  # (ceil(d/2),)
+    angle = position * freq  # (T, ceil(d/2))
+    table = np.empty((seq_len, d_model), dtype=np.float64)
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle[:, : d_model // 2])  # odd d_model: the last column is a sin
+    return table.astype(np.float32)

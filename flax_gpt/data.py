@@ -1,0 +1,248 @@
+"""A prepared dataset folder, loaded and batched without torchtext, jax or torch.
+
+`flax-gpt prepare` (flax_gpt/prepare.py, the one module that imports torchtext) writes:
+
+    vocab.txt       one token per line, in id order (tokens never contain whitespace)
+    train.npy       training token ids, smallest unsigned dtype that fits the vocabulary
+    val.npy         validation token ids, same dtype
+    manifest.json   sources, tokenizer, specials, options, counts, file checksums
+
+Batches follow SPEC.md: the token stream is cut into rows of `seq_len` tokens, `x` is a
+`(batch_size, seq_len)` block of rows, `y[:, :-1] = x[:, 1:]` and `y[:, -1] = -100`.
+"""
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flax_gpt.errors import DatasetError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VOCAB_FILE = "vocab.txt"
+SPLITS = ("train", "val")
+SPECIALS = ("<unk>", "<bos>", "<eos>")
+UNK, BOS, EOS = 0, 1, 2
+IGNORE_INDEX = -100
+
+_BASIC_ENGLISH = [  # torchtext's basic_english rules, for encode() without torchtext
+    (re.compile(r"\'"), " '  "),
+    (re.compile(r"\""), ""),
+    (re.compile(r"\."), " . "),
+    (re.compile(r"<br \/>"), " "),
+    (re.compile(r","), " , "),
+    (re.compile(r"\("), " ( "),
+    (re.compile(r"\)"), " ) "),
+    (re.compile(r"\!"), " ! "),
+    (re.compile(r"\?"), " ? "),
+    (re.compile(r"\;"), " "),
+    (re.compile(r"\:"), " "),
+    (re.compile(r"\s+"), " "),
+]
+
+
+def basic_english(line):
+    """torchtext's `basic_english` tokenizer, restated so that loading needs no torchtext.
+
+    tests/test_data.py checks it against torchtext's own on a whole corpus.
+    """
+    line = line.lower()
+    for pattern, replacement in _BASIC_ENGLISH:
+        line = pattern.sub(replacement, line)
+    return line.split()
+
+
+def id_dtype(vocab_size):
+    """The smallest unsigned integer dtype that holds every id of the vocabulary."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise DatasetError(f"vocabulary of {vocab_size} tokens is too large for uint32 ids")
+
+
+def sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_batch(rows):
+    """SPEC.md labels for a block of rows: next token inside the row, -100 at the end."""
+    x = rows.astype(np.int32)
+    y = np.empty_like(x)
+    y[:, :-1] = x[:, 1:]
+    y[:, -1] = IGNORE_INDEX
+    return x, y
+
+
+@dataclass
+class TokenDataset:
+    """A prepared dataset: vocabulary, train and validation ids, and the manifest."""
+
+    itos: list
+    train: np.ndarray
+    val: np.ndarray
+    manifest: dict
+    path: Path | None = None
+    stoi: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.stoi = {token: i for i, token in enumerate(self.itos)}
+
+    @property
+    def vocab_size(self):
+        return len(self.itos)
+
+    # ---- loading -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path):
+        """Open a folder written by `flax-gpt prepare`; raise DatasetError if it is damaged."""
+        path = Path(path)
+        if not path.is_dir():
+            raise DatasetError(f"dataset folder {path} does not exist: run 'flax-gpt prepare' first")
+        manifest = _read_manifest(path)
+        files = manifest["files"]
+        itos = _read_vocab(path / files["vocab"]["name"], files["vocab"]["sha256"])
+        counts = manifest["counts"]
+        if len(itos) != counts["vocab_size"]:
+            raise DatasetError(
+                f"{path}: vocabulary has {len(itos)} tokens but the manifest says "
+                f"{counts['vocab_size']}; prepare the dataset again"
+            )
+        if tuple(itos[: len(SPECIALS)]) != SPECIALS:
+            raise DatasetError(f"{path}: vocabulary does not start with {', '.join(SPECIALS)}")
+        arrays = {}
+        for split in SPLITS:
+            entry = files[split]
+            arrays[split] = _read_ids(
+                path / entry["name"], entry["sha256"], counts[f"{split}_tokens"], len(itos)
+            )
+        return cls(itos=itos, manifest=manifest, path=path, **arrays)
+
+    # ---- text <-> ids --------------------------------------------------------------
+
+    def encode(self, text, *, bos_eos=False):
+        """Token ids of `text` (basic_english); unknown words map to `<unk>` (id 0).
+
+        With `bos_eos`, each non-empty line is wrapped in `<bos> ... <eos>` as in training.
+        """
+        ids = []
+        for line in text.splitlines() or [text]:
+            tokens = [self.stoi.get(t, UNK) for t in basic_english(line)]
+            if bos_eos and tokens:
+                tokens = [BOS, *tokens, EOS]
+            ids.extend(tokens)
+        return ids
+
+    def unknown_words(self, text):
+        """The words of `text` that are not in the vocabulary (they would encode as <unk>)."""
+        return [t for t in basic_english(text) if t not in self.stoi]
+
+    def decode(self, ids):
+        """Tokens joined by spaces (basic_english drops the original spacing)."""
+        return " ".join(self.itos[int(i)] for i in ids)
+
+    # ---- batches -------------------------------------------------------------------
+
+    def split(self, name):
+        if name not in SPLITS:
+            raise DatasetError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def num_batches(self, split, batch_size, seq_len, *, drop_last=True):
+        rows = _rows(self.split(split), seq_len, split)
+        return len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
+
+    def batches(self, split, batch_size, seq_len, *, shuffle=False, seed=0, epoch=0,
+                start=0, drop_last=True):
+        """Yield one pass of numpy `(x, y)` int32 batches of shape `(batch_size, seq_len)`.
+
+        The stream is cut into `len // seq_len` rows (the tail that does not fill a row is
+        dropped). With `shuffle`, row order is a permutation drawn from `(seed, epoch)`, so a
+        run can be resumed exactly from `(epoch, start)`, `start` being a batch index.
+        """
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
+        rows = _rows(self.split(split), seq_len, split)
+        order = np.arange(len(rows))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+        stop = len(rows) - len(rows) % batch_size if drop_last else len(rows)
+        if stop == 0:
+            raise DatasetError(
+                f"the {split} split has {len(rows)} rows of {seq_len} tokens, fewer than "
+                f"batch_size {batch_size}: use a smaller --batch-size or --seq-len"
+            )
+        for begin in range(start * batch_size, stop, batch_size):
+            yield make_batch(rows[order[begin:begin + batch_size]])
+
+
+def _rows(ids, seq_len, split):
+    if seq_len < 1:
+        raise DatasetError(f"seq_len must be at least 1, got {seq_len}")
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DatasetError(
+            f"seq_len {seq_len} is larger than the {split} split ({len(ids)} tokens): "
+            f"use a smaller --seq-len or more text"
+        )
+    return ids[: n * seq_len].reshape(n, seq_len)  # (rows, seq_len)
+
+
+def _read_manifest(path):
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} has no {MANIFEST}: it is not a prepared dataset folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path / MANIFEST} is unreadable or truncated ({e}); prepare again") from None
+    try:
+        if manifest["format_version"] != FORMAT_VERSION:
+            raise DatasetError(
+                f"{path} has dataset format {manifest['format_version']}, this flax-gpt reads "
+                f"{FORMAT_VERSION}; prepare it again"
+            )
+        for key in ("vocab", *SPLITS):
+            manifest["files"][key]["name"], manifest["files"][key]["sha256"]
+        for key in ("vocab_size", "train_tokens", "val_tokens"):
+            int(manifest["counts"][key])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path / MANIFEST} is missing or has a bad entry {e}; prepare again") from None
+    return manifest
+
+
+def _read_checked(file, sha256):
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{file} is missing; prepare the dataset again") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read {file}: {e}") from None
+    if sha256_bytes(data) != sha256:
+        raise DatasetError(f"{file} does not match its checksum in the manifest (truncated or "
+                           f"modified); prepare the dataset again")
+    return data
+
+
+def _read_vocab(file, sha256):
+    text = _read_checked(file, sha256).decode("utf-8")
+    return text.split("\n")[:-1]
+
+
+def _read_ids(file, sha256, count, vocab_size):
+    try:
+        ids = np.load(io.BytesIO(_read_checked(file, sha256)), allow_pickle=False)
+    except ValueError as e:
+        raise DatasetError(f"{file} is not a valid .npy array ({e}); prepare again") from None
+    if ids.ndim != 1 or ids.dtype != id_dtype(vocab_size) or len(ids) != count:
+        raise DatasetError(
+            f"{file} holds {ids.dtype} {ids.shape}, the manifest expects "
+            f"{id_dtype(vocab_size)} ({count},); prepare the dataset again"
+        )
+    if count and int(ids.max()) >= vocab_size:
+        raise DatasetError(f"{file} has ids beyond the vocabulary of {vocab_size}; prepare again")
+    return ids

@@ -1,0 +1,17 @@
+"""Errors a user can fix. The CLI prints their message as one line and exits 2."""
+
+
+class FlaxGPTError(Exception):
+    """Base class: bad input, with a message that says what to do."""
+
+
+class DatasetError(FlaxGPTError):
+    """A dataset folder, text source or batching request is unusable."""
+
+
+class WeightsError(FlaxGPTError):
+    """A canonical weights file is missing, corrupt or does not match its config."""
+
+
+class CheckpointError(FlaxGPTError):
+    """A run folder or checkpoint cannot be resumed or read."""

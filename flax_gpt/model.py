@@ -1,0 +1,184 @@
+"""The Flax NNX GPT of SPEC.md. Mirrors torch_reference/model.py class by class.
+
+Attribute names are the canonical weight names (flax_gpt/weights.py maps the leaves:
+Linear kernel = weight.T, LayerNorm scale = weight, Embed embedding = weight).
+Read top to bottom: Embedding, MaskedMultiHeadAttention, FeedForward, DecoderLayer, Decoder,
+GPT, then loss and load/save.
+
+`dtype` is the matmul compute dtype. With bfloat16 the parameters stay float32 and only
+the Linear layers run in bf16, as under torch.autocast: the residual stream, LayerNorm,
+softmax and loss stay float32.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_gpt import weights
+from flax_gpt.config import GPTConfig, positional_encoding
+from flax_gpt.data import IGNORE_INDEX
+
+MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
+INIT_STD = 0.02
+
+
+class Buffer(nnx.Variable):
+    """A constant that is neither trained nor saved (PyTorch: a non-persistent buffer)."""
+
+
+class Embedding(nnx.Module):
+    """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
+
+    def __init__(self, config, *, rngs):
+        normal = nnx.initializers.normal(INIT_STD)
+        self.token = nnx.Embed(config.vocab_size, config.d_model, embedding_init=normal, rngs=rngs)
+        self.positional = Buffer(jnp.asarray(positional_encoding(config.seq_len, config.d_model)))
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, ids):
+        T = ids.shape[1]
+        x = self.token(ids) + self.positional[:T]  # (B, T, d)
+        return self.dropout(x)
+
+
+def linear(d_in, d_out, *, dtype, rngs):
+    """nn.Linear's twin: N(0, 0.02) kernel, zero bias, matmul in `dtype`."""
+    return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(INIT_STD),
+                      bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+
+
+class MaskedMultiHeadAttention(nnx.Module):
+    """Causal multi-head attention with the explicit -1e9 masked softmax of SPEC.md."""
+
+    def __init__(self, config, *, dtype, rngs):
+        self.n_heads = config.n_heads
+        self.q = linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
+        self.k = linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
+        self.v = linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
+        self.out = linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
+        self.causal_mask = Buffer(jnp.tril(jnp.ones((config.seq_len, config.seq_len), dtype=bool)))
+        self.attn_dropout = nnx.Dropout(config.dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x):
+        B, T, d = x.shape
+        H, dk = self.n_heads, d // self.n_heads
+
+        def heads(t):
+            return t.reshape(B, T, H, dk).transpose(0, 2, 1, 3)  # (B, H, T, dk)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scores = q @ k.swapaxes(-2, -1) / math.sqrt(dk)  # (B, H, T, T)
+        scores = jnp.where(self.causal_mask[:T, :T], scores, MASK_FILL)
+        # softmax in float32 even for bf16 matmuls, as torch.autocast does
+        attn = self.attn_dropout(jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype))
+        y = attn @ v  # (B, H, T, dk)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, d)  # (B, T, d): heads concatenated
+        return self.dropout(self.out(y))
+
+
+class FeedForward(nnx.Module):
+    """Position-wise fc2(relu(fc1(x)))."""
+
+    def __init__(self, config, *, dtype, rngs):
+        self.fc1 = linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
+        self.fc2 = linear(config.d_ff, config.d_model, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.fc2(jax.nn.relu(self.fc1(x))))
+
+
+def layer_norm(config, *, rngs):
+    # PyTorch's epsilon (Flax's default is 1e-6) and two-pass variance, as PyTorch computes it
+    return nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_eps, use_fast_variance=False,
+                         rngs=rngs)
+
+
+class DecoderLayer(nnx.Module):
+    """Post-LN block, exactly the article's: LN(x + mhma(x)), then LN(x + ffn(x))."""
+
+    def __init__(self, config, *, dtype, rngs):
+        self.mhma = MaskedMultiHeadAttention(config, dtype=dtype, rngs=rngs)
+        self.layer_norm1 = layer_norm(config, rngs=rngs)
+        self.ffn = FeedForward(config, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = layer_norm(config, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.layer_norm1(x + self.mhma(x))
+        x = self.layer_norm2(x + self.ffn(x))
+        return x
+
+
+class Decoder(nnx.Module):
+    def __init__(self, config, *, dtype, rngs):
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs)
+                                for _ in range(config.n_layers)])
+
+    def __call__(self, x, *, return_hidden=False):
+        hidden = []
+        for layer in self.layers:
+            x = layer(x)
+            hidden.append(x)
+        return (x, hidden) if return_hidden else x
+
+
+class GPT(nnx.Module):
+    """logits = pred(decoder(embed(ids)))."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.embed = Embedding(config, rngs=rngs)
+        self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
+        self.pred = linear(config.d_model, config.vocab_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, ids, *, return_hidden=False):
+        """ids (B, T) int -> logits (B, T, vocab); with `return_hidden`, also every layer's
+        output and the embedding, for layer-by-layer parity."""
+        if ids.shape[1] > self.config.seq_len:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds seq_len {self.config.seq_len}")
+        x = self.embed(ids)
+        h, hidden = self.decoder(x, return_hidden=True)
+        logits = self.pred(h)
+        return (logits, {"embed": x, "layers": hidden}) if return_hidden else logits
+
+
+def cross_entropy(logits, labels):
+    """Mean cross-entropy over labels != -100, as nn.CrossEntropyLoss(ignore_index=-100):
+    the sum over kept positions divided by their count (NaN when none is kept, as in torch)."""
+    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)  # (B*T, V)
+    labels = labels.reshape(-1)  # (B*T,)
+    keep = labels != IGNORE_INDEX
+    picked = jnp.take_along_axis(logits, jnp.where(keep, labels, 0)[:, None], axis=-1)[:, 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.sum(keep)
+
+
+# ---- canonical weights ----------------------------------------------------------------------
+
+def set_canonical(model, tensors):
+    """Load canonical tensors (name -> numpy) into `model`'s parameters, bit for bit."""
+    state = nnx.state(model, nnx.Param)
+    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, weights.to_flax(tensors)))
+    nnx.update(model, state)
+
+
+def canonical(model):
+    """`model`'s parameters as canonical tensors (name -> float32 numpy)."""
+    return weights.from_flax(model.config, nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def load(path, *, dtype=jnp.float32):
+    """A ready model (eval mode) from a canonical weights file alone."""
+    config, tensors = weights.load(path)
+    model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
+    set_canonical(model, tensors)
+    model.eval()
+    return model
+
+
+def save(model, path):
+    """Write `model`'s parameters and config as a canonical weights file."""
+    weights.save(path, model.config, canonical(model))

@@ -1,0 +1,166 @@
+"""The canonical weights file, and all conversion between it and each framework's parameters.
+
+The file is safetensors holding the PyTorch reference's `state_dict` names and layouts
+(SPEC.md, "Canonical weights"), float32, with the config as JSON under the metadata key
+`config`. PyTorch's parameters *are* the canonical tensors; Flax's differ in three ways,
+all handled here and nowhere else:
+
+    Linear     weight [out, in]  <->  kernel [in, out] (transposed)
+    LayerNorm  weight            <->  scale
+    Embedding  weight            <->  embedding
+
+Framework-free: the models wrap these numpy arrays with `jnp.asarray` / `torch.from_numpy`.
+"""
+
+import json
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_bytes
+from safetensors.numpy import save as save_bytes
+
+from flax_gpt.config import ConfigError, GPTConfig
+from flax_gpt.errors import WeightsError
+from flax_gpt.fileutil import atomic_file
+
+FORMAT = "flax_gpt.canonical/1"
+DTYPE = np.float32
+
+
+def canonical_shapes(config):
+    """Every canonical tensor name, in state_dict order, with its shape."""
+    d, f, v = config.d_model, config.d_ff, config.vocab_size
+    shapes = {"embed.token.weight": (v, d)}
+    for i in range(config.n_layers):
+        layer = f"decoder.layers.{i}"
+        for proj in ("q", "k", "v", "out"):
+            shapes[f"{layer}.mhma.{proj}.weight"] = (d, d)
+            shapes[f"{layer}.mhma.{proj}.bias"] = (d,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}.{norm}.weight"] = (d,)
+            shapes[f"{layer}.{norm}.bias"] = (d,)
+        shapes[f"{layer}.ffn.fc1.weight"] = (f, d)
+        shapes[f"{layer}.ffn.fc1.bias"] = (f,)
+        shapes[f"{layer}.ffn.fc2.weight"] = (d, f)
+        shapes[f"{layer}.ffn.fc2.bias"] = (d,)
+    shapes["pred.weight"] = (v, d)
+    shapes["pred.bias"] = (v,)
+    return shapes
+
+
+def check(config, tensors):
+    """Raise WeightsError naming the first tensor that is missing, unexpected or misshapen."""
+    shapes = canonical_shapes(config)
+    missing = [name for name in shapes if name not in tensors]
+    if missing:
+        raise WeightsError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all) for "
+                           f"config {config.to_json()}")
+    unexpected = [name for name in tensors if name not in shapes]
+    if unexpected:
+        raise WeightsError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all): the "
+                           f"file does not match its config ({config.n_layers} layers)")
+    for name, shape in shapes.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise WeightsError(f"tensor {name!r} has shape {list(tensor.shape)}, config "
+                               f"{config.to_json()} needs {list(shape)}")
+        if tensor.dtype != DTYPE:
+            raise WeightsError(f"tensor {name!r} is {tensor.dtype}, canonical weights are float32")
+
+
+def save(path, config, tensors):
+    """Write canonical `tensors` (name -> float32 numpy) and `config` to `path`, atomically."""
+    check(config, tensors)
+    shapes = canonical_shapes(config)
+    ordered = {name: np.ascontiguousarray(tensors[name]) for name in shapes}
+    payload = save_bytes(ordered, metadata={"config": config.to_json(), "format": FORMAT})
+    try:
+        with atomic_file(path) as f:
+            f.write(payload)
+    except OSError as e:
+        raise WeightsError(f"cannot write weights {path}: {e.strerror}") from None
+
+
+def load(path):
+    """Read a canonical weights file: `(config, tensors)`, checked against each other."""
+    try:
+        with open(path, "rb") as f:
+            payload = f.read()
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {path} does not exist") from None
+    except OSError as e:
+        raise WeightsError(f"cannot read weights file {path}: {e.strerror}") from None
+    try:
+        metadata = _metadata(payload)
+        tensors = load_bytes(payload)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt: "
+                           f"{e})") from None
+    if "config" not in metadata:
+        raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
+                           f"flax_gpt.save or torch_reference.save")
+    try:
+        config = GPTConfig.from_json(metadata["config"])
+    except ConfigError as e:
+        raise WeightsError(f"{path}: bad config in metadata: {e}") from None
+    try:
+        check(config, tensors)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return config, tensors
+
+
+def _metadata(payload):
+    """The safetensors header's __metadata__ (the numpy loader does not return it)."""
+    n = int.from_bytes(payload[:8], "little")
+    if len(payload) < 8 + n:
+        raise ValueError("header is longer than the file")
+    return json.loads(payload[8:8 + n]).get("__metadata__", {})
+
+
+# ---- Flax <-> canonical -----------------------------------------------------------------
+
+_FLAX_LEAF = {"embed.token": "embedding", "layer_norm": "scale"}  # else Linear: "kernel"
+
+
+def _flax_path(name):
+    """'decoder.layers.0.mhma.q.weight' -> (('decoder', 'layers', 0, 'mhma', 'q'), 'kernel')."""
+    *module, leaf = name.split(".")
+    path = tuple(int(p) if p.isdigit() else p for p in module)
+    if leaf == "bias":
+        return path, "bias"
+    module_name = ".".join(module)
+    for key, flax_leaf in _FLAX_LEAF.items():
+        if key in module_name:
+            return path, flax_leaf
+    return path, "kernel"
+
+
+def to_flax(tensors):
+    """Canonical tensors -> the nested dict of `nnx.state(model, nnx.Param).to_pure_dict()`."""
+    tree = {}
+    for name, tensor in tensors.items():
+        path, leaf = _flax_path(name)
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = np.ascontiguousarray(tensor.T) if leaf == "kernel" else tensor
+    return tree
+
+
+def from_flax(config, tree):
+    """The pure-dict Flax parameter tree -> canonical tensors (float32 numpy, state_dict order)."""
+    tensors = {}
+    for name in canonical_shapes(config):
+        path, leaf = _flax_path(name)
+        node = tree
+        try:
+            for part in (*path, leaf):
+                node = node[part]
+        except (KeyError, TypeError):
+            raise WeightsError(f"Flax parameters have no {'/'.join(map(str, (*path, leaf)))} "
+                               f"for canonical tensor {name!r}") from None
+        array = np.asarray(node)
+        tensors[name] = np.ascontiguousarray(array.T) if leaf == "kernel" else array
+    check(config, tensors)
+    return tensors

@@ -1,0 +1,165 @@
+"""The PyTorch reference GPT of SPEC.md. Mirrors flax_gpt/model.py class by class.
+
+Module names are the canonical weight names, so `state_dict()` *is* the canonical tensor set.
+Read top to bottom: Embedding, MaskedMultiHeadAttention, FeedForward, DecoderLayer, Decoder,
+GPT, then loss and load/save.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flax_gpt import weights
+from flax_gpt.config import GPTConfig, positional_encoding
+from flax_gpt.data import IGNORE_INDEX
+
+MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
+INIT_STD = 0.02
+
+
+class Embedding(nn.Module):
+    """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.token = nn.Embedding(config.vocab_size, config.d_model)
+        positional = torch.from_numpy(positional_encoding(config.seq_len, config.d_model))
+        self.register_buffer("positional", positional, persistent=False)  # not in the weights
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        x = self.token(ids) + self.positional[:T]  # (B, T, d)
+        return self.dropout(x)
+
+
+class MaskedMultiHeadAttention(nn.Module):
+    """Causal multi-head attention with the explicit -1e9 masked softmax of SPEC.md."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.q = nn.Linear(config.d_model, config.d_model)
+        self.k = nn.Linear(config.d_model, config.d_model)
+        self.v = nn.Linear(config.d_model, config.d_model)
+        self.out = nn.Linear(config.d_model, config.d_model)
+        causal = torch.tril(torch.ones(config.seq_len, config.seq_len, dtype=torch.bool))
+        self.register_buffer("causal_mask", causal, persistent=False)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        H, dk = self.n_heads, d // self.n_heads
+
+        def heads(t):
+            return t.view(B, T, H, dk).transpose(1, 2)  # (B, H, T, dk)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(dk)  # (B, H, T, T)
+        scores = scores.masked_fill(~self.causal_mask[:T, :T], MASK_FILL)
+        attn = self.attn_dropout(torch.softmax(scores, dim=-1))  # autocast: float32 softmax
+        y = attn @ v  # (B, H, T, dk)
+        y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d): heads concatenated
+        return self.dropout(self.out(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise fc2(relu(fc1(x)))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, config.d_ff)
+        self.fc2 = nn.Linear(config.d_ff, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.relu(self.fc1(x))))
+
+
+class DecoderLayer(nn.Module):
+    """Post-LN block, exactly the article's: LN(x + mhma(x)), then LN(x + ffn(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.mhma = MaskedMultiHeadAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.layer_norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(self, x):
+        x = self.layer_norm1(x + self.mhma(x))
+        x = self.layer_norm2(x + self.ffn(x))
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.n_layers)])
+
+    def forward(self, x, *, return_hidden=False):
+        hidden = []
+        for layer in self.layers:
+            x = layer(x)
+            hidden.append(x)
+        return (x, hidden) if return_hidden else x
+
+
+class GPT(nn.Module):
+    """logits = pred(decoder(embed(ids)))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed = Embedding(config)
+        self.decoder = Decoder(config)
+        self.pred = nn.Linear(config.d_model, config.vocab_size)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module):
+        """GPT-style init, the same in both frameworks: N(0, 0.02) weights, zero biases,
+        LayerNorm ones/zeros (PyTorch's default already)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+
+    def forward(self, ids, *, return_hidden=False):
+        """ids (B, T) int -> logits (B, T, vocab); with `return_hidden`, also every layer's
+        output and the embedding, for layer-by-layer parity."""
+        if ids.shape[1] > self.config.seq_len:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds seq_len {self.config.seq_len}")
+        x = self.embed(ids)
+        h, hidden = self.decoder(x, return_hidden=True)
+        logits = self.pred(h)
+        return (logits, {"embed": x, "layers": hidden}) if return_hidden else logits
+
+
+def cross_entropy(logits, labels):
+    """Mean cross-entropy over labels != -100 (nn.CrossEntropyLoss(ignore_index=-100))."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                           labels.reshape(-1).long(), ignore_index=IGNORE_INDEX)
+
+
+# ---- canonical weights ----------------------------------------------------------------------
+
+def state_dict_to_canonical(model):
+    return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+
+
+def load(path, *, device="cpu"):
+    """A ready model (eval mode) from a canonical weights file alone."""
+    config, tensors = weights.load(path)
+    model = GPT(config)
+    model.load_state_dict({name: torch.from_numpy(np.array(t)) for name, t in tensors.items()})
+    return model.to(device).eval()
+
+
+def save(model, path):
+    """Write `model`'s parameters and config as a canonical weights file."""
+    weights.save(path, model.config, state_dict_to_canonical(model))
