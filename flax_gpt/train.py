@@ -1,0 +1,73 @@
+"""The Flax trainer's core: optax AdamW and one jit-compiled train step over nnx.split state.
+
+The whole step (forward, loss, gradients, clipping, AdamW update) is one `jax.jit` with the
+parameters and optimizer state donated, so XLA updates them in place; the model object is
+split once (`nnx.split`) and never walked again inside the loop.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flax_gpt.hparams import learning_rates
+from flax_gpt.model import cross_entropy
+
+
+def optimizer(tc):
+    """AdamW (+ global-norm clip) on the shared learning-rate table.
+
+    optax.adamw's update is lr * (m_hat / (sqrt(v_hat) + eps) + wd * p); PyTorch's AdamW first
+    scales p by (1 - lr * wd) then subtracts lr * m_hat / (sqrt(v_hat) + eps): the same update,
+    with eps outside the square root in both.
+    """
+    lrs = jnp.asarray(learning_rates(tc))
+
+    def schedule(count):
+        return lrs[jnp.minimum(count, tc.steps - 1)]
+
+    adamw = optax.adamw(schedule, b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                        weight_decay=tc.weight_decay)
+    if tc.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+    return adamw
+
+
+def make_train_step(graphdef, tx, *, grad_accum=1, dropout=False):
+    """A jitted `step(params, opt_state, rest, x, y, key) -> (params, opt_state, metrics)`.
+
+    `x`, `y`: int32 `(grad_accum, B, T)`. Gradients of loss / grad_accum are summed over the
+    micro-batches, as PyTorch's repeated `backward()` accumulates them. `key` reseeds dropout.
+    """
+
+    def loss_fn(params, rest, x, y, key):
+        model = nnx.merge(graphdef, params, rest)
+        if dropout:
+            nnx.reseed(model, dropout=key)
+        return cross_entropy(model(x), y) / grad_accum
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, rest, x, y, key):
+        keys = jax.random.split(key, grad_accum)
+        loss, grads = grad_fn(params, rest, x[0], y[0], keys[0])
+        for i in range(1, grad_accum):  # unrolled: grad_accum is small and static
+            loss_i, grads_i = grad_fn(params, rest, x[i], y[i], keys[i])
+            loss, grads = loss + loss_i, jax.tree.map(jnp.add, grads, grads_i)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def eval_loss(graphdef, params, rest, x, y):
+    """Mean loss of one batch, in eval mode (no dropout)."""
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    return cross_entropy(model(x), y)

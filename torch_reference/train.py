@@ -1,0 +1,55 @@
+"""The PyTorch trainer's core: the same algorithm as flax_gpt/train.py, step for step.
+
+torch.optim.AdamW on the shared learning-rate table, global-norm clipping written as optax
+writes it (g / norm * max_norm when norm > max_norm; torch's clip_grad_norm_ adds 1e-6 to
+the norm), and gradient accumulation by repeated backward() of loss / grad_accum.
+"""
+
+import torch
+
+from flax_gpt import precision
+from flax_gpt.hparams import learning_rates
+from torch_reference.model import cross_entropy
+
+
+class TrainStep:
+    """`step(index, x, y) -> {"loss", "grad_norm"}` (tensors, not synced) for one model."""
+
+    def __init__(self, model, tc, *, device="cpu"):
+        self.model, self.tc, self.device = model, tc, torch.device(device)
+        self.lrs = learning_rates(tc)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=float(self.lrs[0]), betas=(tc.beta1, tc.beta2), eps=tc.eps,
+            weight_decay=tc.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, index, x, y):
+        """x, y: int `(grad_accum, B, T)` tensors on the device."""
+        tc = self.tc
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lrs[min(index, tc.steps - 1)])
+        if self.model.config.dropout:
+            torch.manual_seed(tc.seed * 1_000_003 + index)  # dropout stream of this step alone
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=self.device)
+        for i in range(len(x)):
+            with precision.torch_autocast(tc.precision, self.device.type):
+                micro = cross_entropy(self.model(x[i]), y[i]) / len(x)
+            micro.backward()
+            loss += micro.detach()
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+        if tc.grad_clip:  # torch.where, not `if`: no host sync inside the step
+            clip = grad_norm > tc.grad_clip
+            for p in self.params:
+                p.grad.copy_(torch.where(clip, p.grad / grad_norm * tc.grad_clip, p.grad))
+        self.optimizer.step()
+        return {"loss": loss, "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def eval_loss(model, x, y, *, precision_name="highest"):
+    model.eval()
+    with precision.torch_autocast(precision_name, next(model.parameters()).device.type):
+        return cross_entropy(model(x), y)
