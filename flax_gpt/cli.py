@@ -71,6 +71,141 @@ def run_prepare(args):
     return 0
 
 
+# ---- parity ----------------------------------------------------------------------------
+
+def add_model_options(p, *, preset_default="tiny"):
+    """--preset plus config overrides, shared by every command that builds a model."""
+    from flax_gpt.config import PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), default=preset_default,
+                   help=f"model size (default {preset_default})")
+    for field in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff"):
+        p.add_argument(f"--{field.replace('_', '-')}", type=_positive_int, default=None,
+                       metavar="N", help=f"override the preset's {field}")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+
+
+def model_config(args, **fixed):
+    from flax_gpt.config import GPTConfig
+
+    fields = ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
+    overrides = {f: getattr(args, f) for f in fields}
+    overrides.update({k: v for k, v in fixed.items() if v is not None})
+    return GPTConfig.preset(args.preset, **overrides)
+
+
+def add_parity(sub):
+    from flax_gpt.precision import PRECISIONS
+
+    p = sub.add_parser(
+        "parity", help="compare Flax and PyTorch from one set of weights",
+        description="Load one set of weights into both frameworks and compare, on the same "
+                    "batch: every layer's output, the logits, the loss and every gradient; then "
+                    "train both with AdamW on the same batches and compare each step's loss and "
+                    "the final parameters. Prints a table; exit 1 if a tolerance fails.")
+    add_model_options(p)
+    p.add_argument("--weights", type=Path, help="a canonical weights file (default: a fresh "
+                   "PyTorch initialisation of --preset, seeded)")
+    p.add_argument("--data", type=Path, help="a prepared dataset folder for real batches "
+                   "(default: random tokens)")
+    p.add_argument("--precision", choices=PRECISIONS, default="highest",
+                   help="highest: float32 tolerances; default: each framework's default (TF32 "
+                        "for JAX on GPU); bf16: loss diff, KL divergence and top-1 agreement")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--train-steps", type=int, default=50, help="AdamW steps to compare (0: none)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the AdamW run "
+                   "(default 1e-3, warmup 5 steps then cosine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
+    p.set_defaults(run=run_parity)
+
+
+def run_parity(args):
+    from flax_gpt import precision, weights
+
+    record = precision.apply(args.precision)
+    from flax_gpt import parity
+
+    if args.weights:
+        config, tensors = weights.load(args.weights)
+    else:
+        config = None
+    dataset = load_dataset(args.data) if args.data else None
+    if config is None:
+        config = model_config(args, vocab_size=dataset.vocab_size if dataset else None)
+        tensors = parity.random_weights(config, args.seed)
+    elif dataset and dataset.vocab_size != config.vocab_size:
+        raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens but the weights' vocabulary "
+                           f"is {config.vocab_size}: use the dataset they were trained on")
+    seq_len = config.seq_len
+    batches = parity_batches(config, dataset, args.batch_size, seq_len,
+                             max(args.train_steps, 1), args.seed)
+    fm, tm = parity.build_pair(config, tensors, args.precision)
+    x, y = batches[0]
+    rows = parity.compare_forward(fm, tm, x[0], y[0], args.precision)
+    if args.train_steps:
+        tc = parity.default_train_config(args.precision).replace(
+            steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
+        rows += parity.compare_training(config, tensors, batches[:args.train_steps], tc)
+    print_table(["quantity", "max abs diff", "max rel diff", "tolerance", "pass"],
+                [[r.quantity, f"{r.max_abs:.3e}", f"{r.max_rel:.3e}",
+                  "-" if r.tolerance is None else f"{r.tolerance:.0e}",
+                  "-" if r.passed is None else ("yes" if r.passed else "NO")] for r in rows])
+    failed = [r.quantity for r in rows if r.passed is False]
+    env = parity.environment(record)
+    print(f"config {config.to_json()}")
+    print(f"precision {args.precision} on {env['jax_device']} (jax) / {env['torch_device']} (torch)"
+          f": {'all within tolerance' if not failed else 'FAILED: ' + ', '.join(failed)}")
+    if args.json:
+        import dataclasses
+
+        write_json(args.json, {"config": config.to_dict(), "batch_size": args.batch_size,
+                               "train_steps": args.train_steps, "data": str(args.data or "random"),
+                               "rows": [dataclasses.asdict(r) for r in rows],
+                               "passed": not failed, **env})
+    return 1 if failed else 0
+
+
+def parity_batches(config, dataset, batch_size, seq_len, n, seed):
+    """n batches of shape (1, B, T): from the dataset (shuffled rows) or random tokens."""
+    from flax_gpt import parity
+
+    if dataset is None:
+        return [tuple(a[None] for a in parity.synthetic_batch(config, batch_size, seq_len, seed + i))
+                for i in range(n)]
+    out, epoch = [], 0
+    while len(out) < n:
+        out += [(x[None], y[None]) for x, y in
+                dataset.batches("train", batch_size, seq_len, shuffle=True, seed=seed, epoch=epoch)]
+        epoch += 1
+    return out[:n]
+
+
+def load_dataset(path):
+    from flax_gpt.data import TokenDataset
+
+    return TokenDataset.load(path)
+
+
+def print_table(header, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    for i, row in enumerate([header, *rows]):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path, payload):
+    from flax_gpt.fileutil import atomic_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    print(f"wrote {path}")
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 def build_parser():
@@ -87,7 +222,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = [add_prepare]
+COMMANDS = [add_prepare, add_parity]
 
 
 def main(argv=None):

@@ -161,13 +161,13 @@ def cross_entropy(logits, labels):
 def set_canonical(model, tensors):
     """Load canonical tensors (name -> numpy) into `model`'s parameters, bit for bit."""
     state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, weights.to_flax(tensors)))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, weights.to_flax(tensors)))
     nnx.update(model, state)
 
 
 def canonical(model):
     """`model`'s parameters as canonical tensors (name -> float32 numpy)."""
-    return weights.from_flax(model.config, nnx.state(model, nnx.Param).to_pure_dict())
+    return weights.from_flax(model.config, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def load(path, *, dtype=jnp.float32):

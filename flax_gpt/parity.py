@@ -105,7 +105,7 @@ def flax_outputs(fm, ids, labels):
                                                 jnp.asarray(labels))
     to_np = functools.partial(jax.tree.map, lambda t: np.asarray(t, np.float32))
     return (float(loss), to_np(logits), to_np(hidden),
-            weights.from_flax(fm.config, to_np(grads.to_pure_dict())))
+            weights.from_flax(fm.config, to_np(nnx.to_pure_dict(grads))))
 
 
 def torch_outputs(tm, ids, labels, precision_name="highest"):
@@ -183,7 +183,7 @@ def train_both(config, tensors, batches, tc):
                                           jax.random.fold_in(key, i))
         f_losses.append(metrics["loss"])
         t_losses.append(torch_step(i, torch.from_numpy(x).long(), torch.from_numpy(y).long())["loss"])
-    f_params = weights.from_flax(config, jax.tree.map(np.asarray, params.to_pure_dict()))
+    f_params = weights.from_flax(config, jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
     return (np.asarray(jax.device_get(f_losses), np.float64),
             np.asarray([float(t) for t in t_losses]), f_params,
             torch_model.state_dict_to_canonical(tm))
@@ -240,5 +240,5 @@ def environment(precision_record):
 
 def default_train_config(precision_name="highest"):
     """The short AdamW run of the parity suite: real hyperparameters, warmup then cosine."""
-    return TrainConfig(steps=50, batch_size=4, lr=3e-3, warmup_steps=5, weight_decay=0.1,
+    return TrainConfig(steps=50, batch_size=4, lr=1e-3, warmup_steps=5, weight_decay=0.1,
                        grad_clip=1.0, precision=precision_name)

@@ -1,0 +1,31 @@
+"""The parity suite runs in float32 at the highest matmul precision, on CPU, set once here
+through the project's one precision switch."""
+
+import functools
+
+import pytest
+
+from flax_gpt import precision
+
+precision.apply("highest")
+
+from flax_gpt import parity  # noqa: E402  (after the switch: jit caches key on it)
+from flax_gpt.config import GPTConfig  # noqa: E402
+
+# Odd shapes on purpose: one head, seq_len 1, d_model not a power of two, d_ff not 4*d_model.
+CONFIGS = {
+    "tiny": GPTConfig.preset("tiny"),
+    "one-head": GPTConfig(vocab_size=70, seq_len=8, d_model=24, n_heads=1, n_layers=3),
+    "seq-len-1": GPTConfig(vocab_size=50, seq_len=1, d_model=16, n_heads=4, n_layers=1),
+    "d36-3heads": GPTConfig(vocab_size=97, seq_len=12, d_model=36, n_heads=3, n_layers=2, d_ff=50),
+}
+
+
+@functools.cache
+def tensors_for(name, seed=0):
+    return parity.random_weights(CONFIGS[name], seed)
+
+
+@pytest.fixture(params=list(CONFIGS), scope="session")
+def config_name(request):
+    return request.param

@@ -1,0 +1,105 @@
+"""Forward and backward parity: every layer, the logits, the loss, every gradient."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flax_gpt import parity
+from flax_gpt.data import IGNORE_INDEX
+from flax_gpt.parity import GRAD_RTOL, LOGITS_ATOL, LOSS_ATOL
+from parity_tests.conftest import CONFIGS, tensors_for
+
+
+def outputs(name, x, y):
+    fm, tm = parity.build_pair(CONFIGS[name], tensors_for(name))
+    return parity.flax_outputs(fm, x, y), parity.torch_outputs(tm, x, y)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_layers_logits_and_loss(config_name, batch_size):
+    config = CONFIGS[config_name]
+    x, y = parity.synthetic_batch(config, batch_size, config.seq_len, seed=batch_size)
+    (f_loss, f_logits, f_hidden, _), (t_loss, t_logits, t_hidden, _) = outputs(config_name, x, y)
+    np.testing.assert_allclose(f_hidden["embed"], t_hidden["embed"], rtol=0, atol=LOGITS_ATOL)
+    assert len(f_hidden["layers"]) == len(t_hidden["layers"]) == config.n_layers
+    for i, (f, t) in enumerate(zip(f_hidden["layers"], t_hidden["layers"])):
+        np.testing.assert_allclose(f, t, rtol=0, atol=LOGITS_ATOL, err_msg=f"layer {i}")
+    np.testing.assert_allclose(f_logits, t_logits, rtol=0, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(f_loss, t_loss, rtol=0, atol=LOSS_ATOL, equal_nan=True)
+    if config.seq_len == 1:  # every label is -100: the mean over nothing is NaN in both
+        assert np.isnan(f_loss) and np.isnan(t_loss)
+    else:
+        assert np.isfinite(f_loss)
+
+
+def test_gradients(config_name):
+    config = CONFIGS[config_name]
+    x, y = parity.synthetic_batch(config, 3, config.seq_len, seed=7)
+    (_, _, _, f_grads), (_, _, _, t_grads) = outputs(config_name, x, y)
+    assert f_grads.keys() == t_grads.keys()
+    largest = max(float(np.abs(g).max()) for g in t_grads.values())
+    for name, t in t_grads.items():
+        f = f_grads[name]
+        if parity.is_inert(name):  # analytically zero: both must be zero up to rounding
+            assert np.abs(f).max() <= GRAD_RTOL * largest and np.abs(t).max() <= GRAD_RTOL * largest
+        else:
+            np.testing.assert_allclose(f, t, rtol=0, atol=GRAD_RTOL * np.abs(t).max(),
+                                       err_msg=name)
+
+
+def test_fully_ignored_rows_do_not_change_the_mean():
+    config = CONFIGS["tiny"]
+    x, y = parity.synthetic_batch(config, 4, config.seq_len, seed=3)
+    y[1] = IGNORE_INDEX  # rows 1 and 3 (synthetic_batch ignores the last) are ignored
+    (f_loss, *_), (t_loss, *_) = outputs("tiny", x, y)
+    keep = [0, 2]
+    (f_kept, *_), (t_kept, *_) = outputs("tiny", x[keep], y[keep])
+    np.testing.assert_allclose(f_loss, t_loss, rtol=0, atol=LOSS_ATOL)
+    np.testing.assert_allclose(f_loss, f_kept, rtol=0, atol=LOSS_ATOL)
+    np.testing.assert_allclose(t_loss, t_kept, rtol=0, atol=LOSS_ATOL)
+
+
+def test_all_ignored_batch_is_nan_in_both():
+    config = CONFIGS["tiny"]
+    x, y = parity.synthetic_batch(config, 2, config.seq_len)
+    y[:] = IGNORE_INDEX
+    (f_loss, *_), (t_loss, *_) = outputs("tiny", x, y)
+    assert np.isnan(f_loss) and np.isnan(t_loss)
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch_size=st.integers(1, 4), seq_len=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_property_any_batch_and_length(batch_size, seq_len, seed):
+    """Any batch size and any length up to the context: logits and loss agree."""
+    config = CONFIGS["tiny"]
+    x, y = parity.synthetic_batch(config, batch_size, seq_len, seed)
+    (f_loss, f_logits, *_), (t_loss, t_logits, *_) = outputs("tiny", x, y)
+    np.testing.assert_allclose(f_logits, t_logits, rtol=0, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(f_loss, t_loss, rtol=0, atol=LOSS_ATOL, equal_nan=True)
+
+
+def test_key_bias_cannot_change_the_output():
+    """Why key-bias gradients are zero: a shift of b_k moves a whole row of scores."""
+    config = CONFIGS["tiny"]
+    x, y = parity.synthetic_batch(config, 2, config.seq_len)
+    shifted = dict(tensors_for("tiny"))
+    rng = np.random.default_rng(0)
+    for name in shifted:
+        if parity.is_inert(name):
+            shifted[name] = rng.normal(0, 1.0, shifted[name].shape).astype(np.float32)
+    for before, after in zip(parity.build_pair(config, tensors_for("tiny")),
+                             parity.build_pair(config, shifted)):
+        is_flax = hasattr(before, "config") and not hasattr(before, "state_dict")
+        run = parity.flax_outputs if is_flax else parity.torch_outputs
+        np.testing.assert_allclose(run(after, x, y)[1], run(before, x, y)[1], rtol=0, atol=1e-6)
+
+
+def test_too_long_input_is_refused():
+    config = CONFIGS["tiny"]
+    fm, tm = parity.build_pair(config, tensors_for("tiny"))
+    x, y = parity.synthetic_batch(config, 1, config.seq_len + 1)
+    with pytest.raises(ValueError, match="exceeds seq_len"):
+        parity.flax_outputs(fm, x, y)
+    with pytest.raises(ValueError, match="exceeds seq_len"):
+        parity.torch_outputs(tm, x, y)
