@@ -1,0 +1,66 @@
+"""Reproduce the buffer-donation fault that made flax_gpt.train donate nothing on CPU.
+
+Two AdamW steps with gradient clipping on the `small` preset, the jitted step compiled with
+and without donated parameters and optimizer state; PyTorch gives the reference losses.
+Run: python scripts/donation_bug.py   (prints the step-1 loss of each; ~1 minute on 2 cores)
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from flax_gpt import parity, precision
+from flax_gpt.config import GPTConfig
+from flax_gpt.train import make_train_step, optimizer
+from torch_reference.train import TrainStep
+
+
+def main():
+    precision.apply("highest")
+    config = GPTConfig.preset("small", vocab_size=2048)
+    tensors = parity.random_weights(config)
+    batches = [parity.synthetic_batch(config, 4, config.seq_len, seed=i) for i in range(2)]
+    batches = [(x[None], y[None]) for x, y in batches]
+    tc = parity.default_train_config().replace(steps=2, grad_clip=1.0)
+    for donate in ((), (0, 1)):
+        fm, tm = parity.build_pair(config, tensors)
+        graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
+        tx = optimizer(tc)
+        opt_state = tx.init(params)
+        with _patched_donation(donate):
+            step = make_train_step(graphdef, tx)
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            params, opt_state, metrics = step(params, opt_state, rest, jnp.asarray(x),
+                                              jnp.asarray(y), jax.random.key(0))
+            losses.append(float(metrics["loss"]))
+        torch_step = TrainStep(tm, tc)
+        reference = [float(torch_step(i, torch.from_numpy(x).long(), torch.from_numpy(y).long())["loss"])
+                     for i, (x, y) in enumerate(batches)]
+        print(f"donate_argnums={donate}: flax losses {np.round(losses, 6)}, "
+              f"torch {np.round(reference, 6)}, step-1 diff {abs(losses[1] - reference[1]):.2e}")
+
+
+def _patched_donation(donate):
+    import contextlib
+
+    from flax_gpt import train
+
+    @contextlib.contextmanager
+    def patch():
+        original = train.donated
+        train.donated = functools.partial(lambda d: d, donate)
+        try:
+            yield
+        finally:
+            train.donated = original
+
+    return patch()
+
+
+if __name__ == "__main__":
+    main()
