@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,321 @@ def write_json(path, payload):
     print(f"wrote {path}")
 
 
+# ---- train / compare / eval / generate -----------------------------------------------------
+
+def add_train_options(p):
+    from flax_gpt.hparams import TrainConfig
+    from flax_gpt.precision import PRECISIONS
+
+    d = TrainConfig()
+    add_model_options(p, preset_default="small")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data", type=Path, help="a prepared dataset folder (default: "
+                      "tinyshakespeare, downloaded and prepared once into the cache)")
+    data.add_argument("--synthetic", action="store_true",
+                      help="uniform random tokens (vocabulary from the preset) instead of text")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                   help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"default {d.warmup_steps}")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help=f"cosine floor as a share of --lr (default {d.min_lr_ratio})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help=f"global-norm clip, 0 for none (default {d.grad_clip})")
+    p.add_argument("--seed", type=int, default=d.seed, help="data order, init and dropout")
+    p.add_argument("--precision", choices=PRECISIONS, default="highest",
+                   help="highest: float32; default: framework defaults; bf16: bf16 matmuls")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: all)")
+    p.add_argument("--log-every", type=_positive_int, default=10, help="host sync and log every N steps")
+    p.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
+
+
+def train_config(args):
+    from flax_gpt.hparams import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+                       precision=args.precision)
+
+
+def default_dataset():
+    """tinyshakespeare, prepared once into the cache (downloaded on first use)."""
+    from flax_gpt import prepare
+
+    folder = prepare.cache_dir() / "datasets" / "tinyshakespeare"
+    if not (folder / "manifest.json").is_file():
+        print(f"preparing tinyshakespeare into {folder}", file=sys.stderr)
+        prepare.prepare([("tinyshakespeare", prepare.fetch_corpus("tinyshakespeare"))], folder,
+                        force=True)
+    return folder
+
+
+def make_stream(args):
+    """(model config, batch stream) for the train and compare commands."""
+    from flax_gpt import loop
+
+    tc = train_config(args)
+    if args.synthetic:
+        config = model_config(args)
+        return config, tc, loop.SyntheticStream(config.vocab_size, tc.batch_size, config.seq_len, tc.seed)
+    dataset = load_dataset(args.data or default_dataset())
+    config = model_config(args, vocab_size=dataset.vocab_size)
+    return config, tc, loop.DatasetStream(dataset, tc.batch_size, config.seq_len, tc.seed)
+
+
+def make_backend(framework, config, tc, tensors=None, device="cpu"):
+    if framework == "flax":
+        from flax_gpt.train import FlaxBackend
+
+        return FlaxBackend(config, tc, tensors)
+    from torch_reference.train import TorchBackend
+
+    return TorchBackend(config, tc, tensors, device=device)
+
+
+def add_train(sub):
+    p = sub.add_parser(
+        "train", help="train a model with the Flax or the PyTorch trainer",
+        description="Train with AdamW (linear warmup, cosine decay, global-norm clipping, "
+                    "gradient accumulation). Writes RUN/metrics.jsonl, checkpoints (the last "
+                    "--keep) and RUN/weights.safetensors. Ctrl-C saves a checkpoint; --resume "
+                    "continues exactly where it stopped.")
+    p.add_argument("--framework", choices=["flax", "torch"], default="flax")
+    p.add_argument("--out", type=Path, required=True, help="the run folder")
+    add_train_options(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps "
+                   "(always at the end and on Ctrl-C)")
+    p.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args):
+    from flax_gpt import loop, precision
+
+    precision.apply(args.precision)
+    config, tc, stream = make_stream(args)
+    loop.check_stream(stream, config)
+    backend = make_backend(args.framework, config, tc, device=args.device)
+    start = time.perf_counter()
+    try:
+        history = loop.train(backend, stream, args.out, resume=args.resume,
+                             log_every=args.log_every, eval_every=args.eval_every,
+                             eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
+                             keep=args.keep, tensorboard=args.tensorboard)
+    except KeyboardInterrupt:
+        return 130
+    steps = [h for h in history if "loss" in h]
+    evals = [h for h in history if "val_loss" in h]
+    print(f"{args.framework}: {len(steps)} steps in {time.perf_counter() - start:.1f} s, "
+          f"final train loss {steps[-1]['loss']:.4f}, "
+          f"{steps[-1]['tokens_per_s']:,.0f} tokens/s" +
+          (f", val loss {evals[-1]['val_loss']:.4f} (perplexity {evals[-1]['val_ppl']:.1f})"
+           if evals else "") + f"; run folder {args.out}")
+    return 0
+
+
+def add_compare(sub):
+    p = sub.add_parser(
+        "compare", help="train both frameworks from one init on identical batches",
+        description="Initialise once, train the Flax and the PyTorch trainer on identical "
+                    "batches, and write REPORT_DIR/report.json (per-step losses of both, "
+                    "differences, val losses, tokens/s, versions, device, precision) and "
+                    "REPORT_DIR/loss.png; prints a summary.")
+    p.add_argument("--out", type=Path, required=True, help="the report folder")
+    add_train_options(p)
+    p.set_defaults(run=run_compare)
+
+
+def run_compare(args):
+    import numpy as np
+
+    from flax_gpt import loop, parity, precision
+
+    record = precision.apply(args.precision)
+    config, tc, stream = make_stream(args)
+    loop.check_stream(stream, config)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise FlaxGPTError(f"report folder {args.out} already exists: choose another --out")
+    tensors = parity.random_weights(config, tc.seed)
+    results = {}
+    for framework in ("flax", "torch"):
+        print(f"training {framework} ...", file=sys.stderr)
+        backend = make_backend(framework, config, tc, tensors, device=args.device)
+        start = time.perf_counter()
+        history = loop.train(backend, stream, args.out / framework, log_every=args.log_every,
+                             eval_every=args.eval_every, eval_batches=args.eval_batches)
+        steps = [h for h in history if "loss" in h]
+        results[framework] = {
+            "seconds": time.perf_counter() - start,
+            "loss": [h["loss"] for h in steps],
+            "tokens_per_s": float(np.median([h["tokens_per_s"] for h in steps[1:] or steps])),
+            "val": [{"step": h["step"], "val_loss": h["val_loss"]} for h in history if "val_loss" in h],
+        }
+    f_loss, t_loss = (np.asarray(results[k]["loss"]) for k in ("flax", "torch"))
+    diff = np.abs(f_loss - t_loss)
+    unigram = unigram_loss(stream)
+    report = {"config": config.to_dict(), "train": tc.to_dict(), "data": stream.reference,
+              "unigram_baseline_loss": unigram, "steps": len(f_loss),
+              "max_abs_loss_diff": float(diff.max()), "final_abs_loss_diff": float(diff[-1]),
+              "frameworks": results, **parity.environment(record)}
+    loop.write_json(args.out / "report.json", report)
+    plot_compare(args.out / "loss.png", results, diff, unigram)
+    rows = [[k, f"{results[k]['loss'][-1]:.5f}",
+             f"{results[k]['val'][-1]['val_loss']:.5f}" if results[k]["val"] else "-",
+             f"{results[k]['tokens_per_s']:,.0f}", f"{results[k]['seconds']:.1f}"]
+            for k in ("flax", "torch")]
+    print_table(["framework", "final train loss", "final val loss", "tokens/s", "seconds"], rows)
+    print(f"max |loss diff| over {len(diff)} steps: {diff.max():.3e} (final {diff[-1]:.3e}); "
+          f"unigram baseline {unigram:.4f}; wrote {args.out / 'report.json'} and {args.out / 'loss.png'}")
+    return 0
+
+
+def unigram_loss(stream):
+    """Cross-entropy of the training split's unigram distribution on the validation split:
+    the loss a model that ignores context would reach."""
+    import numpy as np
+
+    if not hasattr(stream, "dataset"):
+        return float(np.log(stream.vocab_size))
+    counts = np.bincount(stream.dataset.train, minlength=stream.vocab_size).astype(np.float64)
+    p = (counts + 1) / (counts.sum() + stream.vocab_size)  # add-one: unseen ids stay finite
+    return float(-np.mean(np.log(p[stream.dataset.val])))
+
+
+def plot_compare(path, results, diff, unigram):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1]})
+    steps = range(1, len(diff) + 1)
+    for name, style in (("flax", "-"), ("torch", "--")):
+        top.plot(steps, results[name]["loss"], style, label=f"{name} train")
+        val = results[name]["val"]
+        if val:
+            top.plot([v["step"] for v in val], [v["val_loss"] for v in val], style, marker="o",
+                     label=f"{name} val")
+    top.axhline(unigram, color="gray", lw=0.8, ls=":", label="unigram baseline")
+    top.set_ylabel("loss")
+    top.legend()
+    top.set_title("Flax vs PyTorch from one initialisation, identical batches")
+    bottom.semilogy(steps, [max(d, 1e-9) for d in diff], color="C3")
+    bottom.set_ylabel("|loss diff|")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_folder_model(run, framework="flax"):
+    """(model, run record) of a run folder's latest weights."""
+    from flax_gpt import loop
+
+    run = Path(run)
+    try:
+        record = json.loads((run / loop.CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise FlaxGPTError(f"{run} is not a run folder (no readable {loop.CONFIG})") from None
+    if framework == "flax":
+        import flax_gpt
+
+        return flax_gpt.load(run / loop.WEIGHTS), record
+    import torch_reference
+
+    return torch_reference.load(run / loop.WEIGHTS), record
+
+
+def run_dataset(args, record):
+    if args.data:
+        return load_dataset(args.data)
+    if record["data"].get("synthetic"):
+        raise FlaxGPTError("this run trained on synthetic tokens: pass --data for text")
+    return load_dataset(record["data"]["path"])
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="loss and perplexity of a run's weights on a split",
+                       description="Mean cross-entropy and perplexity of RUN's latest weights "
+                                   "over every batch of a split (Flax).")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="dataset folder (default: the run's)")
+    p.add_argument("--split", choices=["train", "val"], default="val")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args):
+    import math
+
+    import numpy as np
+
+    from flax_gpt import precision
+
+    precision.apply("highest", frameworks=("jax",))
+    from flax import nnx
+
+    from flax_gpt.train import eval_loss
+
+    model, record = run_folder_model(args.run)
+    dataset = run_dataset(args, record)
+    if dataset.vocab_size != model.config.vocab_size:
+        raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens, the model {model.config.vocab_size}")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    losses = [float(eval_loss(graphdef, params, rest, x, y)) for x, y in
+              dataset.batches(args.split, args.batch_size, model.config.seq_len)]
+    loss = float(np.mean(losses))
+    result = {"run": str(args.run), "split": args.split, "batches": len(losses),
+              "loss": loss, "perplexity": math.exp(loss)}
+    print(json.dumps(result) if args.json else
+          f"{args.split}: loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {len(losses)} batches")
+    return 0
+
+
+def add_generate(sub):
+    p = sub.add_parser("generate", help="sample text from a run's weights",
+                       description="Sample from RUN's latest weights with a jitted step of fixed "
+                                   "shape. The same --seed gives the same text.")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the run's)")
+    p.add_argument("--prompt", default="", help="text to continue (basic_english tokens)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args):
+    from flax_gpt.data import BOS
+    from flax_gpt.sample import generate
+
+    if args.temperature < 0:
+        raise FlaxGPTError(f"--temperature must be >= 0, got {args.temperature}")
+    model, record = run_folder_model(args.run)
+    dataset = run_dataset(args, record)
+    unknown = dataset.unknown_words(args.prompt)
+    if unknown:
+        print(f"warning: not in the vocabulary, read as <unk>: {' '.join(unknown)}", file=sys.stderr)
+    prompt = [BOS, *dataset.encode(args.prompt)]
+    ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, seed=args.seed)
+    text = dataset.decode(ids[1:]).replace(" <eos> <bos> ", "\n").replace("<eos> <bos>", "\n")
+    print(text)
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 def build_parser():
@@ -222,7 +538,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = [add_prepare, add_parity]
+COMMANDS = [add_prepare, add_parity, add_train, add_compare, add_eval, add_generate]
 
 
 def main(argv=None):

@@ -9,11 +9,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
+from flax_gpt import precision, weights
+from flax_gpt.errors import CheckpointError
 from flax_gpt.hparams import learning_rates
-from flax_gpt.model import cross_entropy
+from flax_gpt.loop import WEIGHTS
+from flax_gpt.model import GPT, cross_entropy, set_canonical
+
+OPTIMIZER = "optimizer.safetensors"
 
 
 def optimizer(tc):
@@ -83,3 +90,61 @@ def eval_loss(graphdef, params, rest, x, y):
     model = nnx.merge(graphdef, params, rest)
     model.eval()
     return cross_entropy(model(x), y)
+
+
+class FlaxBackend:
+    """The Flax side of flax_gpt.loop.train: model state, jitted step, checkpoint I/O."""
+
+    name = "flax"
+
+    def __init__(self, config, tc, tensors=None):
+        self.config, self.tc = config, tc
+        model = GPT(config, rngs=nnx.Rngs(tc.seed), dtype=precision.flax_dtype(tc.precision))
+        if tensors is not None:
+            set_canonical(model, tensors)
+        model.train()
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.tx = optimizer(tc)
+        self.opt_state = self.tx.init(self.params)
+        self._step = make_train_step(self.graphdef, self.tx, grad_accum=tc.grad_accum,
+                                     dropout=bool(config.dropout))
+        self.key = jax.random.key(tc.seed)
+        self.lrs = learning_rates(tc)
+
+    def step(self, index, x, y):
+        self.params, self.opt_state, metrics = self._step(
+            self.params, self.opt_state, self.rest, x, y, jax.random.fold_in(self.key, index))
+        return metrics
+
+    @staticmethod
+    def fetch(metrics):
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def lr(self, index):
+        return float(self.lrs[min(index, self.tc.steps - 1)])
+
+    def eval_loss(self, x, y):
+        return float(eval_loss(self.graphdef, self.params, self.rest, x, y))
+
+    def canonical(self):
+        return weights.from_flax(self.config, jax.tree.map(np.asarray, nnx.to_pure_dict(self.params)))
+
+    def save(self, folder):
+        weights.save(folder / WEIGHTS, self.config, self.canonical())
+        leaves = jax.tree_util.tree_leaves_with_path(self.opt_state)
+        save_file({jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
+                  str(folder / OPTIMIZER))
+
+    def load(self, folder):
+        config, tensors = weights.load(folder / WEIGHTS)
+        if config != self.config:
+            raise CheckpointError(f"{folder} holds a model of config {config.to_json()}, "
+                                  f"not {self.config.to_json()}")
+        nnx.replace_by_pure_dict(self.params, jax.tree.map(jnp.asarray, weights.to_flax(tensors)))
+        saved = load_file(str(folder / OPTIMIZER))
+        paths, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
+        try:
+            leaves = [jnp.asarray(saved[jax.tree_util.keystr(path)]) for path, _ in paths]
+        except KeyError as e:
+            raise CheckpointError(f"{folder / OPTIMIZER} lacks optimizer state {e}") from None
+        self.opt_state = jax.tree_util.tree_unflatten(treedef, leaves)

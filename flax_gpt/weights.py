@@ -23,7 +23,6 @@ from flax_gpt.config import ConfigError, GPTConfig
 from flax_gpt.errors import WeightsError
 from flax_gpt.fileutil import atomic_file
 
-FORMAT = "flax_gpt.canonical/1"
 DTYPE = np.float32
 
 
@@ -36,13 +35,14 @@ def canonical_shapes(config):
         for proj in ("q", "k", "v", "out"):
             shapes[f"{layer}.mhma.{proj}.weight"] = (d, d)
             shapes[f"{layer}.mhma.{proj}.bias"] = (d,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{layer}.{norm}.weight"] = (d,)
-            shapes[f"{layer}.{norm}.bias"] = (d,)
+        shapes[f"{layer}.layer_norm1.weight"] = (d,)
+        shapes[f"{layer}.layer_norm1.bias"] = (d,)
         shapes[f"{layer}.ffn.fc1.weight"] = (f, d)
         shapes[f"{layer}.ffn.fc1.bias"] = (f,)
         shapes[f"{layer}.ffn.fc2.weight"] = (d, f)
         shapes[f"{layer}.ffn.fc2.bias"] = (d,)
+        shapes[f"{layer}.layer_norm2.weight"] = (d,)
+        shapes[f"{layer}.layer_norm2.bias"] = (d,)
     shapes["pred.weight"] = (v, d)
     shapes["pred.bias"] = (v,)
     return shapes
@@ -73,7 +73,9 @@ def save(path, config, tensors):
     check(config, tensors)
     shapes = canonical_shapes(config)
     ordered = {name: np.ascontiguousarray(tensors[name]) for name in shapes}
-    payload = save_bytes(ordered, metadata={"config": config.to_json(), "format": FORMAT})
+    # One metadata key only: safetensors keeps metadata in a hash map, so the order of two
+    # keys in the header changes from call to call and the bytes would too.
+    payload = save_bytes(ordered, metadata={"config": config.to_json()})
     try:
         with atomic_file(path) as f:
             f.write(payload)

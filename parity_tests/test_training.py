@@ -35,7 +35,7 @@ def test_adamw_run_matches(dataset, shape, grad_accum, grad_clip):
     tensors = parity.random_weights(config)
     f_losses, t_losses, f_params, t_params = parity.train_both(config, tensors, batches, tc)
     np.testing.assert_allclose(f_losses, t_losses, rtol=0, atol=TRAIN_LOSS_ATOL)
-    assert t_losses[-1] < t_losses[0] - 0.5, "the run must actually learn"
+    assert t_losses[-1] < t_losses[0] - 0.3, "the run must actually learn"
     for name in t_params:
         if not parity.is_inert(name):
             np.testing.assert_allclose(f_params[name], t_params[name], rtol=0,

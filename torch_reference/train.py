@@ -5,11 +5,16 @@ writes it (g / norm * max_norm when norm > max_norm; torch's clip_grad_norm_ add
 the norm), and gradient accumulation by repeated backward() of loss / grad_accum.
 """
 
+import numpy as np
 import torch
 
-from flax_gpt import precision
+from flax_gpt import precision, weights
+from flax_gpt.errors import CheckpointError
 from flax_gpt.hparams import learning_rates
-from torch_reference.model import cross_entropy
+from flax_gpt.loop import WEIGHTS
+from torch_reference.model import GPT, cross_entropy, state_dict_to_canonical
+
+OPTIMIZER = "optimizer.pt"
 
 
 class TrainStep:
@@ -62,3 +67,54 @@ def eval_loss(model, x, y, *, precision_name="highest"):
     model.eval()
     with precision.torch_autocast(precision_name, next(model.parameters()).device.type):
         return cross_entropy(model(x), y)
+
+
+class TorchBackend:
+    """The PyTorch side of flax_gpt.loop.train: model, TrainStep, checkpoint I/O."""
+
+    name = "torch"
+
+    def __init__(self, config, tc, tensors=None, *, device="cpu"):
+        self.config, self.tc, self.device = config, tc, torch.device(device)
+        torch.manual_seed(tc.seed)
+        self.model = GPT(config)
+        if tensors is not None:
+            self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+        self.model.to(self.device)
+        self.train_step = TrainStep(self.model, tc, device=device)
+
+    def _tensor(self, a):
+        return torch.from_numpy(np.asarray(a)).to(self.device, torch.long)
+
+    def step(self, index, x, y):
+        return self.train_step(index, self._tensor(x), self._tensor(y))
+
+    @staticmethod
+    def fetch(metrics):
+        return {k: float(v) for k, v in metrics.items()}
+
+    def lr(self, index):
+        return float(self.train_step.lrs[min(index, self.tc.steps - 1)])
+
+    def eval_loss(self, x, y):
+        return float(eval_loss(self.model, self._tensor(x), self._tensor(y),
+                               precision_name=self.tc.precision))
+
+    def canonical(self):
+        return state_dict_to_canonical(self.model)
+
+    def save(self, folder):
+        weights.save(folder / WEIGHTS, self.config, self.canonical())
+        torch.save(self.train_step.optimizer.state_dict(), folder / OPTIMIZER)
+
+    def load(self, folder):
+        config, tensors = weights.load(folder / WEIGHTS)
+        if config != self.config:
+            raise CheckpointError(f"{folder} holds a model of config {config.to_json()}, "
+                                  f"not {self.config.to_json()}")
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+        try:
+            state = torch.load(folder / OPTIMIZER, map_location=self.device, weights_only=True)
+            self.train_step.optimizer.load_state_dict(state)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{folder / OPTIMIZER} cannot be restored: {e}") from None
