@@ -44,7 +44,7 @@ def add_prepare(sub):
                         "them as U+FFFD")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(run=run_prepare)
+    p.set_defaults(handler=run_prepare)
 
 
 def run_prepare(args):
@@ -118,7 +118,7 @@ def add_parity(sub):
                    "(default 1e-3, warmup 5 steps then cosine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
-    p.set_defaults(run=run_parity)
+    p.set_defaults(handler=run_parity)
 
 
 def run_parity(args):
@@ -298,8 +298,10 @@ def add_train(sub):
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps "
                    "(always at the end and on Ctrl-C)")
     p.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--stop-at", type=_positive_int, default=None,
+                   help="stop after step N of the --steps schedule (checkpointed; --resume goes on)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
-    p.set_defaults(run=run_train)
+    p.set_defaults(handler=run_train)
 
 
 def run_train(args):
@@ -314,7 +316,7 @@ def run_train(args):
         history = loop.train(backend, stream, args.out, resume=args.resume,
                              log_every=args.log_every, eval_every=args.eval_every,
                              eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
-                             keep=args.keep, tensorboard=args.tensorboard)
+                             keep=args.keep, tensorboard=args.tensorboard, stop_at=args.stop_at)
     except KeyboardInterrupt:
         return 130
     steps = [h for h in history if "loss" in h]
@@ -336,7 +338,7 @@ def add_compare(sub):
                     "REPORT_DIR/loss.png; prints a summary.")
     p.add_argument("--out", type=Path, required=True, help="the report folder")
     add_train_options(p)
-    p.set_defaults(run=run_compare)
+    p.set_defaults(handler=run_compare)
 
 
 def run_compare(args):
@@ -459,7 +461,7 @@ def add_eval(sub):
     p.add_argument("--split", choices=["train", "val"], default="val")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(run=run_eval)
+    p.set_defaults(handler=run_eval)
 
 
 def run_eval(args):
@@ -500,7 +502,7 @@ def add_generate(sub):
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run_generate)
+    p.set_defaults(handler=run_generate)
 
 
 def run_generate(args):
@@ -544,7 +546,7 @@ COMMANDS = [add_prepare, add_parity, add_train, add_compare, add_eval, add_gener
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except FlaxGPTError as e:
         print(f"flax-gpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

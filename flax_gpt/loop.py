@@ -187,8 +187,9 @@ def evaluate(backend, stream, n_batches):
 
 
 def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eval_batches=20,
-          checkpoint_every=0, keep=3, progress=None, tensorboard=False):
-    """Train `backend` on `stream` to `backend.tc.steps`, writing the run folder.
+          checkpoint_every=0, keep=3, progress=None, tensorboard=False, stop_at=None):
+    """Train `backend` on `stream` to `backend.tc.steps` (or to `stop_at` of that schedule),
+    writing the run folder.
 
     Returns the per-step records (step, loss, lr, grad_norm, ...) and evaluations. Ctrl-C
     finishes the step under way, saves a checkpoint and raises KeyboardInterrupt.
@@ -196,12 +197,13 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
     tc = backend.tc
     resume_from = open_run(run, backend, stream, resume=resume)
     start = load_checkpoint(resume_from, backend) if resume_from else 0
-    if start >= tc.steps:
+    end = min(tc.steps, stop_at) if stop_at else tc.steps
+    if start >= end:
         raise CheckpointError(f"{run} is already at step {start}: pass a larger --steps to go on")
     tokens_per_step = tc.batch_size * tc.grad_accum * stream.seq_len
     progress = sys.stderr.isatty() if progress is None else progress
     writer = _tensorboard(run) if tensorboard else None
-    bar = _bar(start, tc.steps, progress)
+    bar = _bar(start, end, progress)
     history, pending = [], []
     t0 = last_log = time.perf_counter()
     last_step = start
@@ -225,23 +227,23 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
     step = start
     try:
         with _deferred_interrupt() as interrupted:
-            while step < tc.steps and not interrupted():
+            while step < end and not interrupted():
                 x, y = step_batch(stream, step, tc.grad_accum)
                 pending.append((step, backend.step(step, x, y)))
                 step += 1
-                due_eval = eval_every and (step % eval_every == 0 or step == tc.steps)
-                if step % log_every == 0 or step == tc.steps or due_eval:
+                due_eval = eval_every and (step % eval_every == 0 or step == end)
+                if step % log_every == 0 or step == end or due_eval:
                     flush(step)
                 if due_eval:
                     record = {"step": step, **evaluate(backend, stream, eval_batches),
                               "elapsed": time.perf_counter() - t0}
                     history.append(record)
                     _log(metrics_file, writer, record)
-                if checkpoint_every and step % checkpoint_every == 0 and step < tc.steps:
+                if checkpoint_every and step % checkpoint_every == 0 and step < end:
                     save_checkpoint(run, backend, step, keep)
             flush(step)
             save_checkpoint(run, backend, step, keep)
-            if step < tc.steps:
+            if step < end:
                 print(f"interrupted: saved a checkpoint at step {step} in {run}; continue with "
                       f"--resume", file=sys.stderr)
                 raise KeyboardInterrupt

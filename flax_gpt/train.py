@@ -76,7 +76,7 @@ def make_train_step(graphdef, tx, *, grad_accum=1, dropout=False):
         for i in range(1, grad_accum):  # unrolled: grad_accum is small and static
             loss_i, grads_i = grad_fn(params, rest, x[i], y[i], keys[i])
             loss, grads = loss + loss_i, jax.tree.map(jnp.add, grads, grads_i)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm}

@@ -53,7 +53,7 @@ class TrainStep:
 
 
 def global_norm(tensors):
-    """sqrt(sum of squares), summed as optax.global_norm sums: per tensor, then over tensors.
+    """sqrt(sum of squares), summed as optax.tree.norm sums: per tensor, then over tensors.
 
     Not torch.linalg.vector_norm: on CPU (torch 2.3.1) it loses ~1e-3 relative on a tensor of
     3M entries (2.44176 against 2.44412 in float64, the `small` preset's pred.weight gradient),
