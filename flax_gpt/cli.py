@@ -524,6 +524,91 @@ def run_generate(args):
     return 0
 
 
+# ---- bench ------------------------------------------------------------------------------------
+
+def add_bench(sub):
+    from flax_gpt.bench import VARIANTS
+
+    p = sub.add_parser(
+        "bench", help="time the train step of every variant side by side",
+        description="Time the real train step (forward, backward, AdamW) of Flax jax.jit fp32 "
+                    "and bf16, Flax nnx.jit, PyTorch eager fp32 and bf16 autocast, and "
+                    "torch.compile fp32 and bf16, on one config and batch of synthetic tokens. "
+                    "Reports compile time, median/p10/p90 step time, tokens/s, MFU, peak memory "
+                    "and the last loss. On CPU the MFU peak is a matmul measured on the spot.")
+    add_model_options(p, preset_default="small")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps after compile (default 10)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="timed steps (default 20)")
+    p.add_argument("--no-pad-vocab", action="store_true",
+                   help="keep the vocabulary as is (default: round it up to a multiple of 64)")
+    p.add_argument("--sweep", metavar="batch_size=A,B,...", help="repeat for several batch sizes")
+    p.add_argument("--device", default=None, help="PyTorch device (default: cuda if available)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG chart")
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args):
+    from flax_gpt import bench
+
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    skip = {v.strip() for v in args.skip.split(",") if v.strip()}
+    unknown = sorted((set(chosen) | skip) - set(bench.VARIANTS))
+    if unknown:
+        raise FlaxGPTError(f"unknown variant(s) {', '.join(unknown)}: choose from "
+                           f"{', '.join(bench.VARIANTS)}")
+    variants = [v for v in chosen if v not in skip]
+    sizes = [args.batch_size]
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        try:
+            sizes = [int(v) for v in values.split(",")]
+        except ValueError:
+            sizes = []
+        if key != "batch_size" or not sizes or min(sizes) < 1:
+            raise FlaxGPTError(f"--sweep takes batch_size=A,B,... with positive integers, got {args.sweep!r}")
+    config = model_config(args)
+    if not args.no_pad_vocab:
+        config = config.replace(vocab_size=bench.pad_vocab(config.vocab_size))
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    reports = []
+    for size in sizes:
+        print(f"batch {size} x {config.seq_len}, config {config.to_json()}", file=sys.stderr)
+        report = bench.bench(config, batch_size=size, variants=variants, warmup=args.warmup,
+                             steps=args.steps, device=device)
+        reports.append(report)
+        rows = []
+        for r in report["results"]:
+            if "skipped" in r:
+                rows.append([r["variant"], "skipped: " + r["skipped"], "", "", "", "", "", "", ""])
+                continue
+            mem = r["peak_memory_bytes"]
+            rows.append([r["variant"], f"{r['compile_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
+                         f"{1e3 * r['p10_s']:.1f}", f"{1e3 * r['p90_s']:.1f}",
+                         f"{r['tokens_per_s']:,.0f}",
+                         "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                         "-" if mem is None else f"{mem / 2**30:.2f}", f"{r['loss']:.4f}"])
+        print_table(["variant", "compile s", "median ms", "p10 ms", "p90 ms", "tokens/s", "MFU",
+                     "peak GiB", "last loss"], rows)
+        print(f"FLOPs/token {report['flops_per_token']:,} (causal {report['flops_per_token_causal']:,});"
+              f" N = {report['matmul_params']:,} matmul parameters: {report['flops_note']}. "
+              f"Device {report['device']}.")
+    if args.json:
+        write_json(args.json, reports[0] if len(reports) == 1 else {"sweep": reports})
+    if args.plot:
+        bench.plot(args.plot, reports)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 def build_parser():
@@ -540,7 +625,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = [add_prepare, add_parity, add_train, add_compare, add_eval, add_generate]
+COMMANDS = [add_prepare, add_parity, add_train, add_compare, add_eval, add_generate, add_bench]
 
 
 def main(argv=None):

@@ -1,0 +1,316 @@
+"""`flax-gpt bench`: the real train step of each variant, timed side by side in one process.
+
+Every variant runs forward, backward and the AdamW update of the same model config and batch,
+on synthetic tokens already on the device. Compile/warm-up time is measured separately, then
+`warmup` untimed steps, then `steps` timed ones, each closed by a device sync
+(`block_until_ready` / `torch.cuda.synchronize`); the loss is read once, after the last step.
+
+Model FLOPs per token: 6N + 12·L·d·T (PaLM's formula, attention counted over the full T×T),
+and the causal variant 6N + 6·L·d·T. N counts the parameters that take part in matmuls: the
+Linear layers (q, k, v, out, fc1, fc2, pred), not the token embedding (a lookup, not tied to
+`pred`) nor the fixed positional table.
+"""
+
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from flax_gpt.hparams import TrainConfig
+
+VARIANTS = ("flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32",
+            "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "torch-compile-bf16")
+
+# Dense peak FLOP/s by device-name fragment: (bf16, fp32 without TF32).
+PEAK_FLOPS = {
+    "H100": (989e12, 67e12),
+    "H200": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L4": (121e12, 30.3e12),
+}
+
+
+def matmul_params(config):
+    """N of the MFU formula: parameters of the Linear layers."""
+    d, f, v, L = config.d_model, config.d_ff, config.vocab_size, config.n_layers
+    per_layer = 4 * (d * d + d) + (d * f + f) + (f * d + d)
+    return L * per_layer + d * v + v
+
+
+def flops_per_token(config, seq_len, causal=False):
+    attention = (6 if causal else 12) * config.n_layers * config.d_model * seq_len
+    return 6 * matmul_params(config) + attention
+
+
+def pad_vocab(vocab_size, multiple=64):
+    return -(-vocab_size // multiple) * multiple
+
+
+# ---- peaks ----------------------------------------------------------------------------------------
+
+def table_peak(device_name, dtype):
+    for fragment, (bf16, fp32) in PEAK_FLOPS.items():
+        if fragment in device_name:
+            return bf16 if dtype == "bf16" else fp32
+    return None
+
+
+def measured_cpu_peak(framework, dtype, n=2048, repeats=5):
+    """FLOP/s of the best of `repeats` n×n matmuls: the ceiling a CPU step can reach."""
+    flops = 2 * n ** 3
+    if framework == "flax":
+        import jax
+        import jax.numpy as jnp
+
+        a = jnp.ones((n, n), jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+        mm = jax.jit(lambda a: a @ a)
+        mm(a).block_until_ready()
+        best = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
+    else:
+        import torch
+
+        a = torch.ones((n, n), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        a @ a
+        best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return flops / best
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---- variants -------------------------------------------------------------------------------------
+
+class Skip(Exception):
+    """A variant that cannot run here, with the reason."""
+
+
+def flax_variant(name, config, tensors, tc, x, y):
+    """(step, sync, read_loss) closures for a Flax variant."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_gpt import model as flax_model
+    from flax_gpt.train import make_train_step, optimizer
+
+    dtype = jnp.bfloat16 if name.endswith("bf16") else jnp.float32
+    model = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
+    flax_model.set_canonical(model, tensors)
+    model.train()
+    x, y = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
+    key = jax.random.key(0)
+    tx = optimizer(tc)
+    if "nnx-jit" in name:
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        @nnx.jit
+        def nnx_step(model, opt, x, y):
+            def loss_fn(model):
+                return flax_model.cross_entropy(model(x[0]), y[0])
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, grads)
+            return loss
+
+        box = {}
+
+        def step(i):
+            box["loss"] = nnx_step(model, opt, x, y)
+            return box["loss"]
+
+        return step, lambda out: out.block_until_ready(), lambda: float(box["loss"])
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = {"params": params, "opt": tx.init(params)}
+    train_step = make_train_step(graphdef, tx)
+
+    def step(i):
+        state["params"], state["opt"], state["metrics"] = train_step(
+            state["params"], state["opt"], rest, x, y, key)
+        return state["metrics"]["loss"]
+
+    return step, lambda out: out.block_until_ready(), lambda: float(state["metrics"]["loss"])
+
+
+def torch_variant(name, config, tensors, tc, x, y, device):
+    import torch
+
+    from torch_reference.train import TorchBackend
+
+    if "compile" in name:
+        try:
+            import torch._dynamo  # noqa: F401
+        except ImportError as e:
+            raise Skip(f"torch.compile unavailable: {e}") from None
+    if name.endswith("bf16") and device == "cpu" and not torch.backends.mkldnn.is_available():
+        raise Skip("no bf16 kernels on this CPU")
+    precision_name = "bf16" if name.endswith("bf16") else tc.precision
+    backend = TorchBackend(config, tc.replace(precision=precision_name), tensors, device=device)
+    if "compile" in name:
+        backend.model.forward = torch.compile(backend.model.forward)
+    tx, ty = (torch.from_numpy(np.asarray(a)).to(device, torch.long) for a in (x, y))
+    box = {}
+
+    def step(i):
+        box["out"] = backend.train_step(i, tx, ty)
+        return box["out"]
+
+    def sync(_):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return step, sync, lambda: float(box["out"]["loss"])
+
+
+def run_variant(name, config, tensors, tc, x, y, *, warmup, steps, device):
+    """Times one variant; returns a dict of figures (or {"skipped": reason})."""
+    import gc
+
+    gc.collect()
+    try:
+        if name.startswith("flax"):
+            step, sync, read_loss = flax_variant(name, config, tensors, tc, x, y)
+        else:
+            step, sync, read_loss = torch_variant(name, config, tensors, tc, x, y, device)
+        _reset_peak_memory(name, device)
+        start = time.perf_counter()
+        sync(step(0))  # compile (jit, torch.compile) or eager warm-up
+        compile_s = time.perf_counter() - start
+        for i in range(warmup):
+            out = step(1 + i)
+        sync(out)
+        times = []
+        for i in range(steps):
+            start = time.perf_counter()
+            sync(step(1 + warmup + i))
+            times.append(time.perf_counter() - start)
+        loss = read_loss()
+    except Skip as e:
+        return {"variant": name, "skipped": str(e)}
+    except Exception as e:  # a broken backend is a result to report, not a crash
+        return {"variant": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    median = statistics.median(times)
+    tokens = tc.batch_size * x.shape[-1]
+    return {"variant": name, "compile_s": compile_s, "median_s": median,
+            "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)),
+            "tokens_per_s": tokens / median, "loss": loss,
+            "peak_memory_bytes": _peak_memory(name, device), "steps": steps, "warmup": warmup}
+
+
+def _reset_peak_memory(name, device):
+    if name.startswith("torch") and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory(name, device):
+    """Peak bytes on the accelerator; None on CPU, where neither framework tracks it."""
+    if name.startswith("flax"):
+        import jax
+
+        stats = jax.devices()[0].memory_stats()
+        return stats.get("peak_bytes_in_use") if stats else None
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return None
+
+
+# ---- the whole benchmark ------------------------------------------------------------------------
+
+def bench(config, *, batch_size, variants, warmup=10, steps=20, device="cpu", seed=0):
+    """Run `variants` on one config and batch; returns the report dict."""
+    import jax
+
+    from flax_gpt import parity, precision
+
+    record = precision.apply("highest")
+    rng = np.random.default_rng(seed)
+    from flax_gpt.data import make_batch
+
+    x, y = make_batch(rng.integers(0, config.vocab_size, (batch_size, config.seq_len)))
+    x, y = x[None], y[None]  # (1, B, T): one micro-batch
+    tensors = parity.random_weights(config, seed)
+    tc = TrainConfig(steps=10_000, batch_size=batch_size, warmup_steps=10)
+    on_gpu = jax.default_backend() == "gpu"
+    device_name = jax.devices()[0].device_kind if on_gpu else platform.processor() or "cpu"
+    peaks = {}
+    results = []
+    for name in variants:
+        result = run_variant(name, config, tensors, tc, x, y, warmup=warmup, steps=steps,
+                             device=device)
+        if "skipped" not in result:
+            dtype = "bf16" if name.endswith("bf16") else "fp32"
+            framework = "flax" if name.startswith("flax") else "torch"
+            if on_gpu:
+                peak = table_peak(device_name, dtype)
+                source = "table"
+            else:
+                key = (framework, dtype)
+                if key not in peaks:
+                    peaks[key] = measured_cpu_peak(framework, dtype)
+                peak, source = peaks[key], f"measured {framework} {dtype} 2048x2048 matmul"
+            for causal, label in ((False, "mfu"), (True, "mfu_causal")):
+                achieved = flops_per_token(config, config.seq_len, causal) * result["tokens_per_s"]
+                result[label] = achieved / peak if peak else None
+            result["peak_flops"], result["peak_source"] = peak, source
+        results.append(result)
+    return {"config": config.to_dict(), "batch_size": batch_size, "seq_len": config.seq_len,
+            "matmul_params": matmul_params(config),
+            "flops_per_token": flops_per_token(config, config.seq_len),
+            "flops_per_token_causal": flops_per_token(config, config.seq_len, causal=True),
+            "flops_note": "N counts Linear weights and biases; the token embedding (a lookup, "
+                          "untied from pred) and the fixed positional table are left out",
+            "device": device_name, "torch_device": device, "results": results,
+            "xla_flags": _xla_flags(), **parity.environment(record)}
+
+
+def _xla_flags():
+    import os
+
+    return os.environ.get("XLA_FLAGS", "")
+
+
+def plot(path, reports):
+    """Bars of tokens/s and MFU per variant; with several batch sizes, tokens/s against them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(reports) == 1:
+        ok = [r for r in reports[0]["results"] if "skipped" not in r]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        names = [r["variant"] for r in ok]
+        left.barh(names, [r["tokens_per_s"] for r in ok], color="C0")
+        left.set_xlabel("tokens/s")
+        right.barh(names, [100 * (r["mfu"] or 0) for r in ok], color="C1")
+        right.set_xlabel("MFU (%)")
+        right.set_yticklabels([])
+        fig.suptitle(f"train step, batch {reports[0]['batch_size']} x {reports[0]['seq_len']}, "
+                     f"{reports[0]['device']}")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in VARIANTS:
+            points = [(rep["batch_size"], r["tokens_per_s"]) for rep in reports
+                      for r in rep["results"] if r["variant"] == name and "skipped" not in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("tokens/s")
+        ax.legend()
+        ax.set_title(f"tokens/s against batch size, {reports[0]['device']}")
+    fig.tight_layout()
+    import os
+
+    tmp = str(path) + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
