@@ -12,6 +12,7 @@ Linear layers (q, k, v, out, fc1, fc2, pred), not the token embedding (a lookup,
 """
 
 import platform
+import sys
 import statistics
 import time
 
@@ -243,6 +244,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, device="cpu", se
     peaks = {}
     results = []
     for name in variants:
+        print(f"  {name} ...", file=sys.stderr, flush=True)
         result = run_variant(name, config, tensors, tc, x, y, warmup=warmup, steps=steps,
                              device=device)
         if "skipped" not in result:
