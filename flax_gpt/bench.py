@@ -310,9 +310,6 @@ def plot(path, reports):
         ax.legend()
         ax.set_title(f"tokens/s against batch size, {reports[0]['device']}")
     fig.tight_layout()
-    import os
+    from flax_gpt.fileutil import save_figure
 
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

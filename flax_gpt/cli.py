@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -420,10 +419,9 @@ def plot_compare(path, results, diff, unigram):
     bottom.set_ylabel("|loss diff|")
     bottom.set_xlabel("step")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from flax_gpt.fileutil import save_figure
+
+    save_figure(fig, path)
 
 
 def run_folder_model(run, framework="flax"):

@@ -7,6 +7,13 @@ import tempfile
 from pathlib import Path
 
 
+def _umask_mode(path, full):
+    """Give a mkstemp/mkdtemp name the mode a plain open()/mkdir() would (they use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, full & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
     """Yield a file object on a temporary name beside `path`; rename it into place on success."""
@@ -17,6 +24,7 @@ def atomic_file(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _umask_mode(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -30,9 +38,7 @@ def atomic_dir(path, force=False):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    _umask_mode(tmp, 0o777)
     try:
         yield tmp
         if path.exists():
@@ -47,3 +53,12 @@ def atomic_dir(path, force=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_figure(fig, path, dpi=110):
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    plt.close(fig)
