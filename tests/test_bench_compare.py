@@ -1,0 +1,63 @@
+"""flax-gpt bench and flax-gpt compare, end to end on tiny shapes."""
+
+import json
+
+import numpy as np
+
+from flax_gpt import bench
+from flax_gpt.config import GPTConfig
+from tests.conftest import run_cli
+
+
+def test_matmul_params_are_the_linear_layers():
+    from torch import nn
+
+    from torch_reference.model import GPT
+
+    config = GPTConfig(vocab_size=50, seq_len=8, d_model=12, n_heads=3, n_layers=2, d_ff=20)
+    linear = sum(p.numel() for m in GPT(config).modules() if isinstance(m, nn.Linear)
+                 for p in m.parameters())
+    assert bench.matmul_params(config) == linear
+    assert bench.flops_per_token(config, 8) == 6 * linear + 12 * 2 * 12 * 8
+    assert bench.flops_per_token(config, 8, causal=True) == 6 * linear + 6 * 2 * 12 * 8
+    assert bench.pad_vocab(11548) == 11584 and bench.pad_vocab(64) == 64
+
+
+def test_bench_command(tmp_path):
+    result = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "1",
+                     "--steps", "2", "--variants", "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32",
+                     "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    results = {r["variant"]: r for r in report["results"]}
+    assert list(results) == ["flax-jit-fp32", "flax-nnx-jit-fp32", "torch-eager-fp32"]
+    for r in results.values():
+        assert r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"]
+        assert 0 < r["mfu"] < 1 and r["compile_s"] > 0
+    losses = [r["loss"] for r in results.values()]
+    np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
+    assert report["config"]["vocab_size"] == 64 and "versions" in report
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_unknown_variant_is_one_line():
+    result = run_cli("bench", "--variants", "flax-jit-fp64")
+    assert result.returncode == 2 and "unknown variant" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_compare_command(tmp_path, shakespeare):
+    from flax_gpt.prepare import prepare
+
+    prepare([(shakespeare.name, shakespeare.read_bytes()[:100_000])], tmp_path / "ds", max_vocab=96)
+    result = run_cli("compare", "--data", tmp_path / "ds", "--preset", "tiny", "--steps", "4",
+                     "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2",
+                     "--out", tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["steps"] == 4 and report["max_abs_loss_diff"] <= 1e-5
+    assert len(report["frameworks"]["flax"]["loss"]) == len(report["frameworks"]["torch"]["loss"]) == 4
+    assert report["unigram_baseline_loss"] > 0 and report["precision"] == "highest"
+    assert (tmp_path / "r" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_cli("compare", "--data", tmp_path / "ds", "--preset", "tiny", "--out", tmp_path / "r")
+    assert again.returncode == 2 and "already exists" in again.stderr
