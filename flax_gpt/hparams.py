@@ -42,10 +42,6 @@ class TrainConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, fields):
-        return cls(**fields)
-
 
 def learning_rates(tc):
     """float32 `(steps,)`: the learning rate of every optimizer step 0 .. steps-1.

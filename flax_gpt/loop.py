@@ -51,16 +51,11 @@ class DatasetStream:
         self.per_epoch = dataset.num_batches("train", batch_size, seq_len)
         self.reference = {"path": str(dataset.path), "manifest_sha256": manifest_sha256(dataset)}
         self.vocab_size = dataset.vocab_size
-        self._epoch, self._rows = None, None
 
     def batch(self, k):
         epoch, index = divmod(k, self.per_epoch)
-        if epoch != self._epoch:  # one permutation per epoch, cached
-            rows = self.dataset.train[: len(self.dataset.train) // self.seq_len * self.seq_len]
-            rows = rows.reshape(-1, self.seq_len)  # (rows, T)
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(rows))
-            self._epoch, self._rows = epoch, rows[order]
-        return make_batch(self._rows[index * self.batch_size:(index + 1) * self.batch_size])
+        return next(self.dataset.batches("train", self.batch_size, self.seq_len, shuffle=True,
+                                         seed=self.seed, epoch=epoch, start=index))
 
     def eval_batches(self, n):
         """Up to n validation batches in order (all of them when n is 0)."""
