@@ -123,22 +123,20 @@ def add_parity(sub):
 def run_parity(args):
     from flax_gpt import precision, weights
 
-    record = precision.apply(args.precision)
+    record = precision.apply(args.precision)  # before the frameworks build anything
     from flax_gpt import parity
 
+    dataset = load_dataset(args.data) if args.data else None
     if args.weights:
         config, tensors = weights.load(args.weights)
+        if dataset and dataset.vocab_size != config.vocab_size:
+            raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens but the weights' "
+                               f"vocabulary is {config.vocab_size}: use the dataset they were "
+                               f"trained on")
     else:
-        config = None
-    dataset = load_dataset(args.data) if args.data else None
-    if config is None:
         config = model_config(args, vocab_size=dataset.vocab_size if dataset else None)
         tensors = parity.random_weights(config, args.seed)
-    elif dataset and dataset.vocab_size != config.vocab_size:
-        raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens but the weights' vocabulary "
-                           f"is {config.vocab_size}: use the dataset they were trained on")
-    seq_len = config.seq_len
-    batches = parity_batches(config, dataset, args.batch_size, seq_len,
+    batches = parity_batches(config, dataset, args.batch_size, config.seq_len,
                              max(args.train_steps, 1), args.seed)
     fm, tm = parity.build_pair(config, tensors, args.precision)
     x, y = batches[0]

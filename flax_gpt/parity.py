@@ -3,6 +3,7 @@ the parity suite. Each function returns plain numpy, so callers decide what to a
 """
 
 import functools
+import importlib.metadata
 import platform
 from dataclasses import dataclass
 
@@ -231,7 +232,7 @@ def environment(precision_record):
         "jax_backend": jax.default_backend(),
         "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+                     "jaxlib": importlib.metadata.version("jaxlib"),
                      "flax": flax.__version__, "optax": optax.__version__,
                      "torch": torch.__version__, "numpy": np.__version__},
         "machine": platform.machine(), "platform": platform.platform(),
