@@ -17,11 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt import weights
-from flax_gpt.config import GPTConfig, positional_encoding
+from flax_gpt.config import EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, positional_encoding
 from flax_gpt.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
-INIT_STD = 0.02
 
 
 class Buffer(nnx.Variable):
@@ -32,8 +31,8 @@ class Embedding(nnx.Module):
     """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
 
     def __init__(self, config, *, rngs):
-        normal = nnx.initializers.normal(INIT_STD)
-        self.token = nnx.Embed(config.vocab_size, config.d_model, embedding_init=normal, rngs=rngs)
+        self.token = nnx.Embed(config.vocab_size, config.d_model,
+                               embedding_init=nnx.initializers.normal(EMBED_INIT_STD), rngs=rngs)
         self.positional = Buffer(jnp.asarray(positional_encoding(config.seq_len, config.d_model)))
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
@@ -45,7 +44,7 @@ class Embedding(nnx.Module):
 
 def linear(d_in, d_out, *, dtype, rngs):
     """nn.Linear's twin: N(0, 0.02) kernel, zero bias, matmul in `dtype`."""
-    return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(INIT_STD),
+    return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(LINEAR_INIT_STD),
                       bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
 

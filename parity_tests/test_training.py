@@ -11,6 +11,7 @@ from flax_gpt.parity import TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL
 from flax_gpt.prepare import prepare
 
 STEPS = 50
+LR = 3e-3  # these tiny models take it, and visibly learn in 50 steps
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def dataset(shakespeare, tmp_path_factory):
 ])
 def test_adamw_run_matches(dataset, shape, grad_accum, grad_clip):
     config = GPTConfig(vocab_size=dataset.vocab_size, **shape)
-    tc = parity.default_train_config().replace(steps=STEPS, grad_accum=grad_accum, grad_clip=grad_clip)
+    tc = parity.default_train_config().replace(steps=STEPS, lr=LR, grad_accum=grad_accum,
+                                              grad_clip=grad_clip)
     flat = parity_batches(config, dataset, tc.batch_size, config.seq_len, STEPS * grad_accum, 0)
     batches = [tuple(np.concatenate(part) for part in zip(*flat[i:i + grad_accum]))
                for i in range(0, len(flat), grad_accum)]
@@ -35,7 +37,7 @@ def test_adamw_run_matches(dataset, shape, grad_accum, grad_clip):
     tensors = parity.random_weights(config)
     f_losses, t_losses, f_params, t_params = parity.train_both(config, tensors, batches, tc)
     np.testing.assert_allclose(f_losses, t_losses, rtol=0, atol=TRAIN_LOSS_ATOL)
-    assert t_losses[-1] < t_losses[0] - 0.3, "the run must actually learn"
+    assert np.mean(t_losses[-5:]) < np.mean(t_losses[:5]) - 0.5, "the run must actually learn"
     for name in t_params:
         if not parity.is_inert(name):
             np.testing.assert_allclose(f_params[name], t_params[name], rtol=0,

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from flax_gpt import weights
-from flax_gpt.config import GPTConfig, positional_encoding
+from flax_gpt.config import EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, positional_encoding
 from flax_gpt.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
-INIT_STD = 0.02
 
 
 class Embedding(nn.Module):
@@ -122,11 +121,12 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init(module):
-        """GPT-style init, the same in both frameworks: N(0, 0.02) weights, zero biases,
-        LayerNorm ones/zeros (PyTorch's default already)."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        """flax_gpt.config's init, the same in both frameworks: N(0, 0.02) Linear weights,
+        zero biases, N(0, 1) embeddings, LayerNorm ones/zeros (PyTorch's default already)."""
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=EMBED_INIT_STD)
         if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=LINEAR_INIT_STD)
             nn.init.zeros_(module.bias)
 
     def forward(self, ids, *, return_hidden=False):
