@@ -132,13 +132,8 @@ def torch_outputs(tm, ids, labels, precision_name="highest"):
     return float(loss), to_np(logits), hidden, grads
 
 
-def kink_free_labels(tm, ids, labels):
-    """(`labels` with each row ignored from its first ReLU kink on, number of kinks).
-
-    A kink is a ReLU input within KINK_ATOL of 0 in PyTorch's forward. Under the causal mask
-    position t feeds only the outputs of positions >= t, so ignoring those labels leaves the
-    loss, and hence every gradient, independent of which side of 0 each framework rounded to.
-    """
+def relu_inputs(tm, ids):
+    """Every layer's fc1 output (the ReLU's input) in PyTorch's forward: (L, B, T, d_ff)."""
     inputs = []
     hooks = [layer.ffn.fc1.register_forward_hook(lambda module, args, out: inputs.append(out))
              for layer in tm.decoder.layers]
@@ -148,7 +143,17 @@ def kink_free_labels(tm, ids, labels):
     finally:
         for hook in hooks:
             hook.remove()
-    near = torch.stack([h.abs() < KINK_ATOL for h in inputs]).numpy()  # (L, B, T, d_ff)
+    return torch.stack(inputs).numpy()
+
+
+def kink_free_labels(tm, ids, labels):
+    """(`labels` with each row ignored from its first ReLU kink on, number of kinks).
+
+    A kink is a ReLU input within KINK_ATOL of 0 in PyTorch's forward. Under the causal mask
+    position t feeds only the outputs of positions >= t, so ignoring those labels leaves the
+    loss, and hence every gradient, independent of which side of 0 each framework rounded to.
+    """
+    near = np.abs(relu_inputs(tm, ids)) < KINK_ATOL  # (L, B, T, d_ff)
     reached = np.cumsum(near.any(axis=(0, 3)), axis=1) > 0  # (B, T): at or after a kink
     return np.where(reached, IGNORE_INDEX, labels), int(near.sum())
 
