@@ -335,6 +335,10 @@ def add_compare(sub):
                     "REPORT_DIR/loss.png; prints a summary.")
     p.add_argument("--out", type=Path, required=True, help="the report folder")
     add_train_options(p)
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also train PyTorch a second time from the same weights moved one ulp, "
+                        "and report how far float32 rounding alone takes one framework from "
+                        "itself: the floor under the Flax-PyTorch gap")
     p.set_defaults(handler=run_compare)
 
 
@@ -349,37 +353,61 @@ def run_compare(args):
     if args.out.exists() and any(args.out.iterdir()):
         raise FlaxGPTError(f"report folder {args.out} already exists: choose another --out")
     tensors = parity.random_weights(config, tc.seed)
+    runs = [("flax", "flax", tensors), ("torch", "torch", tensors)]
+    if args.noise_floor:
+        runs.append((NUDGED, "torch", parity.nudged(tensors)))
     results = {}
-    for framework in ("flax", "torch"):
-        print(f"training {framework} ...", file=sys.stderr)
-        backend = make_backend(framework, config, tc, tensors, device=args.device)
+    for label, framework, init in runs:
+        print(f"training {label} ...", file=sys.stderr)
+        backend = make_backend(framework, config, tc, init, device=args.device)
         start = time.perf_counter()
-        history = loop.train(backend, stream, args.out / framework, log_every=args.log_every,
+        history = loop.train(backend, stream, args.out / label, log_every=args.log_every,
                              eval_every=args.eval_every, eval_batches=args.eval_batches)
         steps = [h for h in history if "loss" in h]
-        results[framework] = {
+        results[label] = {
             "seconds": time.perf_counter() - start,
             "loss": [h["loss"] for h in steps],
             "tokens_per_s": float(np.median([h["tokens_per_s"] for h in steps[1:] or steps])),
             "val": [{"step": h["step"], "val_loss": h["val_loss"]} for h in history if "val_loss" in h],
         }
-    f_loss, t_loss = (np.asarray(results[k]["loss"]) for k in ("flax", "torch"))
-    diff = np.abs(f_loss - t_loss)
+    losses = {label: np.asarray(r["loss"]) for label, r in results.items()}
+    diff = np.abs(losses["flax"] - losses["torch"])
     unigram = unigram_loss(stream)
     report = {"config": config.to_dict(), "train": tc.to_dict(), "data": stream.reference,
-              "unigram_baseline_loss": unigram, "steps": len(f_loss),
+              "unigram_baseline_loss": unigram, "steps": len(diff),
               "max_abs_loss_diff": float(diff.max()), "final_abs_loss_diff": float(diff[-1]),
+              "gap_bar": GAP_BAR, "first_step_above": first_above(diff, GAP_BAR),
               "frameworks": results, **parity.environment(record)}
+    floor = None
+    if args.noise_floor:
+        floor = np.abs(losses["torch"] - losses[NUDGED])
+        report["noise_floor"] = {
+            "what": "|loss diff| of PyTorch against PyTorch from every weight moved one ulp",
+            "loss_diff": floor.tolist(), "max_abs_loss_diff": float(floor.max()),
+            "final_abs_loss_diff": float(floor[-1]),
+            "first_step_above": first_above(floor, GAP_BAR)}
     loop.write_json(args.out / "report.json", report)
-    plot_compare(args.out / "loss.png", results, diff, unigram)
-    rows = [[k, f"{results[k]['loss'][-1]:.5f}",
-             f"{results[k]['val'][-1]['val_loss']:.5f}" if results[k]["val"] else "-",
-             f"{results[k]['tokens_per_s']:,.0f}", f"{results[k]['seconds']:.1f}"]
-            for k in ("flax", "torch")]
-    print_table(["framework", "final train loss", "final val loss", "tokens/s", "seconds"], rows)
-    print(f"max |loss diff| over {len(diff)} steps: {diff.max():.3e} (final {diff[-1]:.3e}); "
-          f"unigram baseline {unigram:.4f}; wrote {args.out / 'report.json'} and {args.out / 'loss.png'}")
+    plot_compare(args.out / "loss.png", results, diff, unigram, floor)
+    rows = [[label, f"{r['loss'][-1]:.5f}",
+             f"{r['val'][-1]['val_loss']:.5f}" if r["val"] else "-",
+             f"{r['tokens_per_s']:,.0f}", f"{r['seconds']:.1f}"] for label, r in results.items()]
+    print_table(["run", "final train loss", "final val loss", "tokens/s", "seconds"], rows)
+    print(f"max |loss diff| flax-torch over {len(diff)} steps: {diff.max():.3e} (final {diff[-1]:.3e})"
+          + (f"; torch-torch from one ulp away: {floor.max():.3e} (final {floor[-1]:.3e})"
+             if floor is not None else "")
+          + f"; unigram baseline {unigram:.4f}; wrote {args.out / 'report.json'} and "
+          f"{args.out / 'loss.png'}")
     return 0
+
+
+NUDGED = "torch-1ulp"
+GAP_BAR = 1e-4  # the |loss diff| the report dates the first crossing of (issue 4's bar)
+
+
+def first_above(diff, threshold):
+    """1-based step of the first |loss diff| above threshold, or None."""
+    above = (diff > threshold).nonzero()[0]
+    return int(above[0]) + 1 if len(above) else None
 
 
 def unigram_loss(stream):
@@ -394,11 +422,12 @@ def unigram_loss(stream):
     return float(-np.mean(np.log(p[stream.dataset.val])))
 
 
-def plot_compare(path, results, diff, unigram):
+def plot_compare(path, results, diff, unigram, floor=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
                                       gridspec_kw={"height_ratios": [2, 1]})
@@ -413,7 +442,11 @@ def plot_compare(path, results, diff, unigram):
     top.set_ylabel("loss")
     top.legend()
     top.set_title("Flax vs PyTorch from one initialisation, identical batches")
-    bottom.semilogy(steps, [max(d, 1e-9) for d in diff], color="C3")
+    bottom.semilogy(steps, np.maximum(diff, 1e-9), color="C3", label="flax - torch")
+    if floor is not None:
+        bottom.semilogy(steps, np.maximum(floor, 1e-9), color="gray", lw=0.8,
+                        label="torch - torch from one ulp away")
+        bottom.legend()
     bottom.set_ylabel("|loss diff|")
     bottom.set_xlabel("step")
     fig.tight_layout()

@@ -96,6 +96,12 @@ def random_weights(config, seed=0):
     return torch_model.state_dict_to_canonical(torch_model.GPT(config))
 
 
+def nudged(tensors):
+    """Every weight moved one ulp toward +inf: the smallest change float32 can make, and the
+    size of the rounding differences two correct implementations leave after one step."""
+    return {name: np.nextafter(t, np.float32(np.inf)) for name, t in tensors.items()}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _flax_forward(graphdef, params, rest, ids, labels):
     def loss_fn(params):

@@ -52,12 +52,28 @@ def test_compare_command(tmp_path, shakespeare):
     prepare([(shakespeare.name, shakespeare.read_bytes()[:100_000])], tmp_path / "ds", max_vocab=96)
     result = run_cli("compare", "--data", tmp_path / "ds", "--preset", "tiny", "--steps", "4",
                      "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2",
-                     "--out", tmp_path / "r")
+                     "--noise-floor", "--out", tmp_path / "r")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["steps"] == 4 and report["max_abs_loss_diff"] <= 1e-5
-    assert len(report["frameworks"]["flax"]["loss"]) == len(report["frameworks"]["torch"]["loss"]) == 4
+    assert report["first_step_above"] is None and report["gap_bar"] == 1e-4
+    runs = report["frameworks"]
+    assert len(runs["flax"]["loss"]) == len(runs["torch"]["loss"]) == len(runs["torch-1ulp"]["loss"]) == 4
+    floor = report["noise_floor"]
+    np.testing.assert_array_equal(
+        floor["loss_diff"], np.abs(np.subtract(runs["torch"]["loss"], runs["torch-1ulp"]["loss"])))
+    assert floor["max_abs_loss_diff"] <= 1e-5  # one ulp stays one ulp's worth over 4 steps
     assert report["unigram_baseline_loss"] > 0 and report["precision"] == "highest"
     assert (tmp_path / "r" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     again = run_cli("compare", "--data", tmp_path / "ds", "--preset", "tiny", "--out", tmp_path / "r")
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_nudged_moves_every_weight_one_ulp():
+    from flax_gpt.parity import nudged
+
+    tensors = {"a": np.array([0.0, -1.5, 3e-8, 1e30], np.float32), "b": np.ones((2, 3), np.float32)}
+    moved = nudged(tensors)
+    for name, t in tensors.items():
+        assert moved[name].dtype == np.float32 and (moved[name] > t).all()
+        np.testing.assert_array_equal(np.nextafter(moved[name], np.float32(-np.inf)), t)
