@@ -1,9 +1,15 @@
 """`flax-gpt bench`: the real train step of each variant, timed side by side in one process.
 
 Every variant runs forward, backward and the AdamW update of the same model config and batch,
-on synthetic tokens already on the device. Compile/warm-up time is measured separately, then
-`warmup` untimed steps, then `steps` timed ones, each closed by a device sync
+on synthetic tokens already on the device. Each variant is built, compiled (timed apart) and
+warmed up with `warmup` untimed steps; then `rounds` rounds each time `steps` steps of every
+variant in turn, so that a machine whose speed drifts (a shared VM, a GPU warming up) slows
+all variants alike instead of whichever ran last. Each step is closed by a device sync
 (`block_until_ready` / `torch.cuda.synchronize`); the loss is read once, after the last step.
+
+Peak memory: for Flax, the compiled step's own footprint (arguments + outputs + temporaries,
+less what donation aliases, from XLA's memory analysis); for PyTorch on a GPU, the allocator's
+peak while the variant compiled and warmed up, less what was allocated before it was built.
 
 Model FLOPs per token: 6N + 12·L·d·T (PaLM's formula, attention counted over the full T×T),
 and the causal variant 6N + 6·L·d·T. N counts the parameters that take part in matmuls: the
@@ -89,8 +95,26 @@ class Skip(Exception):
     """A variant that cannot run here, with the reason."""
 
 
+class Variant:
+    """One variant, built: `step(i)` runs train step i and returns something `sync` waits on;
+    `read_loss()` reads the last loss; `memory()` its peak bytes (None where untracked)."""
+
+    def __init__(self, name, step, sync, read_loss, memory):
+        self.name, self.step, self.sync, self.read_loss, self.memory = name, step, sync, read_loss, memory
+        self.times, self.next = [], 0
+
+    def run(self, n, timed):
+        for _ in range(n):
+            start = time.perf_counter()
+            out = self.step(self.next)
+            self.next += 1
+            if timed:
+                self.sync(out)
+                self.times.append(time.perf_counter() - start)
+        self.sync(out)
+
+
 def flax_variant(name, config, tensors, tc, x, y):
-    """(step, sync, read_loss) closures for a Flax variant."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -103,8 +127,8 @@ def flax_variant(name, config, tensors, tc, x, y):
     flax_model.set_canonical(model, tensors)
     model.train()
     x, y = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
-    key = jax.random.key(0)
     tx = optimizer(tc)
+    box = {}
     if "nnx-jit" in name:
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -117,24 +141,36 @@ def flax_variant(name, config, tensors, tc, x, y):
             opt.update(model, grads)
             return loss
 
-        box = {}
-
         def step(i):
             box["loss"] = nnx_step(model, opt, x, y)
             return box["loss"]
 
-        return step, lambda out: out.block_until_ready(), lambda: float(box["loss"])
+        jitted, args = nnx_step, (model, opt, x, y)
+    else:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        state = {"params": params, "opt": tx.init(params)}
+        key = jax.random.key(0)
+        train_step = make_train_step(graphdef, tx)
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = {"params": params, "opt": tx.init(params)}
-    train_step = make_train_step(graphdef, tx)
+        def step(i):
+            state["params"], state["opt"], metrics = train_step(
+                state["params"], state["opt"], rest, x, y, key)
+            box["loss"] = metrics["loss"]
+            return box["loss"]
 
-    def step(i):
-        state["params"], state["opt"], state["metrics"] = train_step(
-            state["params"], state["opt"], rest, x, y, key)
-        return state["metrics"]["loss"]
+        jitted, args = train_step, (state["params"], state["opt"], rest, x, y, key)
+        # shapes only: on a GPU the first step donates (deletes) these very buffers
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args)
 
-    return step, lambda out: out.block_until_ready(), lambda: float(state["metrics"]["loss"])
+    def memory():
+        m = jitted.lower(*args).compile().memory_analysis()
+        if m is None:
+            return None
+        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                - m.alias_size_in_bytes)
+
+    return Variant(name, step, lambda out: out.block_until_ready(), lambda: float(box["loss"]),
+                   memory)
 
 
 def torch_variant(name, config, tensors, tc, x, y, device):
@@ -149,6 +185,10 @@ def torch_variant(name, config, tensors, tc, x, y, device):
             raise Skip(f"torch.compile unavailable: {e}") from None
     if name.endswith("bf16") and device == "cpu" and not torch.backends.mkldnn.is_available():
         raise Skip("no bf16 kernels on this CPU")
+    cuda = device.startswith("cuda")
+    if cuda:
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     precision_name = "bf16" if name.endswith("bf16") else tc.precision
     backend = TorchBackend(config, tc.replace(precision=precision_name), tensors, device=device)
     if "compile" in name:
@@ -161,115 +201,103 @@ def torch_variant(name, config, tensors, tc, x, y, device):
         return box["out"]
 
     def sync(_):
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
 
-    return step, sync, lambda: float(box["out"]["loss"])
+    def memory():  # called right after warm-up, before any other variant runs again
+        return torch.cuda.max_memory_allocated() - before if cuda else None
+
+    return Variant(name, step, sync, lambda: float(box["out"]["loss"]), memory)
 
 
-def run_variant(name, config, tensors, tc, x, y, *, warmup, steps, device):
-    """Times one variant; returns a dict of figures (or {"skipped": reason})."""
+def build_variant(name, config, tensors, tc, x, y, *, warmup, device):
+    """(Variant, {"compile_s", "peak_memory_bytes"}) compiled and warmed up, or raises Skip."""
     import gc
 
     gc.collect()
     try:
         if name.startswith("flax"):
-            step, sync, read_loss = flax_variant(name, config, tensors, tc, x, y)
+            variant = flax_variant(name, config, tensors, tc, x, y)
         else:
-            step, sync, read_loss = torch_variant(name, config, tensors, tc, x, y, device)
-        _reset_peak_memory(name, device)
+            variant = torch_variant(name, config, tensors, tc, x, y, device)
         start = time.perf_counter()
-        sync(step(0))  # compile (jit, torch.compile) or eager warm-up
+        variant.run(1, timed=False)  # compile (jit, torch.compile) or eager warm-up
         compile_s = time.perf_counter() - start
-        for i in range(warmup):
-            out = step(1 + i)
-        sync(out)
-        times = []
-        for i in range(steps):
-            start = time.perf_counter()
-            sync(step(1 + warmup + i))
-            times.append(time.perf_counter() - start)
-        loss = read_loss()
-    except Skip as e:
-        return {"variant": name, "skipped": str(e)}
+        variant.run(warmup, timed=False)
+        return variant, {"compile_s": compile_s, "peak_memory_bytes": variant.memory()}
+    except Skip:
+        raise
     except Exception as e:  # a broken backend is a result to report, not a crash
-        return {"variant": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        raise Skip(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def summary(variant, tokens):
+    times = variant.times
     median = statistics.median(times)
-    tokens = tc.batch_size * x.shape[-1]
-    return {"variant": name, "compile_s": compile_s, "median_s": median,
-            "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)),
-            "tokens_per_s": tokens / median, "loss": loss,
-            "peak_memory_bytes": _peak_memory(name, device), "steps": steps, "warmup": warmup}
-
-
-def _reset_peak_memory(name, device):
-    if name.startswith("torch") and device.startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_memory(name, device):
-    """Peak bytes on the accelerator; None on CPU, where neither framework tracks it."""
-    if name.startswith("flax"):
-        import jax
-
-        stats = jax.devices()[0].memory_stats()
-        return stats.get("peak_bytes_in_use") if stats else None
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.max_memory_allocated()
-    return None
+    return {"median_s": median, "p10_s": float(np.percentile(times, 10)),
+            "p90_s": float(np.percentile(times, 90)), "tokens_per_s": tokens / median,
+            "loss": variant.read_loss(), "timed_steps": len(times)}
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
 
-def bench(config, *, batch_size, variants, warmup=10, steps=20, device="cpu", seed=0):
+def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device="cpu", seed=0):
     """Run `variants` on one config and batch; returns the report dict."""
     import jax
 
     from flax_gpt import parity, precision
+    from flax_gpt.data import make_batch
 
     record = precision.apply("highest")
     rng = np.random.default_rng(seed)
-    from flax_gpt.data import make_batch
-
     x, y = make_batch(rng.integers(0, config.vocab_size, (batch_size, config.seq_len)))
     x, y = x[None], y[None]  # (1, B, T): one micro-batch
     tensors = parity.random_weights(config, seed)
     tc = TrainConfig(steps=10_000, batch_size=batch_size, warmup_steps=10)
     on_gpu = jax.default_backend() == "gpu"
     device_name = jax.devices()[0].device_kind if on_gpu else platform.processor() or "cpu"
-    peaks = {}
-    results = []
+
+    results, built = {}, {}
     for name in variants:
-        print(f"  {name} ...", file=sys.stderr, flush=True)
-        result = run_variant(name, config, tensors, tc, x, y, warmup=warmup, steps=steps,
-                             device=device)
-        if "skipped" not in result:
-            dtype = "bf16" if name.endswith("bf16") else "fp32"
-            framework = "flax" if name.startswith("flax") else "torch"
-            if on_gpu:
-                peak = table_peak(device_name, dtype)
-                source = "table"
-            else:
-                key = (framework, dtype)
-                if key not in peaks:
-                    peaks[key] = measured_cpu_peak(framework, dtype)
-                peak, source = peaks[key], f"measured {framework} {dtype} 2048x2048 matmul"
-            for causal, label in ((False, "mfu"), (True, "mfu_causal")):
-                achieved = flops_per_token(config, config.seq_len, causal) * result["tokens_per_s"]
-                result[label] = achieved / peak if peak else None
-            result["peak_flops"], result["peak_source"] = peak, source
-        results.append(result)
+        print(f"  building {name} ...", file=sys.stderr, flush=True)
+        try:
+            built[name], results[name] = build_variant(name, config, tensors, tc, x, y,
+                                                       warmup=warmup, device=device)
+        except Skip as e:
+            results[name] = {"skipped": str(e)}
+    for r in range(rounds):
+        print(f"  round {r + 1}/{rounds}: {steps} steps of each", file=sys.stderr, flush=True)
+        for name, variant in list(built.items()):
+            try:
+                variant.run(steps, timed=True)
+            except Exception as e:  # e.g. out of memory once every variant is resident
+                results[name] = {"skipped": f"{type(e).__name__} while timing: {str(e)[:200]}"}
+                del built[name]
+    peaks = {}
+    for name, variant in built.items():
+        result = results[name]
+        result.update(summary(variant, batch_size * config.seq_len), steps=steps, rounds=rounds,
+                      warmup=warmup)
+        dtype = "bf16" if name.endswith("bf16") else "fp32"
+        framework = "flax" if name.startswith("flax") else "torch"
+        if on_gpu:
+            peak, source = table_peak(device_name, dtype), "table"
+        else:
+            if (framework, dtype) not in peaks:
+                peaks[framework, dtype] = measured_cpu_peak(framework, dtype)
+            peak, source = peaks[framework, dtype], f"measured {framework} {dtype} 2048x2048 matmul"
+        for causal, label in ((False, "mfu"), (True, "mfu_causal")):
+            achieved = flops_per_token(config, config.seq_len, causal) * result["tokens_per_s"]
+            result[label] = achieved / peak if peak else None
+        result["peak_flops"], result["peak_source"] = peak, source
     return {"config": config.to_dict(), "batch_size": batch_size, "seq_len": config.seq_len,
             "matmul_params": matmul_params(config),
             "flops_per_token": flops_per_token(config, config.seq_len),
             "flops_per_token_causal": flops_per_token(config, config.seq_len, causal=True),
             "flops_note": "N counts Linear weights and biases; the token embedding (a lookup, "
                           "untied from pred) and the fixed positional table are left out",
-            "device": device_name, "torch_device": device, "results": results,
+            "device": device_name, "torch_device": device,
+            "results": [{"variant": name, **results[name]} for name in variants],
             "xla_flags": _xla_flags(), **parity.environment(record)}
 
 

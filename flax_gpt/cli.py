@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -571,7 +572,11 @@ def add_bench(sub):
                    help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps after compile (default 10)")
-    p.add_argument("--steps", type=_positive_int, default=20, help="timed steps (default 20)")
+    p.add_argument("--steps", type=_positive_int, default=20,
+                   help="timed steps of each variant per round (default 20)")
+    p.add_argument("--rounds", type=_positive_int, default=1,
+                   help="rounds of --steps steps, the variants taking turns within each, so that "
+                        "a machine whose speed drifts slows them all alike (default 1)")
     p.add_argument("--no-pad-vocab", action="store_true",
                    help="keep the vocabulary as is (default: round it up to a multiple of 64)")
     p.add_argument("--sweep", metavar="batch_size=A,B,...", help="repeat for several batch sizes")
@@ -582,6 +587,8 @@ def add_bench(sub):
 
 
 def run_bench(args):
+    # JAX would otherwise take 75% of a GPU up front, leaving PyTorch's variants a quarter
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from flax_gpt import bench
 
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -612,7 +619,7 @@ def run_bench(args):
     for size in sizes:
         print(f"batch {size} x {config.seq_len}, config {config.to_json()}", file=sys.stderr)
         report = bench.bench(config, batch_size=size, variants=variants, warmup=args.warmup,
-                             steps=args.steps, device=device)
+                             steps=args.steps, rounds=args.rounds, device=device)
         reports.append(report)
         rows = []
         for r in report["results"]:

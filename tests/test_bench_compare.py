@@ -25,7 +25,8 @@ def test_matmul_params_are_the_linear_layers():
 
 def test_bench_command(tmp_path):
     result = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "1",
-                     "--steps", "2", "--variants", "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32",
+                     "--steps", "2", "--rounds", "2",
+                     "--variants", "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32",
                      "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b.json").read_text())
@@ -33,7 +34,10 @@ def test_bench_command(tmp_path):
     assert list(results) == ["flax-jit-fp32", "flax-nnx-jit-fp32", "torch-eager-fp32"]
     for r in results.values():
         assert r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"]
-        assert 0 < r["mfu"] < 1 and r["compile_s"] > 0
+        assert 0 < r["mfu"] < 1 and r["compile_s"] > 0 and r["timed_steps"] == 4
+    for name in ("flax-jit-fp32", "flax-nnx-jit-fp32"):  # XLA's footprint of the compiled step
+        assert results[name]["peak_memory_bytes"] > 0
+    assert results["torch-eager-fp32"]["peak_memory_bytes"] is None  # untracked on CPU
     losses = [r["loss"] for r in results.values()]
     np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
     assert report["config"]["vocab_size"] == 64 and "versions" in report
