@@ -104,6 +104,8 @@ class Variant:
         self.times, self.next = [], 0
 
     def run(self, n, timed):
+        """n steps; timed ones are synced one by one, untimed ones once at the end."""
+        out = None
         for _ in range(n):
             start = time.perf_counter()
             out = self.step(self.next)
@@ -111,7 +113,8 @@ class Variant:
             if timed:
                 self.sync(out)
                 self.times.append(time.perf_counter() - start)
-        self.sync(out)
+        if n and not timed:
+            self.sync(out)
 
 
 def flax_variant(name, config, tensors, tc, x, y):

@@ -24,7 +24,7 @@ def test_matmul_params_are_the_linear_layers():
 
 
 def test_bench_command(tmp_path):
-    result = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "1",
+    result = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "0",
                      "--steps", "2", "--rounds", "2",
                      "--variants", "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32",
                      "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
