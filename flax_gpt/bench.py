@@ -99,8 +99,8 @@ class Variant:
     """One variant, built: `step(i)` runs train step i and returns something `sync` waits on;
     `read_loss()` reads the last loss; `memory()` its peak bytes (None where untracked)."""
 
-    def __init__(self, name, step, sync, read_loss, memory):
-        self.name, self.step, self.sync, self.read_loss, self.memory = name, step, sync, read_loss, memory
+    def __init__(self, step, sync, read_loss, memory):
+        self.step, self.sync, self.read_loss, self.memory = step, sync, read_loss, memory
         self.times, self.next = [], 0
 
     def run(self, n, timed):
@@ -172,8 +172,7 @@ def flax_variant(name, config, tensors, tc, x, y):
         return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                 - m.alias_size_in_bytes)
 
-    return Variant(name, step, lambda out: out.block_until_ready(), lambda: float(box["loss"]),
-                   memory)
+    return Variant(step, lambda out: out.block_until_ready(), lambda: float(box["loss"]), memory)
 
 
 def torch_variant(name, config, tensors, tc, x, y, device):
@@ -210,7 +209,7 @@ def torch_variant(name, config, tensors, tc, x, y, device):
     def memory():  # called right after warm-up, before any other variant runs again
         return torch.cuda.max_memory_allocated() - before if cuda else None
 
-    return Variant(name, step, sync, lambda: float(box["out"]["loss"]), memory)
+    return Variant(step, sync, lambda: float(box["out"]["loss"]), memory)
 
 
 def build_variant(name, config, tensors, tc, x, y, *, warmup, device):

@@ -597,7 +597,7 @@ def run_bench(args):
     if unknown:
         raise FlaxGPTError(f"unknown variant(s) {', '.join(unknown)}: choose from "
                            f"{', '.join(bench.VARIANTS)}")
-    variants = [v for v in chosen if v not in skip]
+    variants = [v for v in dict.fromkeys(chosen) if v not in skip]  # each once, in order
     sizes = [args.batch_size]
     if args.sweep:
         key, _, values = args.sweep.partition("=")

@@ -43,6 +43,10 @@ def jax_part(module, loss):
     return lambda h: jax.block_until_ready(grad(params, h))
 
 
+def square(out):
+    return (out ** 2).sum()
+
+
 def torch_part(module, loss):
     def run(h):
         h = h.detach().requires_grad_()
@@ -72,20 +76,18 @@ def parts(config, batch_size):
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     j_model = jax.jit(jax.grad(
         lambda p: flax_model.cross_entropy(nnx.merge(graphdef, p, rest)(j_ids), j_ids)))
-    square = lambda out: (out ** 2).sum()  # noqa: E731
     j_layer, t_layer = fm.decoder.layers[0], tm.decoder.layers[0]
-    rows = {
-        "decoder layer": (jax_part(j_layer, square), torch_part(t_layer, square), j_h, t_h),
-        "  attention": (jax_part(j_layer.mhma, square), torch_part(t_layer.mhma, square), j_h, t_h),
-        "  feed-forward": (jax_part(j_layer.ffn, square), torch_part(t_layer.ffn, square), j_h, t_h),
+    rows = {  # name: (jax part, torch part), each fed the same hidden states h
+        "decoder layer": (jax_part(j_layer, square), torch_part(t_layer, square)),
+        "  attention": (jax_part(j_layer.mhma, square), torch_part(t_layer.mhma, square)),
+        "  feed-forward": (jax_part(j_layer.ffn, square), torch_part(t_layer.ffn, square)),
         "head + loss": (jax_part(fm.pred, lambda out: flax_model.cross_entropy(out, j_ids)),
-                        torch_part(tm.pred, lambda out: torch_model.cross_entropy(out, t_ids)),
-                        j_h, t_h),
+                        torch_part(tm.pred, lambda out: torch_model.cross_entropy(out, t_ids))),
     }
     fns = {}
-    for name, (jf, tf, jh, th) in rows.items():
-        fns["jax " + name] = lambda jf=jf, jh=jh: jf(jh)
-        fns["torch " + name] = lambda tf=tf, th=th: tf(th)
+    for name, (jf, tf) in rows.items():
+        fns["jax " + name] = lambda jf=jf: jf(j_h)
+        fns["torch " + name] = lambda tf=tf: tf(t_h)
     fns["jax   loss alone"] = lambda: jax.block_until_ready(j_ce(j_logits, j_ids))
     fns["torch   loss alone"] = t_ce
     fns["jax whole model"] = lambda: jax.block_until_ready(j_model(params))
