@@ -637,8 +637,9 @@ def run_bench(args):
         print(f"FLOPs/token {report['flops_per_token']:,} (causal {report['flops_per_token_causal']:,});"
               f" N = {report['matmul_params']:,} matmul parameters: {report['flops_note']}. "
               f"Device {report['device']}.")
-    if args.json:
-        write_json(args.json, reports[0] if len(reports) == 1 else {"sweep": reports})
+        if args.json:  # after each batch size, so a sweep stopped part-way keeps what it measured
+            write_json(args.json, report if len(sizes) == 1 else
+                       {"sweep": reports, "batch_sizes": sizes, "complete": len(reports) == len(sizes)})
     if args.plot:
         bench.plot(args.plot, reports)
         print(f"wrote {args.plot}")

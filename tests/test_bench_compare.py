@@ -44,6 +44,19 @@ def test_bench_command(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_sweep_writes_every_batch_size(tmp_path):
+    result = run_cli("bench", "--preset", "tiny", "--sweep", "batch_size=1,3", "--warmup", "1",
+                     "--steps", "2", "--variants", "flax-jit-fp32", "--json", tmp_path / "s.json",
+                     "--plot", tmp_path / "s.png")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["complete"] and report["batch_sizes"] == [1, 3]
+    assert [r["batch_size"] for r in report["sweep"]] == [1, 3]
+    rates = [r["results"][0]["tokens_per_s"] for r in report["sweep"]]
+    assert all(rate > 0 for rate in rates)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_bench_unknown_variant_is_one_line():
     result = run_cli("bench", "--variants", "flax-jit-fp64")
     assert result.returncode == 2 and "unknown variant" in result.stderr
