@@ -126,7 +126,7 @@ def flax_variant(name, config, tensors, tc, x, y):
     from flax_gpt.train import make_train_step, optimizer
 
     dtype = jnp.bfloat16 if name.endswith("bf16") else jnp.float32
-    model = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
+    model = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=dtype, attention=tc.attention)
     flax_model.set_canonical(model, tensors)
     model.train()
     x, y = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
@@ -243,7 +243,8 @@ def summary(variant, tokens):
 
 # ---- the whole benchmark ------------------------------------------------------------------------
 
-def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device="cpu", seed=0):
+def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device="cpu", seed=0,
+          attention="explicit"):
     """Run `variants` on one config and batch; returns the report dict."""
     import jax
 
@@ -255,7 +256,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     x, y = make_batch(rng.integers(0, config.vocab_size, (batch_size, config.seq_len)))
     x, y = x[None], y[None]  # (1, B, T): one micro-batch
     tensors = parity.random_weights(config, seed)
-    tc = TrainConfig(steps=10_000, batch_size=batch_size, warmup_steps=10)
+    tc = TrainConfig(steps=10_000, batch_size=batch_size, warmup_steps=10, attention=attention)
     on_gpu = jax.default_backend() == "gpu"
     device_name = jax.devices()[0].device_kind if on_gpu else platform.processor() or "cpu"
 
@@ -292,7 +293,8 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
             achieved = flops_per_token(config, config.seq_len, causal) * result["tokens_per_s"]
             result[label] = achieved / peak if peak else None
         result["peak_flops"], result["peak_source"] = peak, source
-    return {"config": config.to_dict(), "batch_size": batch_size, "seq_len": config.seq_len,
+    return {"config": config.to_dict(), "attention": attention, "batch_size": batch_size,
+            "seq_len": config.seq_len,
             "matmul_params": matmul_params(config),
             "flops_per_token": flops_per_token(config, config.seq_len),
             "flops_per_token_causal": flops_per_token(config, config.seq_len, causal=True),

@@ -74,9 +74,9 @@ def run_prepare(args):
 
 # ---- parity ----------------------------------------------------------------------------
 
-def add_model_options(p, *, preset_default="tiny"):
+def add_model_options(p, *, preset_default="tiny", attention_default="explicit"):
     """--preset plus config overrides, shared by every command that builds a model."""
-    from flax_gpt.config import PRESETS
+    from flax_gpt.config import ATTENTIONS, PRESETS
 
     p.add_argument("--preset", choices=list(PRESETS), default=preset_default,
                    help=f"model size (default {preset_default})")
@@ -84,15 +84,21 @@ def add_model_options(p, *, preset_default="tiny"):
         p.add_argument(f"--{field.replace('_', '-')}", type=_positive_int, default=None,
                        metavar="N", help=f"override the preset's {field}")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--attention", choices=ATTENTIONS, default=attention_default,
+                   help="explicit: SPEC.md's masked softmax, written out; fused: the same function "
+                        "as jax.nn.dot_product_attention / F.scaled_dot_product_attention (cuDNN "
+                        f"and flash kernels on a GPU; needs dropout 0) (default {attention_default})")
 
 
 def model_config(args, **fixed):
-    from flax_gpt.config import GPTConfig
+    from flax_gpt.config import GPTConfig, fused_attention
 
     fields = ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
     overrides = {f: getattr(args, f) for f in fields}
     overrides.update({k: v for k, v in fixed.items() if v is not None})
-    return GPTConfig.preset(args.preset, **overrides)
+    config = GPTConfig.preset(args.preset, **overrides)
+    fused_attention(args.attention, config)  # refuse fused with dropout before any work
+    return config
 
 
 def add_parity(sub):
@@ -139,11 +145,11 @@ def run_parity(args):
         tensors = parity.random_weights(config, args.seed)
     batches = parity_batches(config, dataset, args.batch_size, config.seq_len,
                              max(args.train_steps, 1), args.seed)
-    fm, tm = parity.build_pair(config, tensors, args.precision)
+    fm, tm = parity.build_pair(config, tensors, args.precision, args.attention)
     x, y = batches[0]
     rows = parity.compare_forward(fm, tm, x[0], y[0], args.precision)
     if args.train_steps:
-        tc = parity.default_train_config(args.precision).replace(
+        tc = parity.default_train_config(args.precision, args.attention).replace(
             steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
         rows += parity.compare_training(config, tensors, batches[:args.train_steps], tc)
     print_table(["quantity", "max abs diff", "max rel diff", "tolerance", "pass"],
@@ -152,13 +158,14 @@ def run_parity(args):
                   "-" if r.passed is None else ("yes" if r.passed else "NO")] for r in rows])
     failed = [r.quantity for r in rows if r.passed is False]
     env = parity.environment(record)
-    print(f"config {config.to_json()}")
+    print(f"config {config.to_json()}, attention {args.attention}")
     print(f"precision {args.precision} on {env['jax_device']} (jax) / {env['torch_device']} (torch)"
           f": {'all within tolerance' if not failed else 'FAILED: ' + ', '.join(failed)}")
     if args.json:
         import dataclasses
 
-        write_json(args.json, {"config": config.to_dict(), "batch_size": args.batch_size,
+        write_json(args.json, {"config": config.to_dict(), "attention": args.attention,
+                               "batch_size": args.batch_size,
                                "train_steps": args.train_steps, "data": str(args.data or "random"),
                                "rows": [dataclasses.asdict(r) for r in rows],
                                "passed": not failed, **env})
@@ -244,7 +251,7 @@ def train_config(args):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-                       precision=args.precision)
+                       precision=args.precision, attention=args.attention)
 
 
 def default_dataset():
@@ -566,7 +573,9 @@ def add_bench(sub):
                     "torch.compile fp32 and bf16, on one config and batch of synthetic tokens. "
                     "Reports compile time, median/p10/p90 step time, tokens/s, MFU, peak memory "
                     "and the last loss. On CPU the MFU peak is a matmul measured on the spot.")
-    add_model_options(p, preset_default="small")
+    # fused by default: the bench times each framework at its fastest, and on CPU JAX's fused
+    # call gives the explicit softmax's result bit for bit (parity_tests/test_forward.py)
+    add_model_options(p, preset_default="small", attention_default="fused")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of: " + ", ".join(VARIANTS))
@@ -619,7 +628,8 @@ def run_bench(args):
     for size in sizes:
         print(f"batch {size} x {config.seq_len}, config {config.to_json()}", file=sys.stderr)
         report = bench.bench(config, batch_size=size, variants=variants, warmup=args.warmup,
-                             steps=args.steps, rounds=args.rounds, device=device)
+                             steps=args.steps, rounds=args.rounds, device=device,
+                             attention=args.attention)
         reports.append(report)
         rows = []
         for r in report["results"]:

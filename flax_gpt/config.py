@@ -87,6 +87,24 @@ class GPTConfig:
         return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
+# How both models compute attention. "explicit" is SPEC.md's formula written out: scores,
+# -1e9 masked fill, softmax, @ v. "fused" hands the same function to the framework's one call,
+# jax.nn.dot_product_attention / F.scaled_dot_product_attention (cuDNN / flash kernels on a
+# GPU); those calls have no dropout on the attention probabilities, so it needs dropout 0.
+ATTENTIONS = ("explicit", "fused")
+
+
+def fused_attention(attention, config):
+    """True for "fused", False for "explicit"; a ConfigError for anything else, or for
+    "fused" with dropout."""
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"unknown attention {attention!r}: choose one of {', '.join(ATTENTIONS)}")
+    if attention == "fused" and config.dropout:
+        raise ConfigError(f"fused attention has no attention dropout, and this config has dropout "
+                          f"{config.dropout}: use attention 'explicit' or dropout 0")
+    return attention == "fused"
+
+
 # The init scheme both models implement (SPEC.md leaves it to us): Linear weights N(0, 0.02)
 # with zero biases, LayerNorm ones/zeros, and token embeddings N(0, 1), nn.Embedding's own
 # default. The positional table is added unscaled, with entries of size ~0.7: embeddings at

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flax_gpt.config import ConfigError
+from flax_gpt.config import ATTENTIONS, ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 turns it off
     seed: int = 0  # data order and dropout
     precision: str = "highest"
+    attention: str = "explicit"  # one of config.ATTENTIONS
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
@@ -35,6 +36,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps and grad_clip must be >= 0 and lr > 0")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

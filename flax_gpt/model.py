@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt import weights
-from flax_gpt.config import EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, positional_encoding
+from flax_gpt.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
+                             positional_encoding)
 from flax_gpt.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
@@ -57,10 +58,11 @@ class Linear(nnx.Linear):
 
 
 class MaskedMultiHeadAttention(nnx.Module):
-    """Causal multi-head attention with the explicit -1e9 masked softmax of SPEC.md."""
+    """Causal multi-head attention: SPEC.md's explicit -1e9 masked softmax or, with `fused`,
+    the same function as one jax.nn.dot_product_attention call (cuDNN on a GPU)."""
 
-    def __init__(self, config, *, dtype, rngs):
-        self.n_heads = config.n_heads
+    def __init__(self, config, *, dtype, fused, rngs):
+        self.n_heads, self.fused = config.n_heads, fused
         self.q = Linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
         self.k = Linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
         self.v = Linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
@@ -74,16 +76,23 @@ class MaskedMultiHeadAttention(nnx.Module):
         H, dk = self.n_heads, d // self.n_heads
 
         def heads(t):
-            return t.reshape(B, T, H, dk).transpose(0, 2, 1, 3)  # (B, H, T, dk)
+            return t.reshape(B, T, H, dk)  # (B, T, H, dk)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if self.fused:  # softmax in float32 inside, for bf16 inputs too
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, dk)
+        else:
+            y = self.masked_softmax(q, k, v)
+        return self.dropout(self.out(y.reshape(B, T, d)))  # (B, T, d): heads concatenated
+
+    def masked_softmax(self, q, k, v):
+        T, dk = q.shape[1], q.shape[3]
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, dk)
         scores = q @ k.swapaxes(-2, -1) / math.sqrt(dk)  # (B, H, T, T)
         scores = jnp.where(self.causal_mask[:T, :T], scores, MASK_FILL)
         # softmax in float32 even for bf16 matmuls, as torch.autocast does
         attn = self.attn_dropout(jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype))
-        y = attn @ v  # (B, H, T, dk)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, d)  # (B, T, d): heads concatenated
-        return self.dropout(self.out(y))
+        return (attn @ v).transpose(0, 2, 1, 3)  # (B, H, T, dk) -> (B, T, H, dk)
 
 
 class FeedForward(nnx.Module):
@@ -107,8 +116,8 @@ def layer_norm(config, *, rngs):
 class DecoderLayer(nnx.Module):
     """Post-LN block, exactly the article's: LN(x + mhma(x)), then LN(x + ffn(x))."""
 
-    def __init__(self, config, *, dtype, rngs):
-        self.mhma = MaskedMultiHeadAttention(config, dtype=dtype, rngs=rngs)
+    def __init__(self, config, *, dtype, fused, rngs):
+        self.mhma = MaskedMultiHeadAttention(config, dtype=dtype, fused=fused, rngs=rngs)
         self.layer_norm1 = layer_norm(config, rngs=rngs)
         self.ffn = FeedForward(config, dtype=dtype, rngs=rngs)
         self.layer_norm2 = layer_norm(config, rngs=rngs)
@@ -120,8 +129,8 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, config, *, dtype, rngs):
-        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs)
+    def __init__(self, config, *, dtype, fused, rngs):
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, fused=fused, rngs=rngs)
                                 for _ in range(config.n_layers)])
 
     def __call__(self, x, *, return_hidden=False):
@@ -133,12 +142,12 @@ class Decoder(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """logits = pred(decoder(embed(ids)))."""
+    """logits = pred(decoder(embed(ids))). `attention`: one of config.ATTENTIONS."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention="explicit"):
         self.config = config
         self.embed = Embedding(config, rngs=rngs)
-        self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
+        self.decoder = Decoder(config, dtype=dtype, fused=fused_attention(attention, config), rngs=rngs)
         self.pred = Linear(config.d_model, config.vocab_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, ids, *, return_hidden=False):

@@ -79,12 +79,13 @@ def max_abs_rel(a, b):
 
 # ---- the two models from one set of weights ---------------------------------------------------
 
-def build_pair(config, tensors, precision_name="highest"):
+def build_pair(config, tensors, precision_name="highest", attention="explicit"):
     """(flax model, torch model), both in eval mode, holding exactly `tensors`."""
-    fm = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=precision.flax_dtype(precision_name))
+    fm = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=precision.flax_dtype(precision_name),
+                        attention=attention)
     flax_model.set_canonical(fm, tensors)
     fm.eval()
-    tm = torch_model.GPT(config)
+    tm = torch_model.GPT(config, attention=attention)
     tm.load_state_dict({name: torch.from_numpy(np.array(t)) for name, t in tensors.items()})
     tm.eval()
     return fm, tm
@@ -218,7 +219,7 @@ def train_both(config, tensors, batches, tc):
     """Train both frameworks from `tensors` on the same `batches` (a list of (x, y) with
     shape (grad_accum, B, T)), each step's labels made kink-free; return per-step losses and
     the final canonical parameters."""
-    fm, tm = build_pair(config, tensors, tc.precision)
+    fm, tm = build_pair(config, tensors, tc.precision, tc.attention)
     fm.train()
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     tx = optimizer(tc)
@@ -288,7 +289,7 @@ def environment(precision_record):
     }
 
 
-def default_train_config(precision_name="highest"):
+def default_train_config(precision_name="highest", attention="explicit"):
     """The short AdamW run of the parity suite: real hyperparameters, warmup then cosine."""
     return TrainConfig(steps=50, batch_size=4, lr=1e-3, warmup_steps=5, weight_decay=0.1,
-                       grad_clip=1.0, precision=precision_name)
+                       grad_clip=1.0, precision=precision_name, attention=attention)

@@ -10,11 +10,11 @@ from tests.conftest import run_cli
 def test_parity_command_passes_and_writes_json(tmp_path):
     weights.save(tmp_path / "w.safetensors", CONFIGS["d36-3heads"], tensors_for("d36-3heads"))
     result = run_cli("parity", "--weights", tmp_path / "w.safetensors", "--train-steps", "5",
-                     "--json", tmp_path / "parity.json")
+                     "--attention", "fused", "--json", tmp_path / "parity.json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all within tolerance" in result.stdout
     report = json.loads((tmp_path / "parity.json").read_text())
-    assert report["passed"] and report["precision"] == "highest"
+    assert report["passed"] and report["precision"] == "highest" and report["attention"] == "fused"
     assert report["jax_default_matmul_precision"] == "highest"
     assert report["config"] == CONFIGS["d36-3heads"].to_dict()
     assert {"jax", "flax", "optax", "torch", "numpy"} <= report["versions"].keys()
@@ -37,3 +37,10 @@ def test_parity_bad_weights_is_one_line(tmp_path):
     result = run_cli("parity", "--weights", tmp_path / "bad.safetensors")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "truncated or corrupt" in result.stderr
+
+
+def test_fused_attention_with_dropout_is_one_line():
+    result = run_cli("parity", "--attention", "fused", "--dropout", "0.1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fused attention has no attention dropout" in lines[0]

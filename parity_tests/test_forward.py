@@ -2,18 +2,35 @@
 
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flax_gpt import model as flax_model
 from flax_gpt import parity
+from flax_gpt.config import ConfigError
 from flax_gpt.data import IGNORE_INDEX
+from flax_gpt.hparams import TrainConfig
 from flax_gpt.parity import GRAD_RTOL, LOGITS_ATOL, LOSS_ATOL
 from parity_tests.conftest import CONFIGS, tensors_for
+from torch_reference import model as torch_model
 
 
-def outputs(name, x, y):
-    fm, tm = parity.build_pair(CONFIGS[name], tensors_for(name))
+def outputs(name, x, y, attention="explicit"):
+    fm, tm = parity.build_pair(CONFIGS[name], tensors_for(name), attention=attention)
     return parity.flax_outputs(fm, x, y), parity.torch_outputs(tm, x, y)
+
+
+def assert_gradients_close(grads, reference):
+    assert grads.keys() == reference.keys()
+    largest = max(float(np.abs(g).max()) for g in reference.values())
+    for name, t in reference.items():
+        f = grads[name]
+        if parity.is_inert(name):  # analytically zero: both must be zero up to rounding
+            assert np.abs(f).max() <= GRAD_RTOL * largest and np.abs(t).max() <= GRAD_RTOL * largest
+        else:
+            np.testing.assert_allclose(f, t, rtol=0, atol=GRAD_RTOL * np.abs(t).max(),
+                                       err_msg=name)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -37,15 +54,19 @@ def test_gradients(config_name):
     config = CONFIGS[config_name]
     x, y = parity.synthetic_batch(config, 3, config.seq_len, seed=7)
     (_, _, _, f_grads), (_, _, _, t_grads) = outputs(config_name, x, y)
-    assert f_grads.keys() == t_grads.keys()
-    largest = max(float(np.abs(g).max()) for g in t_grads.values())
-    for name, t in t_grads.items():
-        f = f_grads[name]
-        if parity.is_inert(name):  # analytically zero: both must be zero up to rounding
-            assert np.abs(f).max() <= GRAD_RTOL * largest and np.abs(t).max() <= GRAD_RTOL * largest
-        else:
-            np.testing.assert_allclose(f, t, rtol=0, atol=GRAD_RTOL * np.abs(t).max(),
-                                       err_msg=name)
+    assert_gradients_close(f_grads, t_grads)
+
+
+def test_fused_attention_is_the_same_function(config_name):
+    """jax.nn.dot_product_attention and F.scaled_dot_product_attention against the explicit
+    masked softmax of PyTorch: logits, loss and every gradient, in both frameworks."""
+    config = CONFIGS[config_name]
+    x, y = parity.synthetic_batch(config, 3, config.seq_len, seed=11)
+    flax_explicit, reference = outputs(config_name, x, y)
+    for loss, logits, _, grads in (*outputs(config_name, x, y, attention="fused"), flax_explicit):
+        np.testing.assert_allclose(logits, reference[1], rtol=0, atol=LOGITS_ATOL)
+        np.testing.assert_allclose(loss, reference[0], rtol=0, atol=LOSS_ATOL, equal_nan=True)
+        assert_gradients_close(grads, reference[3])
 
 
 def test_fully_ignored_rows_do_not_change_the_mean():
@@ -93,6 +114,21 @@ def test_key_bias_cannot_change_the_output():
         is_flax = hasattr(before, "config") and not hasattr(before, "state_dict")
         run = parity.flax_outputs if is_flax else parity.torch_outputs
         np.testing.assert_allclose(run(after, x, y)[1], run(before, x, y)[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_unknown_or_dropout_fused_attention_is_refused(framework):
+    def build(config, attention):
+        if framework == "flax":
+            return flax_model.GPT(config, rngs=nnx.Rngs(0), attention=attention)
+        return torch_model.GPT(config, attention=attention)
+
+    with pytest.raises(ConfigError, match="fused attention has no attention dropout"):
+        build(CONFIGS["tiny"].replace(dropout=0.1), "fused")
+    with pytest.raises(ConfigError, match="unknown attention 'flash'"):
+        build(CONFIGS["tiny"], "flash")
+    with pytest.raises(ConfigError, match="unknown attention 'flash'"):
+        TrainConfig(attention="flash")
 
 
 def test_too_long_input_is_refused():

@@ -21,15 +21,16 @@ def dataset(shakespeare, tmp_path_factory):
     return TokenDataset.load(out)
 
 
-@pytest.mark.parametrize("shape,grad_accum,grad_clip", [
-    (dict(seq_len=16, d_model=32, n_heads=2, n_layers=2), 1, 1.0),
-    (dict(seq_len=12, d_model=36, n_heads=3, n_layers=2, d_ff=50), 2, 0.5),
-    (dict(seq_len=8, d_model=24, n_heads=1, n_layers=1), 1, 0.0),
+@pytest.mark.parametrize("shape,grad_accum,grad_clip,attention", [
+    (dict(seq_len=16, d_model=32, n_heads=2, n_layers=2), 1, 1.0, "explicit"),
+    (dict(seq_len=12, d_model=36, n_heads=3, n_layers=2, d_ff=50), 2, 0.5, "explicit"),
+    (dict(seq_len=8, d_model=24, n_heads=1, n_layers=1), 1, 0.0, "explicit"),
+    (dict(seq_len=12, d_model=36, n_heads=3, n_layers=2, d_ff=50), 1, 1.0, "fused"),
 ])
-def test_adamw_run_matches(dataset, shape, grad_accum, grad_clip):
+def test_adamw_run_matches(dataset, shape, grad_accum, grad_clip, attention):
     config = GPTConfig(vocab_size=dataset.vocab_size, **shape)
-    tc = parity.default_train_config().replace(steps=STEPS, lr=LR, grad_accum=grad_accum,
-                                              grad_clip=grad_clip)
+    tc = parity.default_train_config(attention=attention).replace(
+        steps=STEPS, lr=LR, grad_accum=grad_accum, grad_clip=grad_clip)
     flat = parity_batches(config, dataset, tc.batch_size, config.seq_len, STEPS * grad_accum, 0)
     batches = [tuple(np.concatenate(part) for part in zip(*flat[i:i + grad_accum]))
                for i in range(0, len(flat), grad_accum)]

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flax_gpt import weights
-from flax_gpt.config import EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, positional_encoding
+from flax_gpt.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
+                             positional_encoding)
 from flax_gpt.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
@@ -36,11 +37,12 @@ class Embedding(nn.Module):
 
 
 class MaskedMultiHeadAttention(nn.Module):
-    """Causal multi-head attention with the explicit -1e9 masked softmax of SPEC.md."""
+    """Causal multi-head attention: SPEC.md's explicit -1e9 masked softmax or, with `fused`,
+    the same function as one F.scaled_dot_product_attention call (flash kernels on a GPU)."""
 
-    def __init__(self, config):
+    def __init__(self, config, *, fused):
         super().__init__()
-        self.n_heads = config.n_heads
+        self.n_heads, self.fused = config.n_heads, fused
         self.q = nn.Linear(config.d_model, config.d_model)
         self.k = nn.Linear(config.d_model, config.d_model)
         self.v = nn.Linear(config.d_model, config.d_model)
@@ -55,15 +57,23 @@ class MaskedMultiHeadAttention(nn.Module):
         H, dk = self.n_heads, d // self.n_heads
 
         def heads(t):
-            return t.view(B, T, H, dk).transpose(1, 2)  # (B, H, T, dk)
+            return t.view(B, T, H, dk)  # (B, T, H, dk)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if self.fused:  # takes (B, H, T, dk)
+            y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+            y = y.transpose(1, 2)  # (B, H, T, dk) -> (B, T, H, dk)
+        else:
+            y = self.masked_softmax(q, k, v)
+        return self.dropout(self.out(y.reshape(B, T, d)))  # (B, T, d): heads concatenated
+
+    def masked_softmax(self, q, k, v):
+        T, dk = q.shape[1], q.shape[3]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, dk)
         scores = q @ k.transpose(-2, -1) / math.sqrt(dk)  # (B, H, T, T)
         scores = scores.masked_fill(~self.causal_mask[:T, :T], MASK_FILL)
         attn = self.attn_dropout(torch.softmax(scores, dim=-1))  # autocast: float32 softmax
-        y = attn @ v  # (B, H, T, dk)
-        y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d): heads concatenated
-        return self.dropout(self.out(y))
+        return (attn @ v).transpose(1, 2)  # (B, H, T, dk) -> (B, T, H, dk)
 
 
 class FeedForward(nn.Module):
@@ -82,9 +92,9 @@ class FeedForward(nn.Module):
 class DecoderLayer(nn.Module):
     """Post-LN block, exactly the article's: LN(x + mhma(x)), then LN(x + ffn(x))."""
 
-    def __init__(self, config):
+    def __init__(self, config, *, fused):
         super().__init__()
-        self.mhma = MaskedMultiHeadAttention(config)
+        self.mhma = MaskedMultiHeadAttention(config, fused=fused)
         self.layer_norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
         self.layer_norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -96,9 +106,9 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, *, fused):
         super().__init__()
-        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.n_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config, fused=fused) for _ in range(config.n_layers)])
 
     def forward(self, x, *, return_hidden=False):
         hidden = []
@@ -109,13 +119,13 @@ class Decoder(nn.Module):
 
 
 class GPT(nn.Module):
-    """logits = pred(decoder(embed(ids)))."""
+    """logits = pred(decoder(embed(ids))). `attention`: one of config.ATTENTIONS."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, *, attention="explicit"):
         super().__init__()
         self.config = config
         self.embed = Embedding(config)
-        self.decoder = Decoder(config)
+        self.decoder = Decoder(config, fused=fused_attention(attention, config))
         self.pred = nn.Linear(config.d_model, config.vocab_size)
         self.apply(self._init)
 

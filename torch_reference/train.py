@@ -77,7 +77,7 @@ class TorchBackend:
     def __init__(self, config, tc, tensors=None, *, device="cpu"):
         self.config, self.tc, self.device = config, tc, torch.device(device)
         torch.manual_seed(tc.seed)
-        self.model = GPT(config)
+        self.model = GPT(config, attention=tc.attention)
         if tensors is not None:
             self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
         self.model.to(self.device)
