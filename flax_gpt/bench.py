@@ -4,7 +4,9 @@ Every variant runs forward, backward and the AdamW update of the same model conf
 on synthetic tokens already on the device. Each variant is built, compiled (timed apart) and
 warmed up with `warmup` untimed steps; then `rounds` rounds each time `steps` steps of every
 variant in turn, so that a machine whose speed drifts (a shared VM, a GPU warming up) slows
-all variants alike instead of whichever ran last. Each step is closed by a device sync
+all variants alike instead of whichever ran last. `speedup` compares each variant with the
+first one round by round (the median over rounds of the first's median step time divided by
+this one's), which cancels drift slower than a round. Each step is closed by a device sync
 (`block_until_ready` / `torch.cuda.synchronize`); the loss is read once, after the last step.
 
 Peak memory: for Flax, the compiled step's own footprint (arguments + outputs + temporaries,
@@ -277,10 +279,12 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 results[name] = {"skipped": f"{type(e).__name__} while timing: {str(e)[:200]}"}
                 del built[name]
     peaks = {}
+    by_round = {name: np.median(np.reshape(v.times, (rounds, steps)), axis=1) for name, v in built.items()}
+    first = next(iter(by_round.values()), None)
     for name, variant in built.items():
         result = results[name]
         result.update(summary(variant, batch_size * config.seq_len), steps=steps, rounds=rounds,
-                      warmup=warmup)
+                      warmup=warmup, speedup=float(np.median(first / by_round[name])))
         dtype = "bf16" if name.endswith("bf16") else "fp32"
         framework = "flax" if name.startswith("flax") else "torch"
         if on_gpu:
@@ -301,6 +305,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
             "flops_note": "N counts Linear weights and biases; the token embedding (a lookup, "
                           "untied from pred) and the fixed positional table are left out",
             "device": device_name, "torch_device": device,
+            "speedup_of": next(iter(built), None),
             "results": [{"variant": name, **results[name]} for name in variants],
             "xla_flags": _xla_flags(), **parity.environment(record)}
 

@@ -634,16 +634,16 @@ def run_bench(args):
         rows = []
         for r in report["results"]:
             if "skipped" in r:
-                rows.append([r["variant"], "skipped: " + r["skipped"], "", "", "", "", "", "", ""])
+                rows.append([r["variant"], "skipped: " + r["skipped"], "", "", "", "", "", "", "", ""])
                 continue
             mem = r["peak_memory_bytes"]
             rows.append([r["variant"], f"{r['compile_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
                          f"{1e3 * r['p10_s']:.1f}", f"{1e3 * r['p90_s']:.1f}",
-                         f"{r['tokens_per_s']:,.0f}",
+                         f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x",
                          "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                          "-" if mem is None else f"{mem / 2**30:.2f}", f"{r['loss']:.4f}"])
-        print_table(["variant", "compile s", "median ms", "p10 ms", "p90 ms", "tokens/s", "MFU",
-                     "peak GiB", "last loss"], rows)
+        print_table(["variant", "compile s", "median ms", "p10 ms", "p90 ms", "tokens/s",
+                     f"speed / {report['speedup_of']}", "MFU", "peak GiB", "last loss"], rows)
         print(f"FLOPs/token {report['flops_per_token']:,} (causal {report['flops_per_token_causal']:,});"
               f" N = {report['matmul_params']:,} matmul parameters: {report['flops_note']}. "
               f"Device {report['device']}.")

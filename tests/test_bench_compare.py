@@ -40,7 +40,10 @@ def test_bench_command(tmp_path):
     assert results["torch-eager-fp32"]["peak_memory_bytes"] is None  # untracked on CPU
     losses = [r["loss"] for r in results.values()]
     np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
+    assert report["speedup_of"] == "flax-jit-fp32" and results["flax-jit-fp32"]["speedup"] == 1.0
+    assert all(r["speedup"] > 0 for r in results.values())
     assert report["config"]["vocab_size"] == 64 and "versions" in report
+    assert report["attention"] == "fused"  # the bench's default
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
