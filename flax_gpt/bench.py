@@ -16,9 +16,13 @@ peak while the variant compiled and warmed up, less what was allocated before it
 Model FLOPs per token: 6N + 12·L·d·T (PaLM's formula, attention counted over the full T×T),
 and the causal variant 6N + 6·L·d·T. N counts the parameters that take part in matmuls: the
 Linear layers (q, k, v, out, fc1, fc2, pred), not the token embedding (a lookup, not tied to
-`pred`) nor the fixed positional table.
+`pred`) nor the fixed positional table. The peak: on a known GPU, the table below; on CPU, a
+2048x2048 matmul in the variant's framework and dtype, measured after every round, and MFU is
+the median over rounds of that round's achieved FLOP/s over its peak, so that a shared CPU's
+drift moves numerator and denominator together.
 """
 
+import functools
 import platform
 import sys
 import statistics
@@ -65,24 +69,33 @@ def table_peak(device_name, dtype):
     return None
 
 
-def measured_cpu_peak(framework, dtype, n=2048, repeats=5):
+def measured_cpu_peak(framework, dtype, n=2048, repeats=3):
     """FLOP/s of the best of `repeats` n×n matmuls: the ceiling a CPU step can reach."""
-    flops = 2 * n ** 3
+    run = _matmul(framework, dtype, n)
+    return 2 * n ** 3 / min(_timed(run) for _ in range(repeats))
+
+
+@functools.cache
+def _matmul(framework, dtype, n):
+    """A compiled, warmed-up n×n matmul as a no-argument function that waits for its result."""
     if framework == "flax":
         import jax
         import jax.numpy as jnp
 
         a = jnp.ones((n, n), jnp.bfloat16 if dtype == "bf16" else jnp.float32)
         mm = jax.jit(lambda a: a @ a)
-        mm(a).block_until_ready()
-        best = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
+
+        def run():
+            mm(a).block_until_ready()
     else:
         import torch
 
         a = torch.ones((n, n), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-        a @ a
-        best = min(_timed(lambda: a @ a) for _ in range(repeats))
-    return flops / best
+
+        def run():
+            a @ a
+    run()
+    return run
 
 
 def _timed(fn):
@@ -270,6 +283,10 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                                                        warmup=warmup, device=device)
         except Skip as e:
             results[name] = {"skipped": str(e)}
+    def kind(name):  # the peak a variant is held to
+        return ("flax" if name.startswith("flax") else "torch", "bf16" if name.endswith("bf16") else "fp32")
+
+    round_peaks = {} if on_gpu else {kind(name): [] for name in built}
     for r in range(rounds):
         print(f"  round {r + 1}/{rounds}: {steps} steps of each", file=sys.stderr, flush=True)
         for name, variant in list(built.items()):
@@ -278,25 +295,26 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
             except Exception as e:  # e.g. out of memory once every variant is resident
                 results[name] = {"skipped": f"{type(e).__name__} while timing: {str(e)[:200]}"}
                 del built[name]
-    peaks = {}
-    by_round = {name: np.median(np.reshape(v.times, (rounds, steps)), axis=1) for name, v in built.items()}
-    first = next(iter(by_round.values()), None)
+        for k, peaks in round_peaks.items():  # beside the steps: a drifting CPU moves both alike
+            peaks.append(measured_cpu_peak(*k))
+    tokens = batch_size * config.seq_len
+    rates = {name: tokens / np.median(np.reshape(v.times, (rounds, steps)), axis=1)
+             for name, v in built.items()}  # tokens/s of each round
+    first = next(iter(rates.values()), None)
     for name, variant in built.items():
         result = results[name]
-        result.update(summary(variant, batch_size * config.seq_len), steps=steps, rounds=rounds,
-                      warmup=warmup, speedup=float(np.median(first / by_round[name])))
-        dtype = "bf16" if name.endswith("bf16") else "fp32"
-        framework = "flax" if name.startswith("flax") else "torch"
+        result.update(summary(variant, tokens), steps=steps, rounds=rounds, warmup=warmup,
+                      speedup=float(np.median(rates[name] / first)))
         if on_gpu:
-            peak, source = table_peak(device_name, dtype), "table"
+            peaks, source = table_peak(device_name, kind(name)[1]), "table"
         else:
-            if (framework, dtype) not in peaks:
-                peaks[framework, dtype] = measured_cpu_peak(framework, dtype)
-            peak, source = peaks[framework, dtype], f"measured {framework} {dtype} 2048x2048 matmul"
+            peaks = np.asarray(round_peaks[kind(name)])
+            source = "measured {} {} 2048x2048 matmul, every round".format(*kind(name))
         for causal, label in ((False, "mfu"), (True, "mfu_causal")):
-            achieved = flops_per_token(config, config.seq_len, causal) * result["tokens_per_s"]
-            result[label] = achieved / peak if peak else None
-        result["peak_flops"], result["peak_source"] = peak, source
+            achieved = flops_per_token(config, config.seq_len, causal) * rates[name]
+            result[label] = None if peaks is None else float(np.median(achieved / peaks))
+        result["peak_flops"] = None if peaks is None else float(np.median(peaks))
+        result["peak_source"] = source
     return {"config": config.to_dict(), "attention": attention, "batch_size": batch_size,
             "seq_len": config.seq_len,
             "matmul_params": matmul_params(config),
