@@ -304,7 +304,8 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     for name, variant in built.items():
         result = results[name]
         result.update(summary(variant, tokens), steps=steps, rounds=rounds, warmup=warmup,
-                      speedup=float(np.median(rates[name] / first)))
+                      speedup=float(np.median(rates[name] / first)),
+                      round_tokens_per_s=[float(r) for r in rates[name]])
         if on_gpu:
             peaks, source = table_peak(device_name, kind(name)[1]), "table"
         else:
