@@ -346,13 +346,16 @@ def plot(path, reports):
         ok = [r for r in reports[0]["results"] if "skipped" not in r]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         names = [r["variant"] for r in ok]
-        left.barh(names, [r["tokens_per_s"] for r in ok], color="C0")
-        left.set_xlabel("tokens/s")
+        rates = np.array([r["tokens_per_s"] for r in ok])
+        tokens = reports[0]["batch_size"] * reports[0]["seq_len"]
+        spread = [rates - [tokens / r["p90_s"] for r in ok], [tokens / r["p10_s"] for r in ok] - rates]
+        left.barh(names, rates, xerr=spread, color="C0", ecolor="0.3", capsize=3)
+        left.set_xlabel("tokens/s (bars: p10-p90 step time)")
         right.barh(names, [100 * (r["mfu"] or 0) for r in ok], color="C1")
         right.set_xlabel("MFU (%)")
         right.set_yticklabels([])
         fig.suptitle(f"train step, batch {reports[0]['batch_size']} x {reports[0]['seq_len']}, "
-                     f"{reports[0]['device']}")
+                     f"{reports[0]['attention']} attention, {reports[0]['device']}")
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name in VARIANTS:

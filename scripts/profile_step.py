@@ -1,7 +1,7 @@
 """Where the time of one `small` train step goes, in JAX and in PyTorch, part by part.
 
-Times (median of repeats, one framework at a time) forward + backward of: one decoder layer, its attention,
-its feed-forward, the prediction head with the loss, the loss alone, and the whole model;
+Times (median of repeats, one framework at a time) forward + backward of: one decoder layer, its attention
+(explicit and fused), its feed-forward, the prediction head with the loss, the loss alone, and the whole model;
 then every matmul shape of the step run alone, as the forward computes it (x @ W) and as
 the backward does (dX = dY @ W^T, dW = X^T @ dY, and dW^T = dY^T @ X, the layout PyTorch
 stores), in GFLOP/s. The README's benchmark section quotes these figures.
@@ -77,9 +77,12 @@ def parts(config, batch_size):
     j_model = jax.jit(jax.grad(
         lambda p: flax_model.cross_entropy(nnx.merge(graphdef, p, rest)(j_ids), j_ids)))
     j_layer, t_layer = fm.decoder.layers[0], tm.decoder.layers[0]
+    j_fused = flax_model.GPT(config, rngs=nnx.Rngs(0), attention="fused").decoder.layers[0].mhma
+    t_fused = torch_model.GPT(config, attention="fused").decoder.layers[0].mhma
     rows = {  # name: (jax part, torch part), each fed the same hidden states h
         "decoder layer": (jax_part(j_layer, square), torch_part(t_layer, square)),
         "  attention": (jax_part(j_layer.mhma, square), torch_part(t_layer.mhma, square)),
+        "  attention, fused": (jax_part(j_fused, square), torch_part(t_fused, square)),
         "  feed-forward": (jax_part(j_layer.ffn, square), torch_part(t_layer.ffn, square)),
         "head + loss": (jax_part(fm.pred, lambda out: flax_model.cross_entropy(out, j_ids)),
                         torch_part(tm.pred, lambda out: torch_model.cross_entropy(out, t_ids))),
