@@ -283,6 +283,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                                                        warmup=warmup, device=device)
         except Skip as e:
             results[name] = {"skipped": str(e)}
+
     def kind(name):  # the peak a variant is held to
         return ("flax" if name.startswith("flax") else "torch", "bf16" if name.endswith("bf16") else "fp32")
 

@@ -94,12 +94,16 @@ class GPTConfig:
 ATTENTIONS = ("explicit", "fused")
 
 
+def check_attention(attention):
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"unknown attention {attention!r}: choose one of {', '.join(ATTENTIONS)}")
+    return attention
+
+
 def fused_attention(attention, config):
     """True for "fused", False for "explicit"; a ConfigError for anything else, or for
     "fused" with dropout."""
-    if attention not in ATTENTIONS:
-        raise ConfigError(f"unknown attention {attention!r}: choose one of {', '.join(ATTENTIONS)}")
-    if attention == "fused" and config.dropout:
+    if check_attention(attention) == "fused" and config.dropout:
         raise ConfigError(f"fused attention has no attention dropout, and this config has dropout "
                           f"{config.dropout}: use attention 'explicit' or dropout 0")
     return attention == "fused"

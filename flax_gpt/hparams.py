@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flax_gpt.config import ATTENTIONS, ConfigError
+from flax_gpt.config import ConfigError, check_attention
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps and grad_clip must be >= 0 and lr > 0")
-        if self.attention not in ATTENTIONS:
-            raise ConfigError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+        check_attention(self.attention)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
