@@ -259,8 +259,9 @@ def summary(variant, tokens):
 # ---- the whole benchmark ------------------------------------------------------------------------
 
 def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device="cpu", seed=0,
-          attention="explicit"):
-    """Run `variants` on one config and batch; returns the report dict."""
+          attention="explicit", on_round=None):
+    """Run `variants` on one config and batch; returns the report dict. `on_round(report)`, if
+    given, gets the report so far after each round but the last (`complete` False)."""
     import jax
 
     from flax_gpt import parity, precision
@@ -287,6 +288,39 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     def kind(name):  # the peak a variant is held to
         return ("flax" if name.startswith("flax") else "torch", "bf16" if name.endswith("bf16") else "fp32")
 
+    def report(done):
+        """The report after `done` rounds."""
+        tokens = batch_size * config.seq_len
+        rates = {name: tokens / np.median(np.reshape(v.times, (done, steps)), axis=1)
+                 for name, v in built.items()}  # tokens/s of each round
+        first = next(iter(rates.values()), None)
+        for name, variant in built.items():
+            result = results[name]
+            result.update(summary(variant, tokens), steps=steps, rounds=done, warmup=warmup,
+                          speedup=float(np.median(rates[name] / first)),
+                          round_tokens_per_s=[float(r) for r in rates[name]])
+            if on_gpu:
+                peaks, source = table_peak(device_name, kind(name)[1]), "table"
+            else:
+                peaks = np.asarray(round_peaks[kind(name)])
+                source = "measured {} {} 2048x2048 matmul, every round".format(*kind(name))
+            for causal, label in ((False, "mfu"), (True, "mfu_causal")):
+                achieved = flops_per_token(config, config.seq_len, causal) * rates[name]
+                result[label] = None if peaks is None else float(np.median(achieved / peaks))
+            result["peak_flops"] = None if peaks is None else float(np.median(peaks))
+            result["peak_source"] = source
+        return {"config": config.to_dict(), "attention": attention, "batch_size": batch_size,
+                "seq_len": config.seq_len, "rounds": rounds, "complete": done == rounds,
+                "matmul_params": matmul_params(config),
+                "flops_per_token": flops_per_token(config, config.seq_len),
+                "flops_per_token_causal": flops_per_token(config, config.seq_len, causal=True),
+                "flops_note": "N counts Linear weights and biases; the token embedding (a lookup, "
+                              "untied from pred) and the fixed positional table are left out",
+                "device": device_name, "torch_device": device,
+                "speedup_of": next(iter(built), None),
+                "results": [{"variant": name, **results[name]} for name in variants],
+                "xla_flags": _xla_flags(), **parity.environment(record)}
+
     round_peaks = {} if on_gpu else {kind(name): [] for name in built}
     for r in range(rounds):
         print(f"  round {r + 1}/{rounds}: {steps} steps of each", file=sys.stderr, flush=True)
@@ -298,36 +332,9 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 del built[name]
         for k, peaks in round_peaks.items():  # beside the steps: a drifting CPU moves both alike
             peaks.append(measured_cpu_peak(*k))
-    tokens = batch_size * config.seq_len
-    rates = {name: tokens / np.median(np.reshape(v.times, (rounds, steps)), axis=1)
-             for name, v in built.items()}  # tokens/s of each round
-    first = next(iter(rates.values()), None)
-    for name, variant in built.items():
-        result = results[name]
-        result.update(summary(variant, tokens), steps=steps, rounds=rounds, warmup=warmup,
-                      speedup=float(np.median(rates[name] / first)),
-                      round_tokens_per_s=[float(r) for r in rates[name]])
-        if on_gpu:
-            peaks, source = table_peak(device_name, kind(name)[1]), "table"
-        else:
-            peaks = np.asarray(round_peaks[kind(name)])
-            source = "measured {} {} 2048x2048 matmul, every round".format(*kind(name))
-        for causal, label in ((False, "mfu"), (True, "mfu_causal")):
-            achieved = flops_per_token(config, config.seq_len, causal) * rates[name]
-            result[label] = None if peaks is None else float(np.median(achieved / peaks))
-        result["peak_flops"] = None if peaks is None else float(np.median(peaks))
-        result["peak_source"] = source
-    return {"config": config.to_dict(), "attention": attention, "batch_size": batch_size,
-            "seq_len": config.seq_len,
-            "matmul_params": matmul_params(config),
-            "flops_per_token": flops_per_token(config, config.seq_len),
-            "flops_per_token_causal": flops_per_token(config, config.seq_len, causal=True),
-            "flops_note": "N counts Linear weights and biases; the token embedding (a lookup, "
-                          "untied from pred) and the fixed positional table are left out",
-            "device": device_name, "torch_device": device,
-            "speedup_of": next(iter(built), None),
-            "results": [{"variant": name, **results[name]} for name in variants],
-            "xla_flags": _xla_flags(), **parity.environment(record)}
+        if on_round and r + 1 < rounds:
+            on_round(report(r + 1))
+    return report(rounds)
 
 
 def _xla_flags():

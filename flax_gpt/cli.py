@@ -201,7 +201,7 @@ def print_table(header, rows):
             print("  ".join("-" * w for w in widths))
 
 
-def write_json(path, payload):
+def write_json(path, payload, *, announce=True):
     from flax_gpt.fileutil import atomic_file
 
     path = Path(path)
@@ -209,7 +209,8 @@ def write_json(path, payload):
     with atomic_file(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
-    print(f"wrote {path}")
+    if announce:
+        print(f"wrote {path}")
 
 
 # ---- train / compare / eval / generate -----------------------------------------------------
@@ -625,11 +626,19 @@ def run_bench(args):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     reports = []
+
+    def save(partial=None):  # after every round: a run stopped part-way keeps what it measured
+        if args.json:
+            done = reports + [partial] if partial else reports
+            final = partial is None and len(done) == len(sizes)
+            write_json(args.json, done[0] if len(sizes) == 1 else
+                       {"sweep": done, "batch_sizes": sizes, "complete": final}, announce=final)
+
     for size in sizes:
         print(f"batch {size} x {config.seq_len}, config {config.to_json()}", file=sys.stderr)
         report = bench.bench(config, batch_size=size, variants=variants, warmup=args.warmup,
                              steps=args.steps, rounds=args.rounds, device=device,
-                             attention=args.attention)
+                             attention=args.attention, on_round=save)
         reports.append(report)
         rows = []
         for r in report["results"]:
@@ -647,9 +656,7 @@ def run_bench(args):
         print(f"FLOPs/token {report['flops_per_token']:,} (causal {report['flops_per_token_causal']:,});"
               f" N = {report['matmul_params']:,} matmul parameters: {report['flops_note']}. "
               f"Device {report['device']}.")
-        if args.json:  # after each batch size, so a sweep stopped part-way keeps what it measured
-            write_json(args.json, report if len(sizes) == 1 else
-                       {"sweep": reports, "batch_sizes": sizes, "complete": len(reports) == len(sizes)})
+        save()
     if args.plot:
         bench.plot(args.plot, reports)
         print(f"wrote {args.plot}")

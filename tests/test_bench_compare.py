@@ -40,11 +40,20 @@ def test_bench_command(tmp_path):
     assert results["torch-eager-fp32"]["peak_memory_bytes"] is None  # untracked on CPU
     losses = [r["loss"] for r in results.values()]
     np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
+    assert report["complete"] and report["rounds"] == 2
     assert report["speedup_of"] == "flax-jit-fp32" and results["flax-jit-fp32"]["speedup"] == 1.0
     assert all(r["speedup"] > 0 for r in results.values())
     assert report["config"]["vocab_size"] == 64 and "versions" in report
     assert report["attention"] == "fused"  # the bench's default
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_reports_after_every_round():
+    seen = []
+    report = bench.bench(GPTConfig.preset("tiny"), batch_size=1, variants=["flax-jit-fp32"],
+                         warmup=0, steps=1, rounds=3, on_round=seen.append)
+    assert [r["complete"] for r in seen + [report]] == [False, False, True]
+    assert [len(r["results"][0]["round_tokens_per_s"]) for r in seen + [report]] == [1, 2, 3]
 
 
 def test_bench_sweep_writes_every_batch_size(tmp_path):
