@@ -35,6 +35,11 @@ from flax_gpt.hparams import TrainConfig
 VARIANTS = ("flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32",
             "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "torch-compile-bf16")
 
+
+def kind(name):
+    """(framework, dtype) of a variant name: what it runs on, and the peak it is held to."""
+    return ("flax" if name.startswith("flax") else "torch", "bf16" if name.endswith("bf16") else "fp32")
+
 # Dense peak FLOP/s by device-name fragment: (bf16, fp32 without TF32).
 PEAK_FLOPS = {
     "H100": (989e12, 67e12),
@@ -140,7 +145,7 @@ def flax_variant(name, config, tensors, tc, x, y):
     from flax_gpt import model as flax_model
     from flax_gpt.train import make_train_step, optimizer
 
-    dtype = jnp.bfloat16 if name.endswith("bf16") else jnp.float32
+    dtype = jnp.bfloat16 if kind(name)[1] == "bf16" else jnp.float32
     model = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=dtype, attention=tc.attention)
     flax_model.set_canonical(model, tensors)
     model.train()
@@ -200,13 +205,14 @@ def torch_variant(name, config, tensors, tc, x, y, device):
             import torch._dynamo  # noqa: F401
         except ImportError as e:
             raise Skip(f"torch.compile unavailable: {e}") from None
-    if name.endswith("bf16") and device == "cpu" and not torch.backends.mkldnn.is_available():
+    bf16 = kind(name)[1] == "bf16"
+    if bf16 and device == "cpu" and not torch.backends.mkldnn.is_available():
         raise Skip("no bf16 kernels on this CPU")
     cuda = device.startswith("cuda")
     if cuda:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    precision_name = "bf16" if name.endswith("bf16") else tc.precision
+    precision_name = "bf16" if bf16 else tc.precision
     backend = TorchBackend(config, tc.replace(precision=precision_name), tensors, device=device)
     if "compile" in name:
         backend.model.forward = torch.compile(backend.model.forward)
@@ -233,7 +239,7 @@ def build_variant(name, config, tensors, tc, x, y, *, warmup, device):
 
     gc.collect()
     try:
-        if name.startswith("flax"):
+        if kind(name)[0] == "flax":
             variant = flax_variant(name, config, tensors, tc, x, y)
         else:
             variant = torch_variant(name, config, tensors, tc, x, y, device)
@@ -285,8 +291,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
         except Skip as e:
             results[name] = {"skipped": str(e)}
 
-    def kind(name):  # the peak a variant is held to
-        return ("flax" if name.startswith("flax") else "torch", "bf16" if name.endswith("bf16") else "fp32")
+    round_peaks = {} if on_gpu else {kind(name): [] for name in built}
 
     def report(done):
         """The report after `done` rounds."""
@@ -321,7 +326,6 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 "results": [{"variant": name, **results[name]} for name in variants],
                 "xla_flags": _xla_flags(), **parity.environment(record)}
 
-    round_peaks = {} if on_gpu else {kind(name): [] for name in built}
     for r in range(rounds):
         print(f"  round {r + 1}/{rounds}: {steps} steps of each", file=sys.stderr, flush=True)
         for name, variant in list(built.items()):
