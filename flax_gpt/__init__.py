@@ -14,7 +14,7 @@ def __getattr__(name):
 
         return getattr(model, name)
     if name == "GPTConfig":
-        from flax_gpt.config import GPTConfig
+        from flax_gpt.core.config import GPTConfig
 
         return GPTConfig
     raise AttributeError(f"module 'flax_gpt' has no attribute {name!r}")

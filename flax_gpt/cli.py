@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from flax_gpt.errors import FlaxGPTError
+from flax_gpt.core.errors import FlaxGPTError
 
 EXIT_USAGE = 2
 
@@ -76,7 +76,7 @@ def run_prepare(args):
 
 def add_model_options(p, *, preset_default="tiny", attention_default="explicit"):
     """--preset plus config overrides, shared by every command that builds a model."""
-    from flax_gpt.config import ATTENTIONS, PRESETS
+    from flax_gpt.core.config import ATTENTIONS, PRESETS
 
     p.add_argument("--preset", choices=list(PRESETS), default=preset_default,
                    help=f"model size (default {preset_default})")
@@ -91,7 +91,7 @@ def add_model_options(p, *, preset_default="tiny", attention_default="explicit")
 
 
 def model_config(args, **fixed):
-    from flax_gpt.config import GPTConfig, fused_attention
+    from flax_gpt.core.config import GPTConfig, fused_attention
 
     fields = ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
     overrides = {f: getattr(args, f) for f in fields}
@@ -128,10 +128,11 @@ def add_parity(sub):
 
 
 def run_parity(args):
-    from flax_gpt import precision, weights
+    from flax_gpt import precision
+    from flax_gpt.core import weights
 
     record = precision.apply(args.precision)  # before the frameworks build anything
-    from flax_gpt import parity
+    from flax_gpt.sidebyside import parity
 
     dataset = load_dataset(args.data) if args.data else None
     if args.weights:
@@ -174,7 +175,7 @@ def run_parity(args):
 
 def parity_batches(config, dataset, batch_size, seq_len, n, seed):
     """n batches of shape (1, B, T): from the dataset (shuffled rows) or random tokens."""
-    from flax_gpt import parity
+    from flax_gpt.sidebyside import parity
 
     if dataset is None:
         return [tuple(a[None] for a in parity.synthetic_batch(config, batch_size, seq_len, seed + i))
@@ -188,7 +189,7 @@ def parity_batches(config, dataset, batch_size, seq_len, n, seed):
 
 
 def load_dataset(path):
-    from flax_gpt.data import TokenDataset
+    from flax_gpt.core.data import TokenDataset
 
     return TokenDataset.load(path)
 
@@ -202,7 +203,7 @@ def print_table(header, rows):
 
 
 def write_json(path, payload, *, announce=True):
-    from flax_gpt.fileutil import atomic_file
+    from flax_gpt.core.files import atomic_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,7 @@ def write_json(path, payload, *, announce=True):
 # ---- train / compare / eval / generate -----------------------------------------------------
 
 def add_train_options(p):
-    from flax_gpt.hparams import TrainConfig
+    from flax_gpt.core.hparams import TrainConfig
     from flax_gpt.precision import PRECISIONS
 
     d = TrainConfig()
@@ -247,7 +248,7 @@ def add_train_options(p):
 
 
 def train_config(args):
-    from flax_gpt.hparams import TrainConfig
+    from flax_gpt.core.hparams import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
@@ -269,7 +270,7 @@ def default_dataset():
 
 def make_stream(args):
     """(model config, batch stream) for the train and compare commands."""
-    from flax_gpt import loop
+    from flax_gpt.core import loop
 
     tc = train_config(args)
     if args.synthetic:
@@ -311,7 +312,8 @@ def add_train(sub):
 
 
 def run_train(args):
-    from flax_gpt import loop, precision
+    from flax_gpt import precision
+    from flax_gpt.core import loop
 
     precision.apply(args.precision)
     config, tc, stream = make_stream(args)
@@ -354,7 +356,9 @@ def add_compare(sub):
 def run_compare(args):
     import numpy as np
 
-    from flax_gpt import loop, parity, precision
+    from flax_gpt import precision
+    from flax_gpt.sidebyside import parity
+    from flax_gpt.core import loop
 
     record = precision.apply(args.precision)
     config, tc, stream = make_stream(args)
@@ -459,14 +463,14 @@ def plot_compare(path, results, diff, unigram, floor=None):
     bottom.set_ylabel("|loss diff|")
     bottom.set_xlabel("step")
     fig.tight_layout()
-    from flax_gpt.fileutil import save_figure
+    from flax_gpt.core.files import save_figure
 
     save_figure(fig, path)
 
 
 def run_folder_model(run, framework="flax"):
     """(model, run record) of a run folder's latest weights."""
-    from flax_gpt import loop
+    from flax_gpt.core import loop
 
     run = Path(run)
     try:
@@ -544,7 +548,7 @@ def add_generate(sub):
 
 
 def run_generate(args):
-    from flax_gpt.data import BOS
+    from flax_gpt.core.data import BOS
     from flax_gpt.sample import generate
 
     if args.temperature < 0:
@@ -565,7 +569,7 @@ def run_generate(args):
 # ---- bench ------------------------------------------------------------------------------------
 
 def add_bench(sub):
-    from flax_gpt.bench import VARIANTS
+    from flax_gpt.sidebyside.bench import VARIANTS
 
     p = sub.add_parser(
         "bench", help="time the train step of every variant side by side",
@@ -599,7 +603,7 @@ def add_bench(sub):
 def run_bench(args):
     # JAX would otherwise take 75% of a GPU up front, leaving PyTorch's variants a quarter
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from flax_gpt import bench
+    from flax_gpt.sidebyside import bench
 
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     skip = {v.strip() for v in args.skip.split(",") if v.strip()}

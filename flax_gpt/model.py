@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_gpt import weights
-from flax_gpt.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
+from flax_gpt.core import weights
+from flax_gpt.core.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
                              positional_encoding)
-from flax_gpt.data import IGNORE_INDEX
+from flax_gpt.core.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
 

@@ -19,9 +19,9 @@ from torchtext.data.utils import get_tokenizer  # noqa: E402
 from torchtext.vocab import build_vocab_from_iterator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from flax_gpt import data  # noqa: E402
-from flax_gpt.errors import DatasetError  # noqa: E402
-from flax_gpt.fileutil import atomic_dir  # noqa: E402
+from flax_gpt.core import data  # noqa: E402
+from flax_gpt.core.errors import DatasetError  # noqa: E402
+from flax_gpt.core.files import atomic_dir  # noqa: E402
 
 CORPORA = {
     "tinyshakespeare": {

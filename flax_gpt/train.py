@@ -14,10 +14,11 @@ import optax
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from flax_gpt import precision, weights
-from flax_gpt.errors import CheckpointError
-from flax_gpt.hparams import learning_rates
-from flax_gpt.loop import WEIGHTS
+from flax_gpt import precision
+from flax_gpt.core import weights
+from flax_gpt.core.errors import CheckpointError
+from flax_gpt.core.hparams import learning_rates
+from flax_gpt.core.loop import WEIGHTS
 from flax_gpt.model import GPT, cross_entropy, set_canonical
 
 OPTIMIZER = "optimizer.safetensors"
@@ -93,7 +94,7 @@ def eval_loss(graphdef, params, rest, x, y):
 
 
 class FlaxBackend:
-    """The Flax side of flax_gpt.loop.train: model state, jitted step, checkpoint I/O."""
+    """The Flax side of flax_gpt.core.loop.train: model state, jitted step, checkpoint I/O."""
 
     name = "flax"
 

@@ -9,8 +9,8 @@ from flax_gpt import precision
 
 precision.apply("highest")
 
-from flax_gpt import parity  # noqa: E402  (after the switch: jit caches key on it)
-from flax_gpt.config import GPTConfig  # noqa: E402
+from flax_gpt.sidebyside import parity  # noqa: E402  (after the switch: jit caches key on it)
+from flax_gpt.core.config import GPTConfig  # noqa: E402
 
 # Odd shapes on purpose: one head, seq_len 1, d_model not a power of two, d_ff not 4*d_model.
 CONFIGS = {

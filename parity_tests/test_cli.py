@@ -2,7 +2,7 @@
 
 import json
 
-from flax_gpt import weights
+from flax_gpt.core import weights
 from parity_tests.conftest import CONFIGS, tensors_for
 from tests.conftest import run_cli
 

@@ -7,8 +7,8 @@ import torch
 from flax import nnx
 
 from flax_gpt import model as flax_model
-from flax_gpt import parity
-from flax_gpt.config import GPTConfig
+from flax_gpt.sidebyside import parity
+from flax_gpt.core.config import GPTConfig
 from torch_reference import model as torch_model
 
 RATE = 0.25

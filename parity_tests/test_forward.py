@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flax_gpt import model as flax_model
-from flax_gpt import parity
-from flax_gpt.config import ConfigError
-from flax_gpt.data import IGNORE_INDEX
-from flax_gpt.hparams import TrainConfig
-from flax_gpt.parity import GRAD_RTOL, LOGITS_ATOL, LOSS_ATOL
+from flax_gpt.sidebyside import parity
+from flax_gpt.core.config import ConfigError
+from flax_gpt.core.data import IGNORE_INDEX
+from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.sidebyside.parity import GRAD_RTOL, LOGITS_ATOL, LOSS_ATOL
 from parity_tests.conftest import CONFIGS, tensors_for
 from torch_reference import model as torch_model
 

@@ -1,4 +1,4 @@
-"""Both frameworks implement flax_gpt.config's init: N(0, 0.02) Linear weights, zero biases,
+"""Both frameworks implement flax_gpt.core.config's init: N(0, 0.02) Linear weights, zero biases,
 N(0, 1) embeddings, LayerNorm ones/zeros. Their statistics must match (the values, of course,
 do not)."""
 
@@ -7,7 +7,7 @@ import torch
 from flax import nnx
 
 from flax_gpt import model as flax_model
-from flax_gpt.config import EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig
+from flax_gpt.core.config import EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig
 from torch_reference import model as torch_model
 
 STD_RTOL = 0.05  # sampling error of a std over >= 4096 draws is under 2%

@@ -8,9 +8,9 @@ labels that position reaches are ignored, as the parity suite does.
 import numpy as np
 import torch
 
-from flax_gpt import parity
-from flax_gpt.data import IGNORE_INDEX
-from flax_gpt.parity import GRAD_RTOL, KINK_ATOL
+from flax_gpt.sidebyside import parity
+from flax_gpt.core.data import IGNORE_INDEX
+from flax_gpt.sidebyside.parity import GRAD_RTOL, KINK_ATOL
 from parity_tests.conftest import CONFIGS, tensors_for
 
 ROW, POSITION, UNIT = 1, 5, 7

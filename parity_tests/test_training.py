@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from flax_gpt import parity
+from flax_gpt.sidebyside import parity
 from flax_gpt.cli import parity_batches
-from flax_gpt.config import GPTConfig
-from flax_gpt.data import TokenDataset
-from flax_gpt.parity import TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL
+from flax_gpt.core.config import GPTConfig
+from flax_gpt.core.data import TokenDataset
+from flax_gpt.sidebyside.parity import TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL
 from flax_gpt.prepare import prepare
 
 STEPS = 50

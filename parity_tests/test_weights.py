@@ -10,8 +10,9 @@ from flax import nnx
 import flax_gpt
 import torch_reference
 from flax_gpt import model as flax_model
-from flax_gpt import parity, weights
-from flax_gpt.errors import WeightsError
+from flax_gpt.sidebyside import parity
+from flax_gpt.core import weights
+from flax_gpt.core.errors import WeightsError
 from parity_tests.conftest import CONFIGS, tensors_for
 from torch_reference import model as torch_model
 

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from flax import nnx
 
-from flax_gpt import parity, precision
-from flax_gpt.config import GPTConfig
+from flax_gpt import precision
+from flax_gpt.sidebyside import parity
+from flax_gpt.core.config import GPTConfig
 from flax_gpt.train import make_train_step, optimizer
 from torch_reference.train import TrainStep
 

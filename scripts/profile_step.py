@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from flax_gpt import bench, precision
+from flax_gpt import precision
+from flax_gpt.sidebyside import bench
 from flax_gpt import model as flax_model
-from flax_gpt.config import GPTConfig
+from flax_gpt.core.config import GPTConfig
 from torch_reference import model as torch_model
 
 

@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from flax_gpt import data, prepare
-from flax_gpt.data import TokenDataset
-from flax_gpt.errors import DatasetError
+from flax_gpt import prepare
+from flax_gpt.core import data
+from flax_gpt.core.data import TokenDataset
+from flax_gpt.core.errors import DatasetError
 from tests.conftest import REPO, run_cli
 
 
@@ -351,7 +352,7 @@ def test_cli_help_lists_subcommands():
 
 
 def test_framework_free_modules_import_no_framework():
-    code = ("import sys, flax_gpt, flax_gpt.data, flax_gpt.config, flax_gpt.weights, "
+    code = ("import sys, flax_gpt, flax_gpt.core.data, flax_gpt.core.config, flax_gpt.core.weights, "
             "flax_gpt.cli, torch_reference\n"
             "bad = [m for m in ('torchtext', 'jax', 'torch', 'flax') if m in sys.modules]\n"
             "assert not bad, bad")

@@ -7,12 +7,13 @@ import signal
 import numpy as np
 import pytest
 
-from flax_gpt import loop, precision
+from flax_gpt import precision
+from flax_gpt.core import loop
 from flax_gpt.cli import make_backend
-from flax_gpt.config import GPTConfig
-from flax_gpt.data import TokenDataset
-from flax_gpt.errors import CheckpointError
-from flax_gpt.hparams import TrainConfig, learning_rates
+from flax_gpt.core.config import GPTConfig
+from flax_gpt.core.data import TokenDataset
+from flax_gpt.core.errors import CheckpointError
+from flax_gpt.core.hparams import TrainConfig, learning_rates
 from flax_gpt.prepare import prepare
 from tests.conftest import run_cli
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flax_gpt import weights
-from flax_gpt.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
+from flax_gpt.core import weights
+from flax_gpt.core.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
                              positional_encoding)
-from flax_gpt.data import IGNORE_INDEX
+from flax_gpt.core.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
 
@@ -131,7 +131,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init(module):
-        """flax_gpt.config's init, the same in both frameworks: N(0, 0.02) Linear weights,
+        """flax_gpt.core.config's init, the same in both frameworks: N(0, 0.02) Linear weights,
         zero biases, N(0, 1) embeddings, LayerNorm ones/zeros (PyTorch's default already)."""
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=EMBED_INIT_STD)

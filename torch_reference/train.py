@@ -8,10 +8,11 @@ the norm), and gradient accumulation by repeated backward() of loss / grad_accum
 import numpy as np
 import torch
 
-from flax_gpt import precision, weights
-from flax_gpt.errors import CheckpointError
-from flax_gpt.hparams import learning_rates
-from flax_gpt.loop import WEIGHTS
+from flax_gpt import precision
+from flax_gpt.core import weights
+from flax_gpt.core.errors import CheckpointError
+from flax_gpt.core.hparams import learning_rates
+from flax_gpt.core.loop import WEIGHTS
 from torch_reference.model import GPT, cross_entropy, state_dict_to_canonical
 
 OPTIMIZER = "optimizer.pt"
@@ -70,7 +71,7 @@ def eval_loss(model, x, y, *, precision_name="highest"):
 
 
 class TorchBackend:
-    """The PyTorch side of flax_gpt.loop.train: model, TrainStep, checkpoint I/O."""
+    """The PyTorch side of flax_gpt.core.loop.train: model, TrainStep, checkpoint I/O."""
 
     name = "torch"
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flax_gpt.data import make_batch
-from flax_gpt.errors import CheckpointError, DatasetError
-from flax_gpt.fileutil import atomic_dir, atomic_file
+from flax_gpt.core.data import make_batch
+from flax_gpt.core.errors import CheckpointError, DatasetError
+from flax_gpt.core.files import atomic_dir, atomic_file
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flax_gpt.errors import DatasetError
+from flax_gpt.core.errors import DatasetError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

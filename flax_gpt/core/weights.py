@@ -19,9 +19,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_bytes
 from safetensors.numpy import save as save_bytes
 
-from flax_gpt.config import ConfigError, GPTConfig
-from flax_gpt.errors import WeightsError
-from flax_gpt.fileutil import atomic_file
+from flax_gpt.core.config import ConfigError, GPTConfig
+from flax_gpt.core.errors import WeightsError
+from flax_gpt.core.files import atomic_file
 
 DTYPE = np.float32
 

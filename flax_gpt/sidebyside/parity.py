@@ -14,9 +14,10 @@ import torch
 from flax import nnx
 
 from flax_gpt import model as flax_model
-from flax_gpt import precision, weights
-from flax_gpt.data import IGNORE_INDEX
-from flax_gpt.hparams import TrainConfig
+from flax_gpt import precision
+from flax_gpt.core import weights
+from flax_gpt.core.data import IGNORE_INDEX
+from flax_gpt.core.hparams import TrainConfig
 from flax_gpt.train import make_train_step, optimizer
 from torch_reference import model as torch_model
 from torch_reference.train import TrainStep
@@ -262,7 +263,7 @@ def compare_training(config, tensors, batches, tc):
 def synthetic_batch(config, batch_size, seq_len, seed=0):
     """Random ids with SPEC labels; the last row's labels are all -100 when batch_size > 1
     (a fully ignored row must not change the mean)."""
-    from flax_gpt.data import IGNORE_INDEX, make_batch
+    from flax_gpt.core.data import IGNORE_INDEX, make_batch
 
     rng = np.random.default_rng(seed)
     x, y = make_batch(rng.integers(0, config.vocab_size, (batch_size, seq_len)))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flax_gpt.errors import FlaxGPTError
+from flax_gpt.core.errors import FlaxGPTError
 
 
 class ConfigError(FlaxGPTError, ValueError):

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from flax_gpt.hparams import TrainConfig
+from flax_gpt.core.hparams import TrainConfig
 
 VARIANTS = ("flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32",
             "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "torch-compile-bf16")
@@ -270,8 +270,9 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     given, gets the report so far after each round but the last (`complete` False)."""
     import jax
 
-    from flax_gpt import parity, precision
-    from flax_gpt.data import make_batch
+    from flax_gpt import precision
+    from flax_gpt.sidebyside import parity
+    from flax_gpt.core.data import make_batch
 
     record = precision.apply("highest")
     rng = np.random.default_rng(seed)
@@ -381,6 +382,6 @@ def plot(path, reports):
         ax.legend()
         ax.set_title(f"tokens/s against batch size, {reports[0]['device']}")
     fig.tight_layout()
-    from flax_gpt.fileutil import save_figure
+    from flax_gpt.core.files import save_figure
 
     save_figure(fig, path)

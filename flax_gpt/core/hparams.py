@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flax_gpt.config import ConfigError, check_attention
+from flax_gpt.core.config import ConfigError, check_attention
 
 
 @dataclass(frozen=True)
