@@ -1,7 +1,8 @@
 """flax_gpt: a GPT-style language model in JAX/Flax, held numerically equal to a PyTorch twin.
 
-Importing the package imports neither jax nor torch nor torchtext: the framework-free modules
-(`config`, `data`, `weights`) stay light, and the Flax model loads on first use.
+Importing the package imports neither jax nor torch nor torchtext: the framework-free core
+(`flax_gpt.core`) stays light, and the Flax model loads on first use. README's "Layout"
+section says which module holds what.
 """
 
 __version__ = "0.1.0"

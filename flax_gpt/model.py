@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_gpt.core import weights
@@ -172,18 +173,23 @@ def cross_entropy(logits, labels):
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.sum(keep)
 
 
-# ---- canonical weights ----------------------------------------------------------------------
+# ---- canonical weights: the one conversion each way (names and layouts: flax_gpt/core/weights.py)
 
-def set_canonical(model, tensors):
-    """Load canonical tensors (name -> numpy) into `model`'s parameters, bit for bit."""
-    state = nnx.state(model, nnx.Param)
+def set_canonical(target, tensors):
+    """Write canonical tensors (name -> numpy) into a GPT, or into the nnx.State of its
+    Params, bit for bit."""
+    state = nnx.state(target, nnx.Param) if isinstance(target, nnx.Module) else target
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, weights.to_flax(tensors)))
-    nnx.update(model, state)
+    if isinstance(target, nnx.Module):
+        nnx.update(target, state)
 
 
-def canonical(model):
-    """`model`'s parameters as canonical tensors (name -> float32 numpy)."""
-    return weights.from_flax(model.config, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+def canonical(source, config=None):
+    """A GPT's parameters, or an nnx.State of Params (or of their gradients, then with
+    `config`), as canonical tensors (name -> numpy, state_dict order)."""
+    if isinstance(source, nnx.Module):
+        config, source = source.config, nnx.state(source, nnx.Param)
+    return weights.from_flax(config, jax.tree.map(np.asarray, nnx.to_pure_dict(source)))
 
 
 def load(path, *, dtype=jnp.float32):

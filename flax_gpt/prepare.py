@@ -3,7 +3,6 @@
 This is the only module of the project that imports torchtext (SPEC.md, "Data").
 """
 
-import hashlib
 import io
 import json
 import os
@@ -21,7 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 from flax_gpt.core import data  # noqa: E402
 from flax_gpt.core.errors import DatasetError  # noqa: E402
-from flax_gpt.core.files import atomic_dir  # noqa: E402
+from flax_gpt.core.files import atomic_dir, sha256_bytes, sha256_file  # noqa: E402
 
 CORPORA = {
     "tinyshakespeare": {
@@ -44,7 +43,7 @@ def fetch_corpus(name):
     """The bytes of a public corpus, from the cache or downloaded once and checksum-verified."""
     corpus = CORPORA[name]
     path = cache_dir() / corpus["file"]
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == corpus["sha256"]:
+    if path.is_file() and sha256_file(path) == corpus["sha256"]:
         return path.read_bytes()
     try:
         with urllib.request.urlopen(corpus["url"], timeout=30) as response:
@@ -54,7 +53,7 @@ def fetch_corpus(name):
             f"cannot download corpus {name!r} ({getattr(e, 'reason', e)}): with no network, "
             f"pass a local copy with --text-file PATH"
         ) from None
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = sha256_bytes(payload)
     if digest != corpus["sha256"]:
         raise DatasetError(
             f"downloaded {name!r} has sha256 {digest}, expected {corpus['sha256']}: "
@@ -154,16 +153,16 @@ def prepare(sources, out, *, min_freq=1, max_vocab=None, val_fraction=0.1, error
 
     arrays = {"train": ids(train_lines), "val": ids(val_lines)}
     vocab_bytes = "".join(f"{token}\n" for token in itos).encode("utf-8")
-    files = {"vocab": {"name": data.VOCAB_FILE, "sha256": data.sha256_bytes(vocab_bytes)}}
+    files = {"vocab": {"name": data.VOCAB_FILE, "sha256": sha256_bytes(vocab_bytes)}}
     npy = {}
     for split, array in arrays.items():
         npy[split] = _npy_bytes(array)
-        files[split] = {"name": f"{split}.npy", "sha256": data.sha256_bytes(npy[split])}
+        files[split] = {"name": f"{split}.npy", "sha256": sha256_bytes(npy[split])}
 
     manifest = {
         "format_version": data.FORMAT_VERSION,
         "sources": [
-            {"name": name, "bytes": len(payload), "sha256": data.sha256_bytes(payload)}
+            {"name": name, "bytes": len(payload), "sha256": sha256_bytes(payload)}
             for name, payload in sources
         ],
         "tokenizer": "basic_english",

@@ -18,8 +18,8 @@ from flax_gpt import precision
 from flax_gpt.core import weights
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import learning_rates
-from flax_gpt.core.loop import WEIGHTS
-from flax_gpt.model import GPT, cross_entropy, set_canonical
+from flax_gpt.core.runfolder import WEIGHTS
+from flax_gpt.model import GPT, canonical, cross_entropy, set_canonical
 
 OPTIMIZER = "optimizer.safetensors"
 
@@ -100,7 +100,7 @@ class FlaxBackend:
 
     def __init__(self, config, tc, tensors=None):
         self.config, self.tc = config, tc
-        model = GPT(config, rngs=nnx.Rngs(tc.seed), dtype=precision.flax_dtype(tc.precision),
+        model = GPT(config, rngs=nnx.Rngs(tc.seed), dtype=precision.dtype(tc.precision),
                     attention=tc.attention)
         if tensors is not None:
             set_canonical(model, tensors)
@@ -129,7 +129,7 @@ class FlaxBackend:
         return float(eval_loss(self.graphdef, self.params, self.rest, x, y))
 
     def canonical(self):
-        return weights.from_flax(self.config, jax.tree.map(np.asarray, nnx.to_pure_dict(self.params)))
+        return canonical(self.params, self.config)
 
     def save(self, folder):
         weights.save(folder / WEIGHTS, self.config, self.canonical())
@@ -142,7 +142,7 @@ class FlaxBackend:
         if config != self.config:
             raise CheckpointError(f"{folder} holds a model of config {config.to_json()}, "
                                   f"not {self.config.to_json()}")
-        nnx.replace_by_pure_dict(self.params, jax.tree.map(jnp.asarray, weights.to_flax(tensors)))
+        set_canonical(self.params, tensors)
         saved = load_file(str(folder / OPTIMIZER))
         paths, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
         try:

@@ -5,12 +5,13 @@ import functools
 
 import pytest
 
-from flax_gpt import precision
+from flax_gpt.sidebyside.pair import apply_precision
 
-precision.apply("highest")
+apply_precision("highest")  # before anything is compiled: jit caches key on it
 
-from flax_gpt.sidebyside import parity  # noqa: E402  (after the switch: jit caches key on it)
 from flax_gpt.core.config import GPTConfig  # noqa: E402
+from flax_gpt.core.streams import synthetic_batch  # noqa: E402
+from flax_gpt.sidebyside import pair  # noqa: E402
 
 # Odd shapes on purpose: one head, seq_len 1, d_model not a power of two, d_ff not 4*d_model.
 CONFIGS = {
@@ -23,7 +24,12 @@ CONFIGS = {
 
 @functools.cache
 def tensors_for(name, seed=0):
-    return parity.random_weights(CONFIGS[name], seed)
+    return pair.random_weights(CONFIGS[name], seed)
+
+
+def batch(config, batch_size, seq_len, seed=0):
+    """Random ids with SPEC labels; the last row's labels all -100 when batch_size > 1."""
+    return synthetic_batch(config.vocab_size, batch_size, seq_len, seed, ignored_row=True)
 
 
 @pytest.fixture(params=list(CONFIGS), scope="session")

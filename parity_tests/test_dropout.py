@@ -7,28 +7,29 @@ import torch
 from flax import nnx
 
 from flax_gpt import model as flax_model
-from flax_gpt.sidebyside import parity
+from flax_gpt.sidebyside import pair, parity, tolerances
 from flax_gpt.core.config import GPTConfig
+from parity_tests.conftest import batch
 from torch_reference import model as torch_model
 
 RATE = 0.25
 
 
 @pytest.fixture(scope="module")
-def pair():
+def dropout_pair():
     config = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=1, dropout=RATE)
-    return config, parity.build_pair(config, parity.random_weights(config))
+    return config, pair.build_pair(config, pair.random_weights(config))
 
 
-def test_eval_mode_is_deterministic_and_equal(pair):
-    config, (fm, tm) = pair
-    x, y = parity.synthetic_batch(config, 2, config.seq_len)
+def test_eval_mode_is_deterministic_and_equal(dropout_pair):
+    config, (fm, tm) = dropout_pair
+    x, y = batch(config, 2, config.seq_len)
     np.testing.assert_allclose(parity.flax_outputs(fm, x, y)[1], parity.torch_outputs(tm, x, y)[1],
-                               rtol=0, atol=parity.LOGITS_ATOL)
+                               rtol=0, atol=tolerances.LOGITS_ATOL)
 
 
-def test_train_mode_drops_at_the_rate(pair):
-    config, _ = pair
+def test_train_mode_drops_at_the_rate(dropout_pair):
+    config, _ = dropout_pair
     ids = np.random.default_rng(0).integers(0, 64, (64, 16))
     fm = flax_model.GPT(config, rngs=nnx.Rngs(0))
     fm.train()

@@ -7,17 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flax_gpt import model as flax_model
-from flax_gpt.sidebyside import parity
+from flax_gpt.sidebyside import pair, parity, tolerances
 from flax_gpt.core.config import ConfigError
 from flax_gpt.core.data import IGNORE_INDEX
 from flax_gpt.core.hparams import TrainConfig
-from flax_gpt.sidebyside.parity import GRAD_RTOL, LOGITS_ATOL, LOSS_ATOL
-from parity_tests.conftest import CONFIGS, tensors_for
+from flax_gpt.sidebyside.tolerances import GRAD_RTOL, LOGITS_ATOL, LOSS_ATOL
+from parity_tests.conftest import CONFIGS, batch, tensors_for
 from torch_reference import model as torch_model
 
 
 def outputs(name, x, y, attention="explicit"):
-    fm, tm = parity.build_pair(CONFIGS[name], tensors_for(name), attention=attention)
+    fm, tm = pair.build_pair(CONFIGS[name], tensors_for(name), attention=attention)
     return parity.flax_outputs(fm, x, y), parity.torch_outputs(tm, x, y)
 
 
@@ -26,7 +26,7 @@ def assert_gradients_close(grads, reference):
     largest = max(float(np.abs(g).max()) for g in reference.values())
     for name, t in reference.items():
         f = grads[name]
-        if parity.is_inert(name):  # analytically zero: both must be zero up to rounding
+        if tolerances.is_inert(name):  # analytically zero: both must be zero up to rounding
             assert np.abs(f).max() <= GRAD_RTOL * largest and np.abs(t).max() <= GRAD_RTOL * largest
         else:
             np.testing.assert_allclose(f, t, rtol=0, atol=GRAD_RTOL * np.abs(t).max(),
@@ -36,7 +36,7 @@ def assert_gradients_close(grads, reference):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_layers_logits_and_loss(config_name, batch_size):
     config = CONFIGS[config_name]
-    x, y = parity.synthetic_batch(config, batch_size, config.seq_len, seed=batch_size)
+    x, y = batch(config, batch_size, config.seq_len, seed=batch_size)
     (f_loss, f_logits, f_hidden, _), (t_loss, t_logits, t_hidden, _) = outputs(config_name, x, y)
     np.testing.assert_allclose(f_hidden["embed"], t_hidden["embed"], rtol=0, atol=LOGITS_ATOL)
     assert len(f_hidden["layers"]) == len(t_hidden["layers"]) == config.n_layers
@@ -52,7 +52,7 @@ def test_layers_logits_and_loss(config_name, batch_size):
 
 def test_gradients(config_name):
     config = CONFIGS[config_name]
-    x, y = parity.synthetic_batch(config, 3, config.seq_len, seed=7)
+    x, y = batch(config, 3, config.seq_len, seed=7)
     (_, _, _, f_grads), (_, _, _, t_grads) = outputs(config_name, x, y)
     assert_gradients_close(f_grads, t_grads)
 
@@ -61,7 +61,7 @@ def test_fused_attention_is_the_same_function(config_name):
     """jax.nn.dot_product_attention and F.scaled_dot_product_attention against the explicit
     masked softmax of PyTorch: logits, loss and every gradient, in both frameworks."""
     config = CONFIGS[config_name]
-    x, y = parity.synthetic_batch(config, 3, config.seq_len, seed=11)
+    x, y = batch(config, 3, config.seq_len, seed=11)
     flax_explicit, reference = outputs(config_name, x, y)
     for loss, logits, _, grads in (*outputs(config_name, x, y, attention="fused"), flax_explicit):
         np.testing.assert_allclose(logits, reference[1], rtol=0, atol=LOGITS_ATOL)
@@ -71,7 +71,7 @@ def test_fused_attention_is_the_same_function(config_name):
 
 def test_fully_ignored_rows_do_not_change_the_mean():
     config = CONFIGS["tiny"]
-    x, y = parity.synthetic_batch(config, 4, config.seq_len, seed=3)
+    x, y = batch(config, 4, config.seq_len, seed=3)
     y[1] = IGNORE_INDEX  # rows 1 and 3 (synthetic_batch ignores the last) are ignored
     (f_loss, *_), (t_loss, *_) = outputs("tiny", x, y)
     keep = [0, 2]
@@ -83,7 +83,7 @@ def test_fully_ignored_rows_do_not_change_the_mean():
 
 def test_all_ignored_batch_is_nan_in_both():
     config = CONFIGS["tiny"]
-    x, y = parity.synthetic_batch(config, 2, config.seq_len)
+    x, y = batch(config, 2, config.seq_len)
     y[:] = IGNORE_INDEX
     (f_loss, *_), (t_loss, *_) = outputs("tiny", x, y)
     assert np.isnan(f_loss) and np.isnan(t_loss)
@@ -94,7 +94,7 @@ def test_all_ignored_batch_is_nan_in_both():
 def test_property_any_batch_and_length(batch_size, seq_len, seed):
     """Any batch size and any length up to the context: logits and loss agree."""
     config = CONFIGS["tiny"]
-    x, y = parity.synthetic_batch(config, batch_size, seq_len, seed)
+    x, y = batch(config, batch_size, seq_len, seed)
     (f_loss, f_logits, *_), (t_loss, t_logits, *_) = outputs("tiny", x, y)
     np.testing.assert_allclose(f_logits, t_logits, rtol=0, atol=LOGITS_ATOL)
     np.testing.assert_allclose(f_loss, t_loss, rtol=0, atol=LOSS_ATOL, equal_nan=True)
@@ -103,14 +103,14 @@ def test_property_any_batch_and_length(batch_size, seq_len, seed):
 def test_key_bias_cannot_change_the_output():
     """Why key-bias gradients are zero: a shift of b_k moves a whole row of scores."""
     config = CONFIGS["tiny"]
-    x, y = parity.synthetic_batch(config, 2, config.seq_len)
+    x, y = batch(config, 2, config.seq_len)
     shifted = dict(tensors_for("tiny"))
     rng = np.random.default_rng(0)
     for name in shifted:
-        if parity.is_inert(name):
+        if tolerances.is_inert(name):
             shifted[name] = rng.normal(0, 1.0, shifted[name].shape).astype(np.float32)
-    for before, after in zip(parity.build_pair(config, tensors_for("tiny")),
-                             parity.build_pair(config, shifted)):
+    for before, after in zip(pair.build_pair(config, tensors_for("tiny")),
+                             pair.build_pair(config, shifted)):
         is_flax = hasattr(before, "config") and not hasattr(before, "state_dict")
         run = parity.flax_outputs if is_flax else parity.torch_outputs
         np.testing.assert_allclose(run(after, x, y)[1], run(before, x, y)[1], rtol=0, atol=1e-6)
@@ -133,8 +133,8 @@ def test_unknown_or_dropout_fused_attention_is_refused(framework):
 
 def test_too_long_input_is_refused():
     config = CONFIGS["tiny"]
-    fm, tm = parity.build_pair(config, tensors_for("tiny"))
-    x, y = parity.synthetic_batch(config, 1, config.seq_len + 1)
+    fm, tm = pair.build_pair(config, tensors_for("tiny"))
+    x, y = batch(config, 1, config.seq_len + 1)
     with pytest.raises(ValueError, match="exceeds seq_len"):
         parity.flax_outputs(fm, x, y)
     with pytest.raises(ValueError, match="exceeds seq_len"):

@@ -17,7 +17,7 @@ MEAN_RTOL = 0.05  # |mean| below 5% of the std: 4096 draws put it within ~1.6%
 def test_init_statistics_match():
     config = GPTConfig(vocab_size=128, seq_len=8, d_model=64, n_heads=4, n_layers=2)
     torch.manual_seed(0)
-    t = torch_model.state_dict_to_canonical(torch_model.GPT(config))
+    t = torch_model.canonical(torch_model.GPT(config))
     f = flax_model.canonical(flax_model.GPT(config, rngs=nnx.Rngs(0)))
     assert t.keys() == f.keys()
     for name in t:

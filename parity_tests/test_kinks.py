@@ -8,10 +8,10 @@ labels that position reaches are ignored, as the parity suite does.
 import numpy as np
 import torch
 
-from flax_gpt.sidebyside import parity
+from flax_gpt.sidebyside import pair, parity, tolerances
 from flax_gpt.core.data import IGNORE_INDEX
-from flax_gpt.sidebyside.parity import GRAD_RTOL, KINK_ATOL
-from parity_tests.conftest import CONFIGS, tensors_for
+from flax_gpt.sidebyside.tolerances import GRAD_RTOL, KINK_ATOL
+from parity_tests.conftest import CONFIGS, batch, tensors_for
 
 ROW, POSITION, UNIT = 1, 5, 7
 NUDGE = KINK_ATOL / 10  # inside the window, on either side of 0
@@ -20,8 +20,8 @@ NUDGE = KINK_ATOL / 10  # inside the window, on either side of 0
 def model_with_kink(offset):
     """The tiny torch model with layer 0's fc1 unit UNIT at exactly `offset` for (ROW, POSITION)."""
     config = CONFIGS["tiny"]
-    x, y = parity.synthetic_batch(config, 3, config.seq_len, seed=4)
-    _, tm = parity.build_pair(config, tensors_for("tiny"))
+    x, y = batch(config, 3, config.seq_len, seed=4)
+    _, tm = pair.build_pair(config, tensors_for("tiny"))
     h = parity.relu_inputs(tm, x)[0, ROW, POSITION, UNIT]
     with torch.no_grad():
         tm.decoder.layers[0].ffn.fc1.bias[UNIT] -= float(h) - offset
@@ -50,7 +50,7 @@ def test_masked_gradients_do_not_see_the_kink():
     jumps = {}
     for name, labels in (("raw", y), ("masked", masked)):
         g_below, g_above = gradients(below, x, labels), gradients(above, x, labels)
-        jumps[name] = max(parity.max_abs_rel(g_below[n], g_above[n])[1]
-                          for n in g_below if not parity.is_inert(n))
+        jumps[name] = max(tolerances.max_abs_rel(g_below[n], g_above[n])[1]
+                          for n in g_below if not tolerances.is_inert(n))
     assert jumps["raw"] > 100 * GRAD_RTOL, "the kink must show in the raw gradients"
     assert jumps["masked"] < GRAD_RTOL, jumps

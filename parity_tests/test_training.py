@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from flax_gpt.sidebyside import parity
-from flax_gpt.cli import parity_batches
+from flax_gpt.sidebyside import pair, parity, tolerances
+from flax_gpt.sidebyside.parity import parity_batches
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
-from flax_gpt.sidebyside.parity import TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL
+from flax_gpt.sidebyside.tolerances import TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL
 from flax_gpt.prepare import prepare
 
 STEPS = 50
@@ -35,11 +35,11 @@ def test_adamw_run_matches(dataset, shape, grad_accum, grad_clip, attention):
     batches = [tuple(np.concatenate(part) for part in zip(*flat[i:i + grad_accum]))
                for i in range(0, len(flat), grad_accum)]
     assert batches[0][0].shape == (grad_accum, tc.batch_size, config.seq_len)
-    tensors = parity.random_weights(config)
+    tensors = pair.random_weights(config)
     f_losses, t_losses, f_params, t_params = parity.train_both(config, tensors, batches, tc)
     np.testing.assert_allclose(f_losses, t_losses, rtol=0, atol=TRAIN_LOSS_ATOL)
     assert np.mean(t_losses[-5:]) < np.mean(t_losses[:5]) - 0.5, "the run must actually learn"
     for name in t_params:
-        if not parity.is_inert(name):
+        if not tolerances.is_inert(name):
             np.testing.assert_allclose(f_params[name], t_params[name], rtol=0,
                                        atol=TRAIN_PARAM_ATOL, err_msg=name)

@@ -10,10 +10,10 @@ from flax import nnx
 import flax_gpt
 import torch_reference
 from flax_gpt import model as flax_model
-from flax_gpt.sidebyside import parity
+from flax_gpt.sidebyside import parity, tolerances
 from flax_gpt.core import weights
 from flax_gpt.core.errors import WeightsError
-from parity_tests.conftest import CONFIGS, tensors_for
+from parity_tests.conftest import CONFIGS, batch, tensors_for
 from torch_reference import model as torch_model
 
 
@@ -32,7 +32,7 @@ def test_torch_file_flax_file_torch_is_bit_exact(config_name, tmp_path):
     fm = flax_gpt.load(tmp_path / "a.safetensors")
     flax_gpt.save(fm, tmp_path / "b.safetensors")
     back = torch_reference.load(tmp_path / "b.safetensors")
-    assert_bit_equal(torch_model.state_dict_to_canonical(back), torch_model.state_dict_to_canonical(tm))
+    assert_bit_equal(torch_model.canonical(back), torch_model.canonical(tm))
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
@@ -49,9 +49,9 @@ def test_loaded_models_agree(tmp_path):
     config = CONFIGS["d36-3heads"]
     weights.save(tmp_path / "w.safetensors", config, tensors_for("d36-3heads"))
     fm, tm = flax_gpt.load(tmp_path / "w.safetensors"), torch_reference.load(tmp_path / "w.safetensors")
-    x, y = parity.synthetic_batch(config, 2, config.seq_len)
+    x, y = batch(config, 2, config.seq_len)
     np.testing.assert_allclose(parity.flax_outputs(fm, x, y)[1], parity.torch_outputs(tm, x, y)[1],
-                               rtol=0, atol=parity.LOGITS_ATOL)
+                               rtol=0, atol=tolerances.LOGITS_ATOL)
 
 
 def test_canonical_names_are_the_torch_state_dict():

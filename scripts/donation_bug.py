@@ -13,22 +13,22 @@ import numpy as np
 import torch
 from flax import nnx
 
-from flax_gpt import precision
-from flax_gpt.sidebyside import parity
+from flax_gpt.core.streams import synthetic_batch
+from flax_gpt.sidebyside import pair, parity
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.train import make_train_step, optimizer
 from torch_reference.train import TrainStep
 
 
 def main():
-    precision.apply("highest")
+    pair.apply_precision("highest")
     config = GPTConfig.preset("small", vocab_size=2048)
-    tensors = parity.random_weights(config)
-    batches = [parity.synthetic_batch(config, 4, config.seq_len, seed=i) for i in range(2)]
+    tensors = pair.random_weights(config)
+    batches = [synthetic_batch(config.vocab_size, 4, config.seq_len, i, ignored_row=True) for i in range(2)]
     batches = [(x[None], y[None]) for x, y in batches]
     tc = parity.default_train_config().replace(steps=2, grad_clip=1.0)
     for donate in ((), (0, 1)):
-        fm, tm = parity.build_pair(config, tensors)
+        fm, tm = pair.build_pair(config, tensors)
         graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
         tx = optimizer(tc)
         opt_state = tx.init(params)

@@ -99,7 +99,7 @@ def test_compare_command(tmp_path, shakespeare):
 
 
 def test_nudged_moves_every_weight_one_ulp():
-    from flax_gpt.sidebyside.parity import nudged
+    from flax_gpt.sidebyside.pair import nudged
 
     tensors = {"a": np.array([0.0, -1.5, 3e-8, 1e30], np.float32), "b": np.ones((2, 3), np.float32)}
     moved = nudged(tensors)

@@ -9,7 +9,7 @@ import pytest
 
 from flax_gpt import precision
 from flax_gpt.core import loop
-from flax_gpt.cli import make_backend
+from flax_gpt.experiments import backend as make_backend
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import CheckpointError

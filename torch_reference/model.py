@@ -156,9 +156,16 @@ def cross_entropy(logits, labels):
                            labels.reshape(-1).long(), ignore_index=IGNORE_INDEX)
 
 
-# ---- canonical weights ----------------------------------------------------------------------
+# ---- canonical weights: the one conversion each way (names and layouts: flax_gpt/core/weights.py)
 
-def state_dict_to_canonical(model):
+def set_canonical(model, tensors):
+    """Write canonical tensors (name -> numpy) into `model`, bit for bit: its state_dict
+    names and layouts are the canonical ones."""
+    model.load_state_dict({name: torch.from_numpy(np.array(t)) for name, t in tensors.items()})
+
+
+def canonical(model):
+    """`model`'s parameters as canonical tensors (name -> numpy, state_dict order)."""
     return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
 
 
@@ -166,10 +173,10 @@ def load(path, *, device="cpu"):
     """A ready model (eval mode) from a canonical weights file alone."""
     config, tensors = weights.load(path)
     model = GPT(config)
-    model.load_state_dict({name: torch.from_numpy(np.array(t)) for name, t in tensors.items()})
+    set_canonical(model, tensors)
     return model.to(device).eval()
 
 
 def save(model, path):
     """Write `model`'s parameters and config as a canonical weights file."""
-    weights.save(path, model.config, state_dict_to_canonical(model))
+    weights.save(path, model.config, canonical(model))

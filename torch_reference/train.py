@@ -8,12 +8,12 @@ the norm), and gradient accumulation by repeated backward() of loss / grad_accum
 import numpy as np
 import torch
 
-from flax_gpt import precision
 from flax_gpt.core import weights
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import learning_rates
-from flax_gpt.core.loop import WEIGHTS
-from torch_reference.model import GPT, cross_entropy, state_dict_to_canonical
+from flax_gpt.core.runfolder import WEIGHTS
+from torch_reference import precision
+from torch_reference.model import GPT, canonical, cross_entropy, set_canonical
 
 OPTIMIZER = "optimizer.pt"
 
@@ -40,7 +40,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         for i in range(len(x)):
-            with precision.torch_autocast(tc.precision, self.device.type):
+            with precision.autocast(tc.precision, self.device.type):
                 micro = cross_entropy(self.model(x[i]), y[i]) / len(x)
             micro.backward()
             loss += micro.detach()
@@ -66,7 +66,7 @@ def global_norm(tensors):
 @torch.no_grad()
 def eval_loss(model, x, y, *, precision_name="highest"):
     model.eval()
-    with precision.torch_autocast(precision_name, next(model.parameters()).device.type):
+    with precision.autocast(precision_name, next(model.parameters()).device.type):
         return cross_entropy(model(x), y)
 
 
@@ -80,7 +80,7 @@ class TorchBackend:
         torch.manual_seed(tc.seed)
         self.model = GPT(config, attention=tc.attention)
         if tensors is not None:
-            self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+            set_canonical(self.model, tensors)
         self.model.to(self.device)
         self.train_step = TrainStep(self.model, tc, device=device)
 
@@ -102,7 +102,7 @@ class TorchBackend:
                                precision_name=self.tc.precision))
 
     def canonical(self):
-        return state_dict_to_canonical(self.model)
+        return canonical(self.model)
 
     def save(self, folder):
         weights.save(folder / WEIGHTS, self.config, self.canonical())
@@ -113,7 +113,7 @@ class TorchBackend:
         if config != self.config:
             raise CheckpointError(f"{folder} holds a model of config {config.to_json()}, "
                                   f"not {self.config.to_json()}")
-        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+        set_canonical(self.model, tensors)
         try:
             state = torch.load(folder / OPTIMIZER, map_location=self.device, weights_only=True)
             self.train_step.optimizer.load_state_dict(state)

@@ -11,7 +11,6 @@ Batches follow SPEC.md: the token stream is cut into rows of `seq_len` tokens, `
 `(batch_size, seq_len)` block of rows, `y[:, :-1] = x[:, 1:]` and `y[:, -1] = -100`.
 """
 
-import hashlib
 import io
 import json
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flax_gpt.core.errors import DatasetError
+from flax_gpt.core.files import sha256_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,10 +63,6 @@ def id_dtype(vocab_size):
         if vocab_size - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     raise DatasetError(f"vocabulary of {vocab_size} tokens is too large for uint32 ids")
-
-
-def sha256_bytes(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def make_batch(rows):

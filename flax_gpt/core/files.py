@@ -1,6 +1,9 @@
-"""Atomic writes: a crash leaves either the old file (or folder) or the new one, never half."""
+"""File helpers: atomic writes (a crash leaves either the old file or folder or the new one,
+never half), JSON, checksums and PNG figures."""
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -53,6 +56,23 @@ def atomic_dir(path, force=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json(path, payload):
+    """`payload` as indented, key-sorted JSON, atomically; the parent folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path):
+    return sha256_bytes(Path(path).read_bytes())
 
 
 def save_figure(fig, path, dpi=110):

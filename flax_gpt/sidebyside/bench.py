@@ -23,14 +23,19 @@ drift moves numerator and denominator together.
 """
 
 import functools
+import os
 import platform
-import sys
 import statistics
+import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from flax_gpt.core.errors import FlaxGPTError
+from flax_gpt.core.files import save_figure, write_json
 from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.core.streams import synthetic_batch
 
 VARIANTS = ("flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32",
             "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "torch-compile-bf16")
@@ -270,15 +275,12 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     given, gets the report so far after each round but the last (`complete` False)."""
     import jax
 
-    from flax_gpt import precision
-    from flax_gpt.sidebyside import parity
-    from flax_gpt.core.data import make_batch
+    from flax_gpt.sidebyside.pair import apply_precision, environment, random_weights
 
-    record = precision.apply("highest")
-    rng = np.random.default_rng(seed)
-    x, y = make_batch(rng.integers(0, config.vocab_size, (batch_size, config.seq_len)))
+    record = apply_precision("highest")
+    x, y = synthetic_batch(config.vocab_size, batch_size, config.seq_len, seed)
     x, y = x[None], y[None]  # (1, B, T): one micro-batch
-    tensors = parity.random_weights(config, seed)
+    tensors = random_weights(config, seed)
     tc = TrainConfig(steps=10_000, batch_size=batch_size, warmup_steps=10, attention=attention)
     on_gpu = jax.default_backend() == "gpu"
     device_name = jax.devices()[0].device_kind if on_gpu else platform.processor() or "cpu"
@@ -325,7 +327,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 "device": device_name, "torch_device": device,
                 "speedup_of": next(iter(built), None),
                 "results": [{"variant": name, **results[name]} for name in variants],
-                "xla_flags": _xla_flags(), **parity.environment(record)}
+                "xla_flags": _xla_flags(), **environment(record)}
 
     for r in range(rounds):
         print(f"  round {r + 1}/{rounds}: {steps} steps of each", file=sys.stderr, flush=True)
@@ -342,9 +344,69 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     return report(rounds)
 
 
-def _xla_flags():
-    import os
+def select_variants(variants, skip=()):
+    """The variants to run, each once and in order: `variants` less `skip`; an unknown name is
+    refused."""
+    unknown = sorted((set(variants) | set(skip)) - set(VARIANTS))
+    if unknown:
+        raise FlaxGPTError(f"unknown variant(s) {', '.join(unknown)}: choose from "
+                           f"{', '.join(VARIANTS)}")
+    return [v for v in dict.fromkeys(variants) if v not in set(skip)]
 
+
+@dataclass
+class BenchResult:
+    """One report per batch size (see `bench`); `complete` is False while rounds remain."""
+
+    batch_sizes: list
+    reports: list = field(default_factory=list)
+
+    @property
+    def complete(self):
+        return len(self.reports) == len(self.batch_sizes) and all(r["complete"] for r in self.reports)
+
+    def to_dict(self):
+        if len(self.batch_sizes) == 1:
+            return self.reports[0]
+        return {"sweep": self.reports, "batch_sizes": self.batch_sizes, "complete": self.complete}
+
+
+def run(config, *, batch_sizes, variants=VARIANTS, skip=(), warmup=10, steps=20, rounds=1,
+        device=None, attention="fused", pad=True, json_path=None, on_report=None):
+    """`bench` at each of `batch_sizes`, one after another. `pad` rounds the vocabulary up to
+    a multiple of 64; `device` is PyTorch's (default: cuda if available). With `json_path`,
+    the result is rewritten after every round, so a run stopped part-way keeps what it
+    measured. `on_report(report)` gets each batch size's report when it is done."""
+    # JAX would otherwise take 75% of a GPU up front, leaving PyTorch's variants a quarter
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    variants = select_variants(variants, skip)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise FlaxGPTError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if pad:
+        config = config.replace(vocab_size=pad_vocab(config.vocab_size))
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = BenchResult(list(batch_sizes))
+
+    def save(partial=None):
+        if json_path:
+            write_json(json_path, BenchResult(result.batch_sizes,
+                                              result.reports + ([partial] if partial else [])).to_dict())
+
+    for size in batch_sizes:
+        print(f"batch {size} x {config.seq_len}, config {config.to_json()}", file=sys.stderr)
+        report = bench(config, batch_size=size, variants=variants, warmup=warmup, steps=steps,
+                       rounds=rounds, device=device, attention=attention, on_round=save)
+        result.reports.append(report)
+        save()
+        if on_report:
+            on_report(report)
+    return result
+
+
+def _xla_flags():
     return os.environ.get("XLA_FLAGS", "")
 
 
@@ -382,6 +444,4 @@ def plot(path, reports):
         ax.legend()
         ax.set_title(f"tokens/s against batch size, {reports[0]['device']}")
     fig.tight_layout()
-    from flax_gpt.core.files import save_figure
-
     save_figure(fig, path)

@@ -1,11 +1,12 @@
 """Flax against PyTorch from one set of weights: the figures behind `flax-gpt parity` and
-the parity suite. Each function returns plain numpy, so callers decide what to assert.
+the parity suite. `run` is the experiment; the other functions return plain numpy, so
+callers decide what to assert.
 """
 
+import dataclasses
 import functools
-import importlib.metadata
-import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,94 +15,19 @@ import torch
 from flax import nnx
 
 from flax_gpt import model as flax_model
-from flax_gpt import precision
 from flax_gpt.core import weights
-from flax_gpt.core.data import IGNORE_INDEX
+from flax_gpt.core.data import IGNORE_INDEX, TokenDataset
+from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.core.streams import synthetic_batch
+from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment, random_weights
+from flax_gpt.sidebyside.tolerances import (GRAD_RTOL, KINK_ATOL, LOGITS_ATOL, LOSS_ATOL,
+                                            TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL, Row, is_inert,
+                                            judged, max_abs_rel)
 from flax_gpt.train import make_train_step, optimizer
 from torch_reference import model as torch_model
+from torch_reference import precision as torch_precision
 from torch_reference.train import TrainStep
-
-# float32 tolerances (SPEC.md, issue 3): any difference above these is a bug, not noise.
-LOGITS_ATOL = 1e-5  # logits and every layer's output, max |diff|
-LOSS_ATOL = 1e-6
-GRAD_RTOL = 1e-5  # max |diff| / max |value|, per parameter tensor
-TRAIN_LOSS_ATOL = 1e-5  # every step of a short AdamW run
-TRAIN_PARAM_ATOL = 1e-4  # every parameter after it
-
-# The key bias never changes the output: q . (k_j + b) = q . k_j + q . b adds the same number to
-# a whole row of scores, and softmax ignores it. Its gradient is exactly zero in exact
-# arithmetic, so both frameworks return rounding noise (~1e-13) whose relative difference is
-# meaningless, and AdamW, which divides by sqrt(v), turns that noise into full-size steps of
-# random sign. These tensors are judged by being zero, not by agreeing (parity_tests prove
-# the invariance).
-INERT_SUFFIX = ".mhma.k.bias"
-
-# ReLU's derivative jumps at 0. An input within rounding of 0 (the two frameworks agree on
-# pre-activations to ~1e-6) may land on opposite sides, and the gradients then truly differ
-# by that unit's whole contribution: on the `small` preset, an input of 3e-8 made one row of
-# fc1's gradient differ by 2e-5. Gradient and training parity give such kinks zero weight
-# (see kink_free_labels) instead of loosening tolerances.
-KINK_ATOL = LOGITS_ATOL
-
-
-def is_inert(name):
-    return name.endswith(INERT_SUFFIX)
-
-
-@dataclass
-class Row:
-    quantity: str
-    max_abs: float
-    max_rel: float
-    tolerance: float | None  # None: reported, not judged (bf16)
-    passed: bool | None
-    note: str = ""
-
-
-def judged(quantity, diff_abs, diff_rel, tolerance, measure, note=""):
-    return Row(quantity, float(diff_abs), float(diff_rel), tolerance,
-               bool(measure <= tolerance), note)
-
-
-def max_abs_rel(a, b):
-    """max |a - b|, and the same divided by max |b| (b is the PyTorch reference).
-
-    NaN in both at the same place is equal (the mean over zero kept labels is NaN in both
-    frameworks); NaN in one only is an infinite difference.
-    """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    both_nan = np.isnan(a) & np.isnan(b)
-    diff = np.where(both_nan, 0.0, np.abs(a - b))
-    diff = float(np.max(np.nan_to_num(diff, nan=np.inf))) if a.size else 0.0
-    scale = float(np.max(np.abs(np.where(both_nan, 0.0, b)))) if b.size else 0.0
-    return diff, diff / scale if scale else diff
-
-
-# ---- the two models from one set of weights ---------------------------------------------------
-
-def build_pair(config, tensors, precision_name="highest", attention="explicit"):
-    """(flax model, torch model), both in eval mode, holding exactly `tensors`."""
-    fm = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=precision.flax_dtype(precision_name),
-                        attention=attention)
-    flax_model.set_canonical(fm, tensors)
-    fm.eval()
-    tm = torch_model.GPT(config, attention=attention)
-    tm.load_state_dict({name: torch.from_numpy(np.array(t)) for name, t in tensors.items()})
-    tm.eval()
-    return fm, tm
-
-
-def random_weights(config, seed=0):
-    """Canonical tensors of a freshly initialised PyTorch model (the documented init)."""
-    torch.manual_seed(seed)
-    return torch_model.state_dict_to_canonical(torch_model.GPT(config))
-
-
-def nudged(tensors):
-    """Every weight moved one ulp toward +inf: the smallest change float32 can make, and the
-    size of the rounding differences two correct implementations leave after one step."""
-    return {name: np.nextafter(t, np.float32(np.inf)) for name, t in tensors.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -122,12 +48,12 @@ def flax_outputs(fm, ids, labels):
                                                 jnp.asarray(labels))
     to_np = functools.partial(jax.tree.map, lambda t: np.asarray(t, np.float32))
     return (float(loss), to_np(logits), to_np(hidden),
-            weights.from_flax(fm.config, to_np(nnx.to_pure_dict(grads))))
+            flax_model.canonical(grads, fm.config))
 
 
 def torch_outputs(tm, ids, labels, precision_name="highest"):
     tm.zero_grad(set_to_none=True)
-    with precision.torch_autocast(precision_name):
+    with torch_precision.autocast(precision_name):
         logits, hidden = tm(torch.from_numpy(np.asarray(ids)).long(), return_hidden=True)
         loss = torch_model.cross_entropy(logits, torch.from_numpy(np.asarray(labels)).long())
     loss.backward()
@@ -235,10 +161,9 @@ def train_both(config, tensors, batches, tc):
                                           jax.random.fold_in(key, i))
         f_losses.append(metrics["loss"])
         t_losses.append(torch_step(i, torch.from_numpy(x).long(), torch.from_numpy(y).long())["loss"])
-    f_params = weights.from_flax(config, jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
     return (np.asarray(jax.device_get(f_losses), np.float64),
-            np.asarray([float(t) for t in t_losses]), f_params,
-            torch_model.state_dict_to_canonical(tm))
+            np.asarray([float(t) for t in t_losses]), flax_model.canonical(params, config),
+            torch_model.canonical(tm))
 
 
 def compare_training(config, tensors, batches, tc):
@@ -260,37 +185,82 @@ def compare_training(config, tensors, batches, tc):
     return rows
 
 
-def synthetic_batch(config, batch_size, seq_len, seed=0):
-    """Random ids with SPEC labels; the last row's labels are all -100 when batch_size > 1
-    (a fully ignored row must not change the mean)."""
-    from flax_gpt.core.data import IGNORE_INDEX, make_batch
-
-    rng = np.random.default_rng(seed)
-    x, y = make_batch(rng.integers(0, config.vocab_size, (batch_size, seq_len)))
-    if batch_size > 1:
-        y[-1] = IGNORE_INDEX
-    return x, y
-
-
-def environment(precision_record):
-    """Versions, device and precision: what every parity or benchmark result records."""
-    import flax
-    import optax
-
-    return {
-        **precision_record,
-        "jax_device": str(jax.devices()[0].device_kind),
-        "jax_backend": jax.default_backend(),
-        "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "jaxlib": importlib.metadata.version("jaxlib"),
-                     "flax": flax.__version__, "optax": optax.__version__,
-                     "torch": torch.__version__, "numpy": np.__version__},
-        "machine": platform.machine(), "platform": platform.platform(),
-    }
-
-
 def default_train_config(precision_name="highest", attention="explicit"):
     """The short AdamW run of the parity suite: real hyperparameters, warmup then cosine."""
     return TrainConfig(steps=50, batch_size=4, lr=1e-3, warmup_steps=5, weight_decay=0.1,
                        grad_clip=1.0, precision=precision_name, attention=attention)
+
+
+def parity_batches(config, dataset, batch_size, seq_len, n, seed):
+    """n batches of shape (1, B, T): from the dataset (shuffled rows) or random tokens."""
+    if dataset is None:
+        return [tuple(a[None] for a in synthetic_batch(config.vocab_size, batch_size, seq_len,
+                                                       seed + i, ignored_row=True))
+                for i in range(n)]
+    out, epoch = [], 0
+    while len(out) < n:
+        out += [(x[None], y[None]) for x, y in
+                dataset.batches("train", batch_size, seq_len, shuffle=True, seed=seed, epoch=epoch)]
+        epoch += 1
+    return out[:n]
+
+
+# ---- the experiment ------------------------------------------------------------------------
+
+@dataclass
+class ParityResult:
+    """What `flax-gpt parity` prints and `--json` writes."""
+
+    config: dict
+    attention: str
+    batch_size: int
+    train_steps: int
+    data: str
+    rows: list  # of Row
+    environment: dict  # versions, devices, precision: merged into the JSON's top level
+
+    @property
+    def failed(self):
+        return [r.quantity for r in self.rows if r.passed is False]
+
+    @property
+    def passed(self):
+        return not self.failed
+
+    def to_dict(self):
+        return {"config": self.config, "attention": self.attention, "batch_size": self.batch_size,
+                "train_steps": self.train_steps, "data": self.data,
+                "rows": [dataclasses.asdict(r) for r in self.rows], "passed": self.passed,
+                **self.environment}
+
+
+def run(config=None, *, weights_path=None, data=None, precision="highest", attention="explicit",
+        batch_size=4, train_steps=50, lr=None, seed=0):
+    """Compare Flax and PyTorch from one set of weights: every layer's output, the logits, the
+    loss and every gradient on one batch, then `train_steps` AdamW steps on the same batches.
+
+    The weights come from `weights_path` (a canonical file) or a seeded PyTorch init of
+    `config`; batches from the dataset folder `data` or random tokens. Returns a ParityResult.
+    """
+    record = apply_precision(precision)  # before the frameworks build anything
+    dataset = TokenDataset.load(data) if data else None
+    if weights_path:
+        config, tensors = weights.load(weights_path)
+        if dataset and dataset.vocab_size != config.vocab_size:
+            raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens but the weights' "
+                               f"vocabulary is {config.vocab_size}: use the dataset they were "
+                               f"trained on")
+    else:
+        if dataset:
+            config = config.replace(vocab_size=dataset.vocab_size)
+        tensors = random_weights(config, seed)
+    batches = parity_batches(config, dataset, batch_size, config.seq_len, max(train_steps, 1), seed)
+    fm, tm = build_pair(config, tensors, precision, attention)
+    x, y = batches[0]
+    rows = compare_forward(fm, tm, x[0], y[0], precision)
+    if train_steps:
+        tc = default_train_config(precision, attention).replace(
+            steps=train_steps, batch_size=batch_size, seed=seed, lr=lr)
+        rows += compare_training(config, tensors, batches[:train_steps], tc)
+    return ParityResult(config.to_dict(), attention, batch_size, train_steps,
+                        str(Path(data)) if data else "random", rows, environment(record))

@@ -1,0 +1,135 @@
+"""`flax-gpt compare`: the Flax and the PyTorch trainer from one initialisation on identical
+batches, and (optionally) PyTorch against itself from weights one ulp away, the noise floor
+under the gap.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flax_gpt import experiments
+from flax_gpt.core import loop
+from flax_gpt.core.errors import FlaxGPTError
+from flax_gpt.core.files import save_figure, write_json
+from flax_gpt.sidebyside.pair import apply_precision, environment, nudged, random_weights
+
+NUDGED = "torch-1ulp"
+GAP_BAR = 1e-4  # the |loss diff| the report dates the first crossing of (issue 4's bar)
+REPORT = "report.json"
+PLOT = "loss.png"
+
+
+@dataclass
+class CompareResult:
+    out: Path
+    report: dict  # what REPORT_DIR/report.json holds
+
+    @property
+    def report_path(self):
+        return self.out / REPORT
+
+    @property
+    def plot_path(self):
+        return self.out / PLOT
+
+    def to_dict(self):
+        return self.report
+
+
+def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, device="cpu",
+        log_every=10, eval_every=100, eval_batches=20):
+    """Train Flax and PyTorch from one seeded init on identical batches; write
+    `out`/report.json (per-step losses, differences, val losses, tokens/s, versions, device,
+    precision) and `out`/loss.png. Returns a CompareResult."""
+    out = Path(out)
+    record = apply_precision(tc.precision)
+    config, stream = experiments.make_stream(config, tc, data=data, synthetic=synthetic)
+    if out.exists() and any(out.iterdir()):
+        raise FlaxGPTError(f"report folder {out} already exists: choose another --out")
+    tensors = random_weights(config, tc.seed)
+    runs = [("flax", "flax", tensors), ("torch", "torch", tensors)]
+    if noise_floor:
+        runs.append((NUDGED, "torch", nudged(tensors)))
+    results = {}
+    for label, framework, init in runs:
+        print(f"training {label} ...", file=sys.stderr)
+        trainer = experiments.backend(framework, config, tc, init, device=device)
+        start = time.perf_counter()
+        history = loop.train(trainer, stream, out / label, log_every=log_every,
+                             eval_every=eval_every, eval_batches=eval_batches)
+        steps = [h for h in history if "loss" in h]
+        results[label] = {
+            "seconds": time.perf_counter() - start,
+            "loss": [h["loss"] for h in steps],
+            "tokens_per_s": float(np.median([h["tokens_per_s"] for h in steps[1:] or steps])),
+            "val": [{"step": h["step"], "val_loss": h["val_loss"]} for h in history if "val_loss" in h],
+        }
+    losses = {label: np.asarray(r["loss"]) for label, r in results.items()}
+    diff = np.abs(losses["flax"] - losses["torch"])
+    unigram = unigram_loss(stream)
+    report = {"config": config.to_dict(), "train": tc.to_dict(), "data": stream.reference,
+              "unigram_baseline_loss": unigram, "steps": len(diff),
+              "max_abs_loss_diff": float(diff.max()), "final_abs_loss_diff": float(diff[-1]),
+              "gap_bar": GAP_BAR, "first_step_above": first_above(diff, GAP_BAR),
+              "frameworks": results, **environment(record)}
+    floor = None
+    if noise_floor:
+        floor = np.abs(losses["torch"] - losses[NUDGED])
+        report["noise_floor"] = {
+            "what": "|loss diff| of PyTorch against PyTorch from every weight moved one ulp",
+            "loss_diff": floor.tolist(), "max_abs_loss_diff": float(floor.max()),
+            "final_abs_loss_diff": float(floor[-1]),
+            "first_step_above": first_above(floor, GAP_BAR)}
+    result = CompareResult(out, report)
+    write_json(result.report_path, report)
+    plot(result.plot_path, results, diff, unigram, floor)
+    return result
+
+
+def first_above(diff, threshold):
+    """1-based step of the first |loss diff| above threshold, or None."""
+    above = (diff > threshold).nonzero()[0]
+    return int(above[0]) + 1 if len(above) else None
+
+
+def unigram_loss(stream):
+    """Cross-entropy of the training split's unigram distribution on the validation split:
+    the loss a model that ignores context would reach."""
+    if not hasattr(stream, "dataset"):
+        return float(np.log(stream.vocab_size))
+    counts = np.bincount(stream.dataset.train, minlength=stream.vocab_size).astype(np.float64)
+    p = (counts + 1) / (counts.sum() + stream.vocab_size)  # add-one: unseen ids stay finite
+    return float(-np.mean(np.log(p[stream.dataset.val])))
+
+
+def plot(path, results, diff, unigram, floor=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1]})
+    steps = range(1, len(diff) + 1)
+    for name, style in (("flax", "-"), ("torch", "--")):
+        top.plot(steps, results[name]["loss"], style, label=f"{name} train")
+        val = results[name]["val"]
+        if val:
+            top.plot([v["step"] for v in val], [v["val_loss"] for v in val], style, marker="o",
+                     label=f"{name} val")
+    top.axhline(unigram, color="gray", lw=0.8, ls=":", label="unigram baseline")
+    top.set_ylabel("loss")
+    top.legend()
+    top.set_title("Flax vs PyTorch from one initialisation, identical batches")
+    bottom.semilogy(steps, np.maximum(diff, 1e-9), color="C3", label="flax - torch")
+    if floor is not None:
+        bottom.semilogy(steps, np.maximum(floor, 1e-9), color="gray", lw=0.8,
+                        label="torch - torch from one ulp away")
+        bottom.legend()
+    bottom.set_ylabel("|loss diff|")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    save_figure(fig, path)

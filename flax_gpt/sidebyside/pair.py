@@ -1,0 +1,64 @@
+"""The two frameworks set up alike: one precision for both, both models from one set of
+weights, the seeded initial weights, and the environment every side-by-side result records.
+"""
+
+import importlib.metadata
+import platform
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+from flax_gpt import model as flax_model
+from flax_gpt import precision as flax_precision
+from torch_reference import model as torch_model
+from torch_reference import precision as torch_precision
+
+
+def apply_precision(name):
+    """Set both frameworks to precision `name` (before either builds anything); return the
+    record of what was set."""
+    return {**flax_precision.apply(name), **torch_precision.apply(name)}
+
+
+def build_pair(config, tensors, precision_name="highest", attention="explicit"):
+    """(flax model, torch model), both in eval mode, holding exactly `tensors`."""
+    fm = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=flax_precision.dtype(precision_name),
+                        attention=attention)
+    flax_model.set_canonical(fm, tensors)
+    fm.eval()
+    tm = torch_model.GPT(config, attention=attention)
+    torch_model.set_canonical(tm, tensors)
+    tm.eval()
+    return fm, tm
+
+
+def random_weights(config, seed=0):
+    """Canonical tensors of a freshly initialised PyTorch model (the documented init)."""
+    torch.manual_seed(seed)
+    return torch_model.canonical(torch_model.GPT(config))
+
+
+def nudged(tensors):
+    """Every weight moved one ulp toward +inf: the smallest change float32 can make, and the
+    size of the rounding differences two correct implementations leave after one step."""
+    return {name: np.nextafter(t, np.float32(np.inf)) for name, t in tensors.items()}
+
+
+def environment(precision_record):
+    """Versions, device and precision: what every parity or benchmark result records."""
+    import flax
+    import optax
+
+    return {
+        **precision_record,
+        "jax_device": str(jax.devices()[0].device_kind),
+        "jax_backend": jax.default_backend(),
+        "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": importlib.metadata.version("jaxlib"),
+                     "flax": flax.__version__, "optax": optax.__version__,
+                     "torch": torch.__version__, "numpy": np.__version__},
+        "machine": platform.machine(), "platform": platform.platform(),
+    }

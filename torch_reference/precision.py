@@ -1,0 +1,23 @@
+"""The PyTorch side of the precision switch (flax_gpt/core/precision.py says what each name means)."""
+
+import contextlib
+
+import torch
+
+from flax_gpt.core import precision
+
+
+def apply(name):
+    """Set PyTorch's float32 matmul precision for `name`; return what was set, for the record."""
+    # PyTorch's own default is already "highest" for float32 matmuls.
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = not precision.full_float32_matmuls(name)
+    return {**precision.record(name),
+            "torch_float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def autocast(name, device_type="cpu"):
+    """The context the PyTorch forward runs in: autocast for bf16, nothing otherwise."""
+    if precision.compute_dtype_name(name) == "bfloat16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
