@@ -15,10 +15,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from flax_gpt import precision
-from flax_gpt.core import weights
+from flax_gpt.core import runfolder, weights
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import learning_rates
-from flax_gpt.core.runfolder import WEIGHTS
 from flax_gpt.model import GPT, canonical, cross_entropy, set_canonical
 
 OPTIMIZER = "optimizer.safetensors"
@@ -132,16 +131,13 @@ class FlaxBackend:
         return canonical(self.params, self.config)
 
     def save(self, folder):
-        weights.save(folder / WEIGHTS, self.config, self.canonical())
+        weights.save(folder / runfolder.WEIGHTS, self.config, self.canonical())
         leaves = jax.tree_util.tree_leaves_with_path(self.opt_state)
         save_file({jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
                   str(folder / OPTIMIZER))
 
     def load(self, folder):
-        config, tensors = weights.load(folder / WEIGHTS)
-        if config != self.config:
-            raise CheckpointError(f"{folder} holds a model of config {config.to_json()}, "
-                                  f"not {self.config.to_json()}")
+        tensors = runfolder.checkpoint_weights(folder, self.config)
         set_canonical(self.params, tensors)
         saved = load_file(str(folder / OPTIMIZER))
         paths, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)

@@ -1,8 +1,6 @@
 """The data pipeline: torchtext equivalence, batch layout, determinism and every bad input."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from flax_gpt import prepare
 from flax_gpt.core import data
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import DatasetError
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 
 def write(tmp_path, name, payload):

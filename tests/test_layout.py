@@ -47,7 +47,7 @@ def test_torch_reference_imports_only_the_core(path):
 def loaded_after(statement):
     """The framework modules loaded after running `statement` in a fresh interpreter."""
     code = (f"import sys\n{statement}\n"
-            f"print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & {sorted(FRAMEWORKS)!r})))")
+            f"print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(FRAMEWORKS)!r}))))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return set(result.stdout.split())

@@ -8,10 +8,9 @@ the norm), and gradient accumulation by repeated backward() of loss / grad_accum
 import numpy as np
 import torch
 
-from flax_gpt.core import weights
+from flax_gpt.core import runfolder, weights
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import learning_rates
-from flax_gpt.core.runfolder import WEIGHTS
 from torch_reference import precision
 from torch_reference.model import GPT, canonical, cross_entropy, set_canonical
 
@@ -105,14 +104,11 @@ class TorchBackend:
         return canonical(self.model)
 
     def save(self, folder):
-        weights.save(folder / WEIGHTS, self.config, self.canonical())
+        weights.save(folder / runfolder.WEIGHTS, self.config, self.canonical())
         torch.save(self.train_step.optimizer.state_dict(), folder / OPTIMIZER)
 
     def load(self, folder):
-        config, tensors = weights.load(folder / WEIGHTS)
-        if config != self.config:
-            raise CheckpointError(f"{folder} holds a model of config {config.to_json()}, "
-                                  f"not {self.config.to_json()}")
+        tensors = runfolder.checkpoint_weights(folder, self.config)
         set_canonical(self.model, tensors)
         try:
             state = torch.load(folder / OPTIMIZER, map_location=self.device, weights_only=True)

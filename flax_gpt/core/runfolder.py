@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+from flax_gpt.core import weights
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.files import atomic_dir, atomic_file, sha256_file, write_json
 
@@ -101,3 +102,12 @@ def load_checkpoint(folder, backend):
                               f"resume from the one before") from None
     backend.load(folder)
     return state["step"]
+
+
+def checkpoint_weights(folder, config):
+    """The canonical tensors of a checkpoint folder, refused unless they are of `config`."""
+    saved, tensors = weights.load(Path(folder) / WEIGHTS)
+    if saved != config:
+        raise CheckpointError(f"{folder} holds a model of config {saved.to_json()}, "
+                              f"not {config.to_json()}")
+    return tensors
