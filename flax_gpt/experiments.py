@@ -150,12 +150,16 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
 
 # ---- eval and generate -------------------------------------------------------------------------
 
-def run_model(run):
-    """(Flax model in eval mode, run record) of a run folder's latest weights."""
+def run_model(run, precision=None):
+    """(Flax model in eval mode, run record) of a run folder's latest weights, at `precision`
+    (default: float64 for a float64 run, else highest), with JAX set to it."""
     import flax_gpt
+    from flax_gpt import precision as precisions
 
     record = runfolder.read_record(run)
-    return flax_gpt.load(Path(run) / runfolder.WEIGHTS), record
+    precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
+    precisions.apply(precision)
+    return flax_gpt.load(Path(run) / runfolder.WEIGHTS, precision=precision), record
 
 
 def run_dataset(record, data=None):
@@ -179,17 +183,14 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def evaluate(run, *, data=None, split="val", batch_size=16):
+def evaluate(run, *, data=None, split="val", batch_size=16, precision=None):
     """Mean cross-entropy and perplexity of `run`'s latest weights over every batch of a split
-    (Flax, float32 at the highest matmul precision, eval mode)."""
-    from flax_gpt import precision
-
-    precision.apply("highest")
+    (Flax, eval mode, at `precision`: see run_model)."""
     from flax import nnx
 
     from flax_gpt.train import eval_loss
 
-    model, record = run_model(run)
+    model, record = run_model(run, precision)
     dataset = run_dataset(record, data)
     if dataset.vocab_size != model.config.vocab_size:
         raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens, the model {model.config.vocab_size}")
@@ -210,14 +211,15 @@ class GenerateResult:
         return dataclasses.asdict(self)
 
 
-def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, top_k=0, seed=0):
+def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, top_k=0, seed=0,
+             precision=None):
     """Sample `max_new_tokens` after `prompt` from `run`'s latest weights (temperature 0:
-    greedy). The same seed gives the same text."""
+    greedy) at `precision` (see run_model). The same seed gives the same text."""
     from flax_gpt.sample import generate as sample
 
     if not temperature >= 0:
         raise FlaxGPTError(f"--temperature must be >= 0, got {temperature}")
-    model, record = run_model(run)
+    model, record = run_model(run, precision)
     dataset = run_dataset(record, data)
     ids = sample(model, [BOS, *dataset.encode(prompt)], max_new_tokens, temperature=temperature,
                  top_k=top_k, seed=seed)

@@ -5,9 +5,10 @@ Linear kernel = weight.T, LayerNorm scale = weight, Embed embedding = weight).
 Read top to bottom: Embedding, MaskedMultiHeadAttention, FeedForward, DecoderLayer, Decoder,
 GPT, then loss and load/save.
 
-`dtype` is the matmul compute dtype. With bfloat16 the parameters stay float32 and only
-the Linear layers run in bf16, as under torch.autocast: the residual stream, LayerNorm,
-softmax and loss stay float32.
+`param_dtype` is the parameters' dtype (float32, or float64 for the float64 tier) and
+`dtype` the matmul compute dtype. With bfloat16 the parameters stay float32 and only the
+Linear layers run in bf16, as under torch.autocast: the residual stream, LayerNorm, softmax
+and loss stay float32 (at least: in float64 everything is float64).
 """
 
 import math
@@ -25,6 +26,11 @@ from flax_gpt.core.data import IGNORE_INDEX
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
 
 
+def at_least_float32(dtype):
+    """float32 for bf16 (softmax and loss, as torch.autocast does), else `dtype` itself."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class Buffer(nnx.Variable):
     """A constant that is neither trained nor saved (PyTorch: a non-persistent buffer)."""
 
@@ -32,10 +38,11 @@ class Buffer(nnx.Variable):
 class Embedding(nnx.Module):
     """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
 
-    def __init__(self, config, *, rngs):
-        self.token = nnx.Embed(config.vocab_size, config.d_model,
+    def __init__(self, config, *, param_dtype, rngs):
+        self.token = nnx.Embed(config.vocab_size, config.d_model, param_dtype=param_dtype,
                                embedding_init=nnx.initializers.normal(EMBED_INIT_STD), rngs=rngs)
-        self.positional = Buffer(jnp.asarray(positional_encoding(config.seq_len, config.d_model)))
+        table = positional_encoding(config.seq_len, config.d_model, np.dtype(param_dtype))
+        self.positional = Buffer(jnp.asarray(table))
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, ids):
@@ -49,9 +56,10 @@ class Linear(nnx.Linear):
     nn.Linear, one 2D matmul over all tokens: XLA's CPU backend runs the weight gradient of
     a (B, T, d) contraction at half the speed of the same (B*T, d) one."""
 
-    def __init__(self, d_in, d_out, *, dtype, rngs):
+    def __init__(self, d_in, d_out, *, dtype, param_dtype, rngs):
         super().__init__(d_in, d_out, kernel_init=nnx.initializers.normal(LINEAR_INIT_STD),
-                         bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+                         bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
 
     def __call__(self, x):
         y = super().__call__(x.reshape(-1, x.shape[-1]))  # (B*T, d_out)
@@ -62,12 +70,13 @@ class MaskedMultiHeadAttention(nnx.Module):
     """Causal multi-head attention: SPEC.md's explicit -1e9 masked softmax or, with `fused`,
     the same function as one jax.nn.dot_product_attention call (cuDNN on a GPU)."""
 
-    def __init__(self, config, *, dtype, fused, rngs):
+    def __init__(self, config, *, dtype, param_dtype, fused, rngs):
         self.n_heads, self.fused = config.n_heads, fused
-        self.q = Linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
-        self.k = Linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
-        self.v = Linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
-        self.out = Linear(config.d_model, config.d_model, dtype=dtype, rngs=rngs)
+        d, kw = config.d_model, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Linear(d, d, **kw)
+        self.k = Linear(d, d, **kw)
+        self.v = Linear(d, d, **kw)
+        self.out = Linear(d, d, **kw)
         self.causal_mask = Buffer(jnp.tril(jnp.ones((config.seq_len, config.seq_len), dtype=bool)))
         self.attn_dropout = nnx.Dropout(config.dropout, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -91,37 +100,39 @@ class MaskedMultiHeadAttention(nnx.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, dk)
         scores = q @ k.swapaxes(-2, -1) / math.sqrt(dk)  # (B, H, T, T)
         scores = jnp.where(self.causal_mask[:T, :T], scores, MASK_FILL)
-        # softmax in float32 even for bf16 matmuls, as torch.autocast does
-        attn = self.attn_dropout(jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype))
+        # softmax in float32 (at least) even for bf16 matmuls, as torch.autocast does
+        probs = jax.nn.softmax(scores.astype(at_least_float32(scores.dtype)), axis=-1)
+        attn = self.attn_dropout(probs.astype(v.dtype))
         return (attn @ v).transpose(0, 2, 1, 3)  # (B, H, T, dk) -> (B, T, H, dk)
 
 
 class FeedForward(nnx.Module):
     """Position-wise fc2(relu(fc1(x)))."""
 
-    def __init__(self, config, *, dtype, rngs):
-        self.fc1 = Linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(config.d_ff, config.d_model, dtype=dtype, rngs=rngs)
+    def __init__(self, config, *, dtype, param_dtype, rngs):
+        self.fc1 = Linear(config.d_model, config.d_ff, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = Linear(config.d_ff, config.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, x):
         return self.dropout(self.fc2(jax.nn.relu(self.fc1(x))))
 
 
-def layer_norm(config, *, rngs):
+def layer_norm(config, *, param_dtype, rngs):
     # PyTorch's epsilon (Flax's default is 1e-6) and two-pass variance, as PyTorch computes it
     return nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_eps, use_fast_variance=False,
-                         rngs=rngs)
+                         param_dtype=param_dtype, rngs=rngs)
 
 
 class DecoderLayer(nnx.Module):
     """Post-LN block, exactly the article's: LN(x + mhma(x)), then LN(x + ffn(x))."""
 
-    def __init__(self, config, *, dtype, fused, rngs):
-        self.mhma = MaskedMultiHeadAttention(config, dtype=dtype, fused=fused, rngs=rngs)
-        self.layer_norm1 = layer_norm(config, rngs=rngs)
-        self.ffn = FeedForward(config, dtype=dtype, rngs=rngs)
-        self.layer_norm2 = layer_norm(config, rngs=rngs)
+    def __init__(self, config, *, dtype, param_dtype, fused, rngs):
+        self.mhma = MaskedMultiHeadAttention(config, dtype=dtype, param_dtype=param_dtype,
+                                             fused=fused, rngs=rngs)
+        self.layer_norm1 = layer_norm(config, param_dtype=param_dtype, rngs=rngs)
+        self.ffn = FeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm2 = layer_norm(config, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         x = self.layer_norm1(x + self.mhma(x))
@@ -130,8 +141,9 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, config, *, dtype, fused, rngs):
-        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, fused=fused, rngs=rngs)
+    def __init__(self, config, *, dtype, param_dtype, fused, rngs):
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype,
+                                             fused=fused, rngs=rngs)
                                 for _ in range(config.n_layers)])
 
     def __call__(self, x, *, return_hidden=False):
@@ -145,11 +157,14 @@ class Decoder(nnx.Module):
 class GPT(nnx.Module):
     """logits = pred(decoder(embed(ids))). `attention`: one of config.ATTENTIONS."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention="explicit"):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, attention="explicit"):
         self.config = config
-        self.embed = Embedding(config, rngs=rngs)
-        self.decoder = Decoder(config, dtype=dtype, fused=fused_attention(attention, config), rngs=rngs)
-        self.pred = Linear(config.d_model, config.vocab_size, dtype=dtype, rngs=rngs)
+        self.embed = Embedding(config, param_dtype=param_dtype, rngs=rngs)
+        self.decoder = Decoder(config, dtype=dtype, param_dtype=param_dtype,
+                               fused=fused_attention(attention, config), rngs=rngs)
+        self.pred = Linear(config.d_model, config.vocab_size, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
 
     def __call__(self, ids, *, return_hidden=False):
         """ids (B, T) int -> logits (B, T, vocab); with `return_hidden`, also every layer's
@@ -165,7 +180,7 @@ class GPT(nnx.Module):
 def cross_entropy(logits, labels):
     """Mean cross-entropy over labels != -100, as nn.CrossEntropyLoss(ignore_index=-100):
     the sum over kept positions divided by their count (NaN when none is kept, as in torch)."""
-    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)  # (B*T, V)
+    logits = logits.reshape(-1, logits.shape[-1]).astype(at_least_float32(logits.dtype))  # (B*T, V)
     labels = labels.reshape(-1)  # (B*T,)
     keep = labels != IGNORE_INDEX
     picked = jnp.take_along_axis(logits, jnp.where(keep, labels, 0)[:, None], axis=-1)[:, 0]
@@ -179,7 +194,10 @@ def set_canonical(target, tensors):
     """Write canonical tensors (name -> numpy) into a GPT, or into the nnx.State of its
     Params, bit for bit."""
     state = nnx.state(target, nnx.Param) if isinstance(target, nnx.Module) else target
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, weights.to_flax(tensors)))
+    # each tensor in its parameter's dtype: a float32 file into a float64 model is an exact upcast
+    tree = jax.tree.map(lambda t, p: jnp.asarray(t, dtype=p.dtype), weights.to_flax(tensors),
+                        nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, tree)
     if isinstance(target, nnx.Module):
         nnx.update(target, state)
 
@@ -192,10 +210,18 @@ def canonical(source, config=None):
     return weights.from_flax(config, jax.tree.map(np.asarray, nnx.to_pure_dict(source)))
 
 
-def load(path, *, dtype=jnp.float32):
-    """A ready model (eval mode) from a canonical weights file alone."""
+def load(path, *, precision=None, attention="explicit"):
+    """A ready model (eval mode) from a canonical weights file alone, at `precision` (one of
+    flax_gpt.core.precision.PRECISIONS; default: the file's own dtype). "float64" upcasts a
+    float32 file exactly and switches JAX's x64 mode on."""
+    from flax_gpt import precision as precisions
+
     config, tensors = weights.load(path)
-    model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
+    precision = precision or weights.precision_of(tensors)
+    if precisions.dtypes(precision)[0] == jnp.float64:
+        jax.config.update("jax_enable_x64", True)
+    param_dtype, dtype = precisions.dtypes(precision)
+    model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention=attention)
     set_canonical(model, tensors)
     model.eval()
     return model

@@ -99,7 +99,8 @@ class FlaxBackend:
 
     def __init__(self, config, tc, tensors=None):
         self.config, self.tc = config, tc
-        model = GPT(config, rngs=nnx.Rngs(tc.seed), dtype=precision.dtype(tc.precision),
+        param_dtype, dtype = precision.dtypes(tc.precision)
+        model = GPT(config, rngs=nnx.Rngs(tc.seed), dtype=dtype, param_dtype=param_dtype,
                     attention=tc.attention)
         if tensors is not None:
             set_canonical(model, tensors)

@@ -20,13 +20,19 @@ from flax_gpt.core.data import IGNORE_INDEX
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
 
 
+def at_least_float32(dtype):
+    """float32 for bf16 (the loss, as torch.autocast does for softmax), else `dtype` itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class Embedding(nn.Module):
     """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
 
     def __init__(self, config):
         super().__init__()
         self.token = nn.Embedding(config.vocab_size, config.d_model)
-        positional = torch.from_numpy(positional_encoding(config.seq_len, config.d_model))
+        # built in float64; GPT's .to(dtype) rounds it once, as Flax's table is rounded
+        positional = torch.from_numpy(positional_encoding(config.seq_len, config.d_model, np.float64))
         self.register_buffer("positional", positional, persistent=False)  # not in the weights
         self.dropout = nn.Dropout(config.dropout)
 
@@ -121,13 +127,14 @@ class Decoder(nn.Module):
 class GPT(nn.Module):
     """logits = pred(decoder(embed(ids))). `attention`: one of config.ATTENTIONS."""
 
-    def __init__(self, config: GPTConfig, *, attention="explicit"):
+    def __init__(self, config: GPTConfig, *, attention="explicit", dtype=torch.float32):
         super().__init__()
         self.config = config
         self.embed = Embedding(config)
         self.decoder = Decoder(config, fused=fused_attention(attention, config))
         self.pred = nn.Linear(config.d_model, config.vocab_size)
         self.apply(self._init)
+        self.to(dtype)  # parameters and the positional table (float64 for the float64 tier)
 
     @staticmethod
     def _init(module):
@@ -152,7 +159,7 @@ class GPT(nn.Module):
 
 def cross_entropy(logits, labels):
     """Mean cross-entropy over labels != -100 (nn.CrossEntropyLoss(ignore_index=-100))."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(at_least_float32(logits.dtype)),
                            labels.reshape(-1).long(), ignore_index=IGNORE_INDEX)
 
 
@@ -160,7 +167,8 @@ def cross_entropy(logits, labels):
 
 def set_canonical(model, tensors):
     """Write canonical tensors (name -> numpy) into `model`, bit for bit: its state_dict
-    names and layouts are the canonical ones."""
+    names and layouts are the canonical ones. load_state_dict copies each into its
+    parameter's dtype: a float32 file into a float64 model is an exact upcast."""
     model.load_state_dict({name: torch.from_numpy(np.array(t)) for name, t in tensors.items()})
 
 
@@ -169,10 +177,15 @@ def canonical(model):
     return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
 
 
-def load(path, *, device="cpu"):
-    """A ready model (eval mode) from a canonical weights file alone."""
+def load(path, *, precision=None, attention="explicit", device="cpu"):
+    """A ready model (eval mode) from a canonical weights file alone, at `precision` (one of
+    flax_gpt.core.precision.PRECISIONS; default: the file's own dtype). "float64" upcasts a
+    float32 file exactly."""
+    from torch_reference import precision as precisions
+
     config, tensors = weights.load(path)
-    model = GPT(config)
+    model = GPT(config, attention=attention,
+                dtype=precisions.dtype(precision or weights.precision_of(tensors)))
     set_canonical(model, tensors)
     return model.to(device).eval()
 

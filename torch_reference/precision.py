@@ -11,9 +11,14 @@ def apply(name):
     """Set PyTorch's float32 matmul precision for `name`; return what was set, for the record."""
     # PyTorch's own default is already "highest" for float32 matmuls.
     torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = not precision.full_float32_matmuls(name)
+    torch.backends.cudnn.allow_tf32 = not precision.full_precision_matmuls(name)
     return {**precision.record(name),
             "torch_float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def dtype(name):
+    """The parameters' dtype at precision `name`."""
+    return getattr(torch, precision.param_dtype_name(name))
 
 
 def autocast(name, device_type="cpu"):

@@ -37,7 +37,7 @@ class TrainStep:
             torch.manual_seed(tc.seed * 1_000_003 + index)  # dropout stream of this step alone
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device, dtype=self.params[0].dtype)
         for i in range(len(x)):
             with precision.autocast(tc.precision, self.device.type):
                 micro = cross_entropy(self.model(x[i]), y[i]) / len(x)
@@ -59,7 +59,7 @@ def global_norm(tensors):
     3M entries (2.44176 against 2.44412 in float64, the `small` preset's pred.weight gradient),
     which changed the clip scale and made the two trainers drift apart by 0.2 in loss.
     """
-    return torch.stack([t.float().pow(2).sum() for t in tensors]).sum().sqrt()
+    return torch.stack([t.pow(2).sum() for t in tensors]).sum().sqrt()
 
 
 @torch.no_grad()
@@ -77,7 +77,7 @@ class TorchBackend:
     def __init__(self, config, tc, tensors=None, *, device="cpu"):
         self.config, self.tc, self.device = config, tc, torch.device(device)
         torch.manual_seed(tc.seed)
-        self.model = GPT(config, attention=tc.attention)
+        self.model = GPT(config, attention=tc.attention, dtype=precision.dtype(tc.precision))
         if tensors is not None:
             set_canonical(self.model, tensors)
         self.model.to(self.device)

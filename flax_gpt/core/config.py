@@ -126,8 +126,9 @@ PRESETS = {
 }
 
 
-def positional_encoding(seq_len, d_model):
-    """SPEC.md's fixed sinusoidal table, float32 `(seq_len, d_model)`, built in float64 once.
+def positional_encoding(seq_len, d_model, dtype=np.float32):
+    """SPEC.md's fixed sinusoidal table `(seq_len, d_model)`, built in float64 and rounded
+    once to `dtype` (float32, or float64 for the float64 tier).
 
     PE[p, 2i] = sin(p / 10000^(2i/d_model)), PE[p, 2i+1] = cos(p / 10000^(2i/d_model)).
     Both frameworks take this exact array, so the table cannot be a source of difference.
@@ -138,4 +139,4 @@ def positional_encoding(seq_len, d_model):
     table = np.empty((seq_len, d_model), dtype=np.float64)
     table[:, 0::2] = np.sin(angle)
     table[:, 1::2] = np.cos(angle[:, : d_model // 2])  # odd d_model: the last column is a sin
-    return table.astype(np.float32)
+    return table.astype(dtype)

@@ -1,7 +1,7 @@
 """Training hyperparameters both trainers read, and the one learning-rate table they share.
 
 Framework-free. The schedule is computed once here in float64 and handed to both trainers
-as the same float32 numbers, so the learning rate can never be a source of difference.
+as the same numbers in the parameters' dtype, so the learning rate can never be a source of difference.
 """
 
 import dataclasses
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flax_gpt.core.config import ConfigError, check_attention
+from flax_gpt.core.precision import PRECISIONS, param_dtype_name
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.lr <= 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps and grad_clip must be >= 0 and lr > 0")
         check_attention(self.attention)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -46,7 +49,8 @@ class TrainConfig:
 
 
 def learning_rates(tc):
-    """float32 `(steps,)`: the learning rate of every optimizer step 0 .. steps-1.
+    """`(steps,)` in the parameters' dtype (float32; float64 for the float64 tier): the
+    learning rate of every optimizer step 0 .. steps-1.
 
     Linear warmup to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at
     the last step.
@@ -60,4 +64,4 @@ def learning_rates(tc):
         else:
             progress = min((step - tc.warmup_steps) / decay_steps, 1.0)
             lrs[step] = floor + 0.5 * (tc.lr - floor) * (1.0 + math.cos(math.pi * progress))
-    return lrs.astype(np.float32)
+    return lrs.astype(param_dtype_name(tc.precision))

@@ -1,5 +1,7 @@
 """The one precision switch both frameworks are set through, recorded with every result.
 
+    float64  parameters and compute in float64 in both (JAX's x64 mode, switched on for that
+             run; torch.float64): the truth every other precision is judged against.
     highest  float32 matmuls at full precision in both (parity; no TF32 on GPU, no bf16
              passes on TPU): jax_default_matmul_precision="highest", torch "highest".
     default  each framework as it ships: JAX runs float32 matmuls as TF32 on GPU, PyTorch
@@ -11,7 +13,7 @@ This module says what each name means; flax_gpt.precision and torch_reference.pr
 their framework from it.
 """
 
-PRECISIONS = ("highest", "default", "bf16")
+PRECISIONS = ("float64", "highest", "default", "bf16")
 
 
 def check(name):
@@ -20,16 +22,22 @@ def check(name):
     return name
 
 
+def param_dtype_name(name):
+    """The parameters' dtype (and the optimizer state's): float64 only for float64."""
+    return "float64" if check(name) == "float64" else "float32"
+
+
 def compute_dtype_name(name):
-    """The matmul compute dtype: "bfloat16" for bf16, else "float32"."""
-    return "bfloat16" if check(name) == "bf16" else "float32"
+    """The matmul compute dtype: "bfloat16" for bf16, else the parameters' dtype."""
+    return "bfloat16" if check(name) == "bf16" else param_dtype_name(name)
 
 
-def full_float32_matmuls(name):
-    """True where float32 matmuls must run at full precision (no TF32, no bf16 passes)."""
-    return check(name) == "highest"
+def full_precision_matmuls(name):
+    """True where matmuls must run at their dtype's full precision (no TF32, no bf16 passes)."""
+    return check(name) in ("float64", "highest")
 
 
 def record(name):
     """The framework-free part of what a result records about its precision."""
-    return {"precision": check(name), "compute_dtype": compute_dtype_name(name)}
+    return {"precision": check(name), "param_dtype": param_dtype_name(name),
+            "compute_dtype": compute_dtype_name(name)}

@@ -1,8 +1,9 @@
 """The canonical weights file, and all conversion between it and each framework's parameters.
 
 The file is safetensors holding the PyTorch reference's `state_dict` names and layouts
-(SPEC.md, "Canonical weights"), float32, with the config as JSON under the metadata key
-`config`. PyTorch's parameters *are* the canonical tensors; Flax's differ in three ways,
+(SPEC.md, "Canonical weights"), float32 (float64 for a float64 run's checkpoints, every
+tensor alike: the tensors' dtype says which), with the config as JSON under the metadata
+key `config`. PyTorch's parameters *are* the canonical tensors; Flax's differ in three ways,
 all handled here and nowhere else:
 
     Linear     weight [out, in]  <->  kernel [in, out] (transposed)
@@ -23,7 +24,7 @@ from flax_gpt.core.config import ConfigError, GPTConfig
 from flax_gpt.core.errors import WeightsError
 from flax_gpt.core.files import atomic_file
 
-DTYPE = np.float32
+DTYPES = (np.float32, np.float64)  # float32 is the interchange; float64 a float64 run's own
 
 
 def canonical_shapes(config):
@@ -64,12 +65,23 @@ def check(config, tensors):
         if tuple(tensor.shape) != shape:
             raise WeightsError(f"tensor {name!r} has shape {list(tensor.shape)}, config "
                                f"{config.to_json()} needs {list(shape)}")
-        if tensor.dtype != DTYPE:
-            raise WeightsError(f"tensor {name!r} is {tensor.dtype}, canonical weights are float32")
+        if tensor.dtype not in DTYPES:
+            raise WeightsError(f"tensor {name!r} is {tensor.dtype}, canonical weights are float32 "
+                               f"(or float64)")
+    dtypes = {tensors[name].dtype for name in shapes}
+    if len(dtypes) > 1:
+        raise WeightsError(f"tensors mix dtypes {sorted(map(str, dtypes))}: a weights file holds "
+                           f"one dtype")
+
+
+def precision_of(tensors):
+    """The precision a file's tensors are held at: "float64" for float64, else "highest"."""
+    return "float64" if next(iter(tensors.values())).dtype == np.float64 else "highest"
 
 
 def save(path, config, tensors):
-    """Write canonical `tensors` (name -> float32 numpy) and `config` to `path`, atomically."""
+    """Write canonical `tensors` (name -> float32 or float64 numpy) and `config` to `path`,
+    atomically."""
     check(config, tensors)
     shapes = canonical_shapes(config)
     ordered = {name: np.ascontiguousarray(tensors[name]) for name in shapes}
@@ -151,7 +163,7 @@ def to_flax(tensors):
 
 
 def from_flax(config, tree):
-    """The pure-dict Flax parameter tree -> canonical tensors (float32 numpy, state_dict order)."""
+    """The pure-dict Flax parameter tree -> canonical tensors (numpy, state_dict order)."""
     tensors = {}
     for name in canonical_shapes(config):
         path, leaf = _flax_path(name)

@@ -327,7 +327,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 "device": device_name, "torch_device": device,
                 "speedup_of": next(iter(built), None),
                 "results": [{"variant": name, **results[name]} for name in variants],
-                "xla_flags": _xla_flags(), **environment(record)}
+                "xla_flags": _xla_flags(), **environment(record, torch_device=device)}
 
     for r in range(rounds):
         print(f"  round {r + 1}/{rounds}: {steps} steps of each", file=sys.stderr, flush=True)

@@ -74,7 +74,7 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
               "unigram_baseline_loss": unigram, "steps": len(diff),
               "max_abs_loss_diff": float(diff.max()), "final_abs_loss_diff": float(diff[-1]),
               "gap_bar": GAP_BAR, "first_step_above": first_above(diff, GAP_BAR),
-              "frameworks": results, **environment(record)}
+              "frameworks": results, **environment(record, torch_device=device)}
     floor = None
     if noise_floor:
         floor = np.abs(losses["torch"] - losses[NUDGED])

@@ -22,16 +22,18 @@ def apply_precision(name):
     return {**flax_precision.apply(name), **torch_precision.apply(name)}
 
 
-def build_pair(config, tensors, precision_name="highest", attention="explicit"):
-    """(flax model, torch model), both in eval mode, holding exactly `tensors`."""
-    fm = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=flax_precision.dtype(precision_name),
+def build_pair(config, tensors, precision_name="highest", attention="explicit", *,
+               torch_device="cpu"):
+    """(flax model, torch model on `torch_device`), both in eval mode, holding exactly
+    `tensors` (upcast exactly for float64)."""
+    param_dtype, dtype = flax_precision.dtypes(precision_name)
+    fm = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                         attention=attention)
     flax_model.set_canonical(fm, tensors)
     fm.eval()
-    tm = torch_model.GPT(config, attention=attention)
+    tm = torch_model.GPT(config, attention=attention, dtype=torch_precision.dtype(precision_name))
     torch_model.set_canonical(tm, tensors)
-    tm.eval()
-    return fm, tm
+    return fm, tm.to(torch_device).eval()
 
 
 def random_weights(config, seed=0):
@@ -46,8 +48,9 @@ def nudged(tensors):
     return {name: np.nextafter(t, np.float32(np.inf)) for name, t in tensors.items()}
 
 
-def environment(precision_record):
-    """Versions, device and precision: what every parity or benchmark result records."""
+def environment(precision_record, *, torch_device="cpu"):
+    """Versions, the devices each framework actually ran on, and the precision: what every
+    side-by-side result records."""
     import flax
     import optax
 
@@ -55,7 +58,8 @@ def environment(precision_record):
         **precision_record,
         "jax_device": str(jax.devices()[0].device_kind),
         "jax_backend": jax.default_backend(),
-        "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch_device": (torch.cuda.get_device_name(torch.device(torch_device))
+                         if torch.device(torch_device).type == "cuda" else "cpu"),
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "jaxlib": importlib.metadata.version("jaxlib"),
                      "flax": flax.__version__, "optax": optax.__version__,

@@ -19,11 +19,13 @@ from flax_gpt.core import weights
 from flax_gpt.core.data import IGNORE_INDEX, TokenDataset
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.core.progress import print_progress
 from flax_gpt.core.streams import synthetic_batch
 from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment, random_weights
-from flax_gpt.sidebyside.tolerances import (GRAD_RTOL, KINK_ATOL, LOGITS_ATOL, LOSS_ATOL,
-                                            TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL, Row, is_inert,
-                                            judged, max_abs_rel)
+from flax_gpt.core.precision import compute_dtype_name
+from flax_gpt.sidebyside.tolerances import (DIRECT, MIN_KEPT_SHARE, TRUTH_RATIO, TRUTH_WINDOW, Row,
+                                            is_inert, judged, max_abs_rel, truth_floor,
+                                            window_medians)
 from flax_gpt.train import make_train_step, optimizer
 from torch_reference import model as torch_model
 from torch_reference import precision as torch_precision
@@ -41,147 +43,296 @@ def _flax_forward(graphdef, params, rest, ids, labels):
     return loss, logits, hidden, grads
 
 
+def _numpy(t):
+    """A framework array as numpy, bf16 widened to float32, float64 kept."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(torch_model.at_least_float32(t.dtype)).cpu().numpy()
+    return np.asarray(t.astype(flax_model.at_least_float32(t.dtype)))
+
+
 def flax_outputs(fm, ids, labels):
-    """loss, logits, {"embed", "layers"}, canonical gradients: all float32 numpy."""
+    """loss, logits, {"embed", "layers"}, canonical gradients: numpy (float32 or float64)."""
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     loss, logits, hidden, grads = _flax_forward(graphdef, params, rest, jnp.asarray(ids),
                                                 jnp.asarray(labels))
-    to_np = functools.partial(jax.tree.map, lambda t: np.asarray(t, np.float32))
-    return (float(loss), to_np(logits), to_np(hidden),
-            flax_model.canonical(grads, fm.config))
+    to_np = functools.partial(jax.tree.map, _numpy)
+    return float(loss), to_np(logits), to_np(hidden), flax_model.canonical(to_np(grads), fm.config)
 
 
 def torch_outputs(tm, ids, labels, precision_name="highest"):
+    """The same as flax_outputs, from the PyTorch model on whatever device it sits."""
+    device = next(tm.parameters()).device
     tm.zero_grad(set_to_none=True)
-    with torch_precision.autocast(precision_name):
-        logits, hidden = tm(torch.from_numpy(np.asarray(ids)).long(), return_hidden=True)
-        loss = torch_model.cross_entropy(logits, torch.from_numpy(np.asarray(labels)).long())
+    with torch_precision.autocast(precision_name, device.type):
+        logits, hidden = tm(torch.from_numpy(np.asarray(ids)).long().to(device), return_hidden=True)
+        loss = torch_model.cross_entropy(logits, torch.from_numpy(np.asarray(labels)).long().to(device))
     loss.backward()
-
-    def to_np(t):
-        return t.detach().float().numpy()
-
-    grads = {name: to_np(p.grad) for name, p in tm.named_parameters()}
-    hidden = {"embed": to_np(hidden["embed"]), "layers": [to_np(h) for h in hidden["layers"]]}
-    return float(loss), to_np(logits), hidden, grads
+    grads = {name: _numpy(p.grad) for name, p in tm.named_parameters()}
+    hidden = {"embed": _numpy(hidden["embed"]), "layers": [_numpy(h) for h in hidden["layers"]]}
+    return float(loss), _numpy(logits), hidden, grads
 
 
-def relu_inputs(tm, ids):
+def torch_relu_inputs(tm, ids):
     """Every layer's fc1 output (the ReLU's input) in PyTorch's forward: (L, B, T, d_ff)."""
     inputs = []
     hooks = [layer.ffn.fc1.register_forward_hook(lambda module, args, out: inputs.append(out))
              for layer in tm.decoder.layers]
     try:
         with torch.no_grad():
-            tm(torch.from_numpy(np.asarray(ids)).long())
+            tm(torch.from_numpy(np.asarray(ids)).long().to(next(tm.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.stack(inputs).numpy()
+    return np.stack([_numpy(z) for z in inputs])
 
 
-def kink_free_labels(tm, ids, labels):
-    """(`labels` with each row ignored from its first ReLU kink on, number of kinks).
+@functools.partial(jax.jit, static_argnums=0)
+def _flax_relu_inputs(graphdef, state, ids):
+    model = nnx.merge(graphdef, state)
+    x, inputs = model.embed(ids), []
+    for layer in model.decoder.layers:  # DecoderLayer.__call__, with fc1's output kept
+        h = layer.layer_norm1(x + layer.mhma(x))
+        inputs.append(layer.ffn.fc1(h))
+        x = layer.layer_norm2(h + layer.ffn(h))
+    return jnp.stack(inputs), x
 
-    A kink is a ReLU input within KINK_ATOL of 0 in PyTorch's forward. Under the causal mask
+
+def flax_relu_inputs(fm, ids):
+    """Every layer's fc1 output in Flax's forward, (L, B, T, d_ff), and the last layer's
+    output (which a test holds equal to the model's own, so this walk cannot drift)."""
+    inputs, last = _flax_relu_inputs(*nnx.split(fm), jnp.asarray(ids))
+    return _numpy(inputs), _numpy(last)
+
+
+def kink_free_labels(fm, tm, ids, labels):
+    """(`labels` with each row ignored from its first ReLU flip on, number of flips).
+
+    A flip is a ReLU input on opposite sides of 0 in the two frameworks' own forwards: the
+    one place where two correct float32 computations take different branches, and the
+    gradients then truly differ by that unit's whole contribution. Under the causal mask
     position t feeds only the outputs of positions >= t, so ignoring those labels leaves the
-    loss, and hence every gradient, independent of which side of 0 each framework rounded to.
+    loss, and every gradient, free of the flip.
     """
-    near = np.abs(relu_inputs(tm, ids)) < KINK_ATOL  # (L, B, T, d_ff)
-    reached = np.cumsum(near.any(axis=(0, 3)), axis=1) > 0  # (B, T): at or after a kink
-    return np.where(reached, IGNORE_INDEX, labels), int(near.sum())
+    flipped = (flax_relu_inputs(fm, ids)[0] > 0) != (torch_relu_inputs(tm, ids) > 0)  # (L, B, T, F)
+    reached = np.cumsum(flipped.any(axis=(0, 3)), axis=1) > 0  # (B, T): at or after a flip
+    return np.where(reached, IGNORE_INDEX, labels), int(flipped.sum())
 
 
-# ---- comparisons ------------------------------------------------------------------------------
+def kept_share(masked, labels):
+    """The share of `labels`' real labels that `masked` keeps (NaN when there are none)."""
+    total = int(np.sum(labels != IGNORE_INDEX))
+    return int(np.sum(masked != IGNORE_INDEX)) / total if total else float("nan")
 
-def compare_forward(fm, tm, ids, labels, precision_name="highest"):
-    """Rows for logits, every layer's output, the loss and every gradient."""
-    f_loss, f_logits, f_hidden, f_grads = flax_outputs(fm, ids, labels)
-    t_loss, t_logits, t_hidden, t_grads = torch_outputs(tm, ids, labels, precision_name)
-    if precision_name == "bf16":
-        return bf16_rows(f_loss, f_logits, t_loss, t_logits)
+
+# ---- rows ----------------------------------------------------------------------------------
+
+def forward_pairs(f, t):
+    """(name, flax, torch) for the embedding, every layer's output and the logits."""
+    (_, f_logits, f_hidden, _), (_, t_logits, t_hidden, _) = f, t
+    return [("embed output", f_hidden["embed"], t_hidden["embed"]),
+            *[(f"layer {i} output", fl, tl) for i, (fl, tl) in
+              enumerate(zip(f_hidden["layers"], t_hidden["layers"]))],
+            ("logits", f_logits, t_logits)]
+
+
+def direct_rows(f, t, tol, *, grads=None, kept=None):
+    """Flax against PyTorch at one precision: forward rows, the loss, and the gradients
+    (`grads`: (flax, torch) gradients, from kink-masked labels in float32, keeping `kept`)."""
     rows = []
-    for name, f, t in [("embed output", f_hidden["embed"], t_hidden["embed"]),
-                       *[(f"layer {i} output", f, t) for i, (f, t) in
-                         enumerate(zip(f_hidden["layers"], t_hidden["layers"]))],
-                       ("logits", f_logits, t_logits)]:
-        diff, rel = max_abs_rel(f, t)
-        rows.append(judged(name, diff, rel, LOGITS_ATOL, diff))
-    diff, rel = max_abs_rel(f_loss, t_loss)
-    rows.append(judged("loss", diff, rel, LOSS_ATOL, diff))
-    grad_labels, kinks = kink_free_labels(tm, ids, labels)
-    note = ""
-    if kinks:
-        f_grads = flax_outputs(fm, ids, grad_labels)[3]
-        t_grads = torch_outputs(tm, ids, grad_labels, precision_name)[3]
-        kept = int(np.sum(grad_labels != IGNORE_INDEX))
-        note = f"; {kinks} ReLU kinks: {kept} of {int(np.sum(labels != IGNORE_INDEX))} labels kept"
+    for name, fv, tv in forward_pairs(f, t):
+        diff, rel = max_abs_rel(fv, tv)
+        rows.append(judged(name, diff, rel, tol.layers, diff))
+    diff, rel = max_abs_rel(f[0], t[0])
+    rows.append(judged("loss", diff, rel, tol.loss, diff))
+    f_grads, t_grads = grads or (f[3], t[3])
     live = [name for name in t_grads if not is_inert(name)]
-    worst = max(((name, *max_abs_rel(f_grads[name], t_grads[name])) for name in live),
-                key=lambda item: item[2])
-    rows.append(judged(f"gradients ({len(live)} tensors)", worst[1], worst[2], GRAD_RTOL,
-                       worst[2], note=f"worst: {worst[0]}{note}"))
+    per_tensor = {name: max_abs_rel(f_grads[name], t_grads[name]) for name in live}
+    worst = max(live, key=lambda name: np.nan_to_num(per_tensor[name][1], nan=np.inf))
+    note = f"worst: {worst}"
+    ok = True
+    if kept is not None:
+        note += f"; {kept:.1%} of labels kept (labels after a ReLU flip masked)"
+        ok = kept >= MIN_KEPT_SHARE
+    rows.append(judged(f"gradients ({len(live)} tensors)", *per_tensor[worst], tol.grad_rel,
+                       per_tensor[worst][1], note=note, ok=ok,
+                       figures={"per_tensor_rel": {n: r for n, (_, r) in per_tensor.items()},
+                                "kept_share": kept}))
     largest = max(float(np.max(np.abs(t_grads[name]))) for name in live)
     inert = max(float(np.max(np.abs(g[name]))) for g in (f_grads, t_grads)
                 for name in t_grads if is_inert(name))
-    rel = inert / largest if largest else inert
-    rows.append(judged("key-bias gradients (exactly 0)", inert, rel, GRAD_RTOL, rel,
+    rel = inert / largest if largest else float("nan")
+    rows.append(judged("key-bias gradients (exactly 0)", inert, rel, tol.grad_rel, rel,
                        note="|value| in either, relative to the largest gradient"))
     return rows
 
 
-def bf16_rows(f_loss, f_logits, t_loss, t_logits):
-    """bf16 is judged by what a user sees: loss, next-token distributions, top-1 choices."""
-    f = jax.nn.log_softmax(jnp.asarray(f_logits, jnp.float32), axis=-1)
-    t = jax.nn.log_softmax(jnp.asarray(t_logits, jnp.float32), axis=-1)
-    kl = float(jnp.mean(jnp.sum(jnp.exp(t) * (t - f), axis=-1)))  # KL(torch || flax)
-    agree = float(jnp.mean(jnp.argmax(f, -1) == jnp.argmax(t, -1)))
-    loss_diff, loss_rel = max_abs_rel(f_loss, t_loss)
-    return [Row("loss", loss_diff, loss_rel, None, None),
-            Row("mean KL(torch || flax) per token", kl, kl, None, None),
+def truth_row(quantity, f_err, t_err, compute_dtype, scale, note=""):
+    """Flax's error against the truth, passing when <= TRUTH_RATIO x PyTorch's + a floor."""
+    bound = TRUTH_RATIO * t_err + truth_floor(compute_dtype, scale)
+    return judged(f"{quantity} vs float64", f_err, f_err / t_err if t_err else float("inf"),
+                  bound, f_err, note=note,
+                  figures={"flax_error": f_err, "torch_error": t_err, "bound": bound})
+
+
+def truth_rows(f, t, truth, compute_dtype):
+    """Each framework's error against the float64 `truth` (torch_outputs of a float64
+    model): every layer, the logits, the loss and every gradient (worst tensor by ratio)."""
+    rows = []
+    for (name, fv, tv), (_, truth_v, _) in zip(forward_pairs(f, t), forward_pairs(truth, truth)):
+        rows.append(truth_row(name, max_abs_rel(fv, truth_v)[0], max_abs_rel(tv, truth_v)[0],
+                              compute_dtype, float(np.max(np.abs(truth_v)))))
+    rows.append(truth_row("loss", abs(f[0] - truth[0]), abs(t[0] - truth[0]), compute_dtype,
+                          abs(truth[0])))
+    grad_rows = {name: truth_row(name, max_abs_rel(f[3][name], g)[1], max_abs_rel(t[3][name], g)[1],
+                                 compute_dtype, 1.0)
+                 for name, g in truth[3].items() if not is_inert(name)}
+    worst = max(grad_rows, key=lambda n: grad_rows[n].max_abs - grad_rows[n].tolerance)
+    row = grad_rows[worst]
+    row.quantity = f"gradients ({len(grad_rows)} tensors, relative) vs float64"
+    row.passed = all(r.passed for r in grad_rows.values())
+    row.note = f"tightest: {worst}"
+    rows.append(row)
+    return rows
+
+
+def bf16_rows(f, t, truth=None):
+    """What a user of bf16 sees: next-token distributions and top-1 choices, Flax against
+    PyTorch and (with `truth`) each against the float64 result."""
+    def logp(logits):
+        return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+    def kl_and_top1(p, q):  # KL(p || q) per token, share of equal top-1 choices
+        return (float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1))),
+                float(jnp.mean(jnp.argmax(p, -1) == jnp.argmax(q, -1))))
+
+    kl, agree = kl_and_top1(logp(t[1]), logp(f[1]))
+    rows = [Row("mean KL(torch || flax) per token", kl, kl, None, None),
             Row("top-1 agreement", agree, agree, None, None)]
+    if truth is not None:
+        for who, out in (("flax", f), ("torch", t)):
+            kl, agree = kl_and_top1(logp(truth[1]), logp(out[1]))
+            rows += [Row(f"mean KL(float64 || {who}) per token", kl, kl, None, None),
+                     Row(f"top-1 agreement of {who} with float64", agree, agree, None, None)]
+    return rows
 
 
-def train_both(config, tensors, batches, tc):
+def compare_forward(fm, tm, ids, labels, precision_name="highest", truth=None):
+    """Rows for every layer's output, the logits, the loss and every gradient on one batch:
+    judged directly in float64 and float32 `highest`, and against `truth` (torch_outputs of
+    a float64 model from the same weights) whenever it is given."""
+    f = flax_outputs(fm, ids, labels)
+    t = torch_outputs(tm, ids, labels, precision_name)
+    rows = []
+    if precision_name == "float64":
+        rows += direct_rows(f, t, DIRECT["float64"])
+    elif precision_name == "highest":
+        masked, _ = kink_free_labels(fm, tm, ids, labels)
+        grads = (flax_outputs(fm, ids, masked)[3], torch_outputs(tm, ids, masked)[3])
+        rows += direct_rows(f, t, DIRECT["highest"], grads=grads, kept=kept_share(masked, labels))
+    else:  # default (TF32 on a GPU) and bf16: Flax against PyTorch is reported, not judged
+        rows += [Row(f"{name}: flax - torch", *max_abs_rel(fv, tv), None, None)
+                 for name, fv, tv in forward_pairs(f, t)[-1:]]
+        rows.append(Row("loss: flax - torch", *max_abs_rel(f[0], t[0]), None, None))
+    if precision_name == "bf16":
+        rows += bf16_rows(f, t, truth)
+    if truth is not None:
+        rows += truth_rows(f, t, truth, compute_dtype_name(precision_name))
+    return rows
+
+
+# ---- training --------------------------------------------------------------------------------
+
+def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
     """Train both frameworks from `tensors` on the same `batches` (a list of (x, y) with
-    shape (grad_accum, B, T)), each step's labels made kink-free; return per-step losses and
-    the final canonical parameters."""
-    fm, tm = build_pair(config, tensors, tc.precision, tc.attention)
+    shape (grad_accum, B, T)); in float32 `highest`, each step's labels are kink-masked from
+    the two models' own forwards at that step. Returns (flax losses, torch losses, flax
+    parameters, torch parameters, kept share of each step)."""
+    fm, tm = build_pair(config, tensors, tc.precision, tc.attention, torch_device=torch_device)
     fm.train()
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     tx = optimizer(tc)
     opt_state = tx.init(params)
     step = make_train_step(graphdef, tx, grad_accum=tc.grad_accum, dropout=bool(config.dropout))
-    torch_step = TrainStep(tm, tc)
+    torch_step = TrainStep(tm, tc, device=torch_device)
     key = jax.random.key(tc.seed)
-    f_losses, t_losses = [], []
+    f_losses, t_losses, kept = [], [], []
     for i, (x, y) in enumerate(batches):
-        y = np.stack([kink_free_labels(tm, xm, ym)[0] for xm, ym in zip(x, y)])
+        if tc.precision == "highest":
+            current = nnx.merge(graphdef, params, rest)
+            masked = np.stack([kink_free_labels(current, tm, xm, ym)[0] for xm, ym in zip(x, y)])
+            kept.append(kept_share(masked, y))
+            y = masked
         params, opt_state, metrics = step(params, opt_state, rest, jnp.asarray(x), jnp.asarray(y),
                                           jax.random.fold_in(key, i))
         f_losses.append(metrics["loss"])
-        t_losses.append(torch_step(i, torch.from_numpy(x).long(), torch.from_numpy(y).long())["loss"])
+        t_losses.append(torch_step(i, *(torch.from_numpy(a).long().to(torch_device) for a in (x, y)))["loss"])
     return (np.asarray(jax.device_get(f_losses), np.float64),
             np.asarray([float(t) for t in t_losses]), flax_model.canonical(params, config),
-            torch_model.canonical(tm))
+            torch_model.canonical(tm), kept)
 
 
-def compare_training(config, tensors, batches, tc):
-    f_losses, t_losses, f_params, t_params = train_both(config, tensors, batches, tc)
-    diff, rel = max_abs_rel(f_losses, t_losses)
+def train_truth(config, tensors, batches, tc, *, torch_device="cpu"):
+    """Per-step losses of the float64 run (PyTorch) that float32, TF32 and bf16 runs are
+    judged against."""
+    _, tm = build_pair(config, tensors, "float64", tc.attention, torch_device=torch_device)
+    torch_step = TrainStep(tm, tc.replace(precision="float64"), device=torch_device)
+    return np.asarray([float(torch_step(i, *(torch.from_numpy(a).long().to(torch_device)
+                                              for a in (x, y)))["loss"])
+                       for i, (x, y) in enumerate(batches)])
+
+
+def first_step_above(diff, tolerance):
+    """1-based step of the first |diff| above tolerance (or NaN), or None."""
+    above = np.nonzero(~(np.asarray(diff) <= tolerance))[0]
+    return int(above[0]) + 1 if len(above) else None
+
+
+def compare_training(config, tensors, batches, tc, *, truth=None, torch_device="cpu"):
+    """Rows for each step's loss and the final parameters: direct in float64 and `highest`;
+    against `truth` (train_truth's losses) in window medians whenever it is given."""
+    f_losses, t_losses, f_params, t_params, kept = train_both(config, tensors, batches, tc,
+                                                              torch_device=torch_device)
     steps = len(batches)
-    if tc.precision == "bf16":
-        return [Row(f"train loss, {steps} AdamW steps", diff, rel, None, None)]
-    rows = [judged(f"train loss, each of {steps} AdamW steps", diff, rel, TRAIN_LOSS_ATOL, diff)]
-    live = [name for name in t_params if not is_inert(name)]
-    worst = max(((name, *max_abs_rel(f_params[name], t_params[name])) for name in live),
-                key=lambda item: item[1])
-    rows.append(judged(f"parameters after {steps} steps", worst[1], worst[2], TRAIN_PARAM_ATOL,
-                       worst[1], note=f"worst: {worst[0]}"))
-    inert = [name for name in t_params if is_inert(name)]
-    diff, rel = max(max_abs_rel(f_params[name], t_params[name]) for name in inert)
-    rows.append(Row("key biases after training (no effect on the loss)", diff, rel, None, None,
-                    note="Adam steps on a gradient of rounding noise"))
+    diff = np.abs(f_losses - t_losses)
+    rows = []
+    tol = DIRECT.get(tc.precision)
+    if tol is None:
+        rows.append(Row(f"train loss, {steps} AdamW steps: flax - torch", *max_abs_rel(f_losses, t_losses),
+                        None, None))
+    else:
+        ok, note = True, ""
+        if kept:
+            ok = min(kept) >= MIN_KEPT_SHARE
+            note = (f"kept share of labels per step: min {min(kept):.1%}, mean {np.mean(kept):.1%} "
+                    f"(labels after a ReLU flip masked)")
+        rows.append(judged(f"train loss, each of {steps} AdamW steps", *max_abs_rel(f_losses, t_losses),
+                           tol.train_loss, np.max(diff) if steps else float("nan"), note=note, ok=ok,
+                           figures={"flax": f_losses.tolist(), "torch": t_losses.tolist(),
+                                    "kept_share": kept,
+                                    "first_step_above": first_step_above(diff, tol.train_loss)}))
+        live = [name for name in t_params if not is_inert(name)]
+        per_tensor = {name: max_abs_rel(f_params[name], t_params[name]) for name in live}
+        worst = max(live, key=lambda name: np.nan_to_num(per_tensor[name][0], nan=np.inf))
+        rows.append(judged(f"parameters after {steps} steps", *per_tensor[worst], tol.train_params,
+                           per_tensor[worst][0], note=f"worst: {worst}"))
+        inert = [name for name in t_params if is_inert(name)]
+        rows.append(Row("key biases after training (no effect on the loss)",
+                        *max(max_abs_rel(f_params[name], t_params[name]) for name in inert),
+                        None, None, note="Adam steps on a gradient of rounding noise"))
+    if truth is not None:
+        f_win = window_medians(np.abs(f_losses - truth))
+        t_win = window_medians(np.abs(t_losses - truth))
+        dtype = compute_dtype_name(tc.precision)
+        bounds = TRUTH_RATIO * t_win + truth_floor(dtype, float(np.max(np.abs(truth))))
+        worst = int(np.argmax(f_win - bounds))
+        rows.append(judged(f"train loss vs float64, medians of {TRUTH_WINDOW}-step windows",
+                           f_win[worst], f_win[worst] / t_win[worst] if t_win[worst] else float("inf"),
+                           float(bounds[worst]), f_win[worst], ok=bool(np.all(f_win <= bounds)),
+                           note=f"tightest window: steps {worst * TRUTH_WINDOW + 1}-"
+                                f"{min((worst + 1) * TRUTH_WINDOW, steps)}",
+                           figures={"flax_window_errors": f_win.tolist(),
+                                    "torch_window_errors": t_win.tolist(),
+                                    "bounds": bounds.tolist(), "truth": truth.tolist()}))
     return rows
 
 
@@ -227,22 +378,44 @@ class ParityResult:
     def passed(self):
         return not self.failed
 
+    @property
+    def divergence(self):
+        """Where the two part, when they do: the first layer (from the embedding up) whose
+        output fails, the first parameter tensor from the top whose gradient fails, the
+        first training step whose loss fails."""
+        out = {}
+        forward = [r for r in self.rows if r.quantity.startswith(("embed output", "layer ", "logits"))]
+        first = next((r.quantity for r in forward if r.passed is False), None)
+        if first:
+            out["forward"] = first
+        for r in self.rows:
+            per_tensor = r.figures.get("per_tensor_rel")
+            if r.passed is False and per_tensor:
+                top = [n for n in reversed(list(per_tensor)) if not per_tensor[n] <= r.tolerance]
+                out["backward"] = top[0] if top else None
+            if r.passed is False and r.figures.get("first_step_above"):
+                out["training_step"] = r.figures["first_step_above"]
+        return out
+
     def to_dict(self):
         return {"config": self.config, "attention": self.attention, "batch_size": self.batch_size,
                 "train_steps": self.train_steps, "data": self.data,
                 "rows": [dataclasses.asdict(r) for r in self.rows], "passed": self.passed,
-                **self.environment}
+                "divergence": self.divergence, **self.environment}
 
 
 def run(config=None, *, weights_path=None, data=None, precision="highest", attention="explicit",
-        batch_size=4, train_steps=50, lr=None, seed=0):
+        batch_size=4, train_steps=50, lr=None, seed=0, torch_device=None, progress=print_progress):
     """Compare Flax and PyTorch from one set of weights: every layer's output, the logits, the
     loss and every gradient on one batch, then `train_steps` AdamW steps on the same batches.
 
+    float64 and float32 `highest` are judged Flax against PyTorch; every precision but
+    float64 is also judged against the float64 result from the same weights and batches.
     The weights come from `weights_path` (a canonical file) or a seeded PyTorch init of
-    `config`; batches from the dataset folder `data` or random tokens. Returns a ParityResult.
+    `config`; batches from the dataset folder `data` or random tokens. PyTorch runs on
+    `torch_device` (default: cuda when available). Returns a ParityResult.
     """
-    record = apply_precision(precision)  # before the frameworks build anything
+    torch_device = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = TokenDataset.load(data) if data else None
     if weights_path:
         config, tensors = weights.load(weights_path)
@@ -255,12 +428,27 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
             config = config.replace(vocab_size=dataset.vocab_size)
         tensors = random_weights(config, seed)
     batches = parity_batches(config, dataset, batch_size, config.seq_len, max(train_steps, 1), seed)
-    fm, tm = build_pair(config, tensors, precision, attention)
     x, y = batches[0]
-    rows = compare_forward(fm, tm, x[0], y[0], precision)
+    tc = default_train_config(precision, attention).replace(
+        steps=max(train_steps, 1), batch_size=batch_size, seed=seed, lr=lr)
+    truth = train_truth_losses = None
+    if precision != "float64":
+        progress("float64 truth: forward and backward")
+        apply_precision("float64")
+        _, truth_model = build_pair(config, tensors, "float64", attention, torch_device=torch_device)
+        truth = torch_outputs(truth_model, x[0], y[0], "float64")
+        if train_steps:
+            progress(f"float64 truth: {train_steps} AdamW steps")
+            train_truth_losses = train_truth(config, tensors, batches[:train_steps], tc,
+                                             torch_device=torch_device)
+    record = apply_precision(precision)  # before this precision's models are built
+    progress(f"{precision}: forward and backward")
+    fm, tm = build_pair(config, tensors, precision, attention, torch_device=torch_device)
+    rows = compare_forward(fm, tm, x[0], y[0], precision, truth=truth)
     if train_steps:
-        tc = default_train_config(precision, attention).replace(
-            steps=train_steps, batch_size=batch_size, seed=seed, lr=lr)
-        rows += compare_training(config, tensors, batches[:train_steps], tc)
+        progress(f"{precision}: {train_steps} AdamW steps in both frameworks")
+        rows += compare_training(config, tensors, batches[:train_steps], tc,
+                                 truth=train_truth_losses, torch_device=torch_device)
     return ParityResult(config.to_dict(), attention, batch_size, train_steps,
-                        str(Path(data)) if data else "random", rows, environment(record))
+                        str(Path(data)) if data else "random", rows,
+                        environment(record, torch_device=torch_device))
