@@ -289,7 +289,9 @@ def run_compare(args):
              f"(final {floor['final_abs_loss_diff']:.3e})" if floor else "")
           + f"; unigram baseline {report['unigram_baseline_loss']:.4f}; wrote {r.report_path} "
           f"and {r.plot_path}")
-    return 0
+    verdict = {True: "within", False: "NOT within", None: "not judged"}[r.passed]
+    print(f"gap {verdict} what floating point allows: {report['judgement']['rule']}")
+    return 1 if r.passed is False else 0
 
 
 def add_eval(sub):

@@ -3,6 +3,7 @@ through the project's one precision switch."""
 
 import functools
 
+import numpy as np
 import pytest
 
 from flax_gpt.sidebyside.pair import apply_precision
@@ -28,8 +29,16 @@ def tensors_for(name, seed=0):
 
 
 def batch(config, batch_size, seq_len, seed=0):
-    """Random ids with SPEC labels; the last row's labels all -100 when batch_size > 1."""
-    return synthetic_batch(config.vocab_size, batch_size, seq_len, seed, ignored_row=True)
+    """Random ids with SPEC labels; the last row's labels all -100 when batch_size > 1.
+
+    With seq_len 1 SPEC's labels are all -100 (a row's only position has no next token
+    inside it), and every gradient would be a comparison of zeros: such batches get random
+    labels instead, as if the rows were cut from a longer stream."""
+    x, y = synthetic_batch(config.vocab_size, batch_size, seq_len, seed, ignored_row=True)
+    if seq_len == 1:
+        labels = np.random.default_rng([seed, 1]).integers(0, config.vocab_size, y.shape)
+        y = np.where(np.arange(batch_size)[:, None] < max(batch_size - 1, 1), labels, y)
+    return x, y
 
 
 @pytest.fixture(params=list(CONFIGS), scope="session")

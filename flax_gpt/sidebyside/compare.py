@@ -14,7 +14,10 @@ from flax_gpt import experiments
 from flax_gpt.core import loop
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.files import save_figure, write_json
+from flax_gpt.core.precision import compute_dtype_name
 from flax_gpt.sidebyside.pair import apply_precision, environment, nudged, random_weights
+from flax_gpt.sidebyside.tolerances import (DIRECT, TRUTH_FLOOR_ULPS, TRUTH_RATIO, TRUTH_WINDOW,
+                                            truth_floor, window_medians)
 
 NUDGED = "torch-1ulp"
 GAP_BAR = 1e-4  # the |loss diff| the report dates the first crossing of (issue 4's bar)
@@ -34,6 +37,11 @@ class CompareResult:
     @property
     def plot_path(self):
         return self.out / PLOT
+
+    @property
+    def passed(self):
+        """True or False where the gap was judged (see `judge`), None where it was not."""
+        return self.report["judgement"]["passed"]
 
     def to_dict(self):
         return self.report
@@ -83,10 +91,31 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
             "loss_diff": floor.tolist(), "max_abs_loss_diff": float(floor.max()),
             "final_abs_loss_diff": float(floor[-1]),
             "first_step_above": first_above(floor, GAP_BAR)}
+    report["judgement"] = judge(diff, floor, tc.precision, float(np.max(losses["torch"])))
     result = CompareResult(out, report)
     write_json(result.report_path, report)
     plot(result.plot_path, results, diff, unigram, floor)
     return result
+
+
+def judge(diff, floor, precision, loss_scale):
+    """Is the Flax-PyTorch gap what floating point allows? In float64: every step within the
+    float64 parity tolerance. Otherwise, against the noise floor (PyTorch against itself from
+    weights one ulp away): in every window of TRUTH_WINDOW steps, the median gap at most
+    TRUTH_RATIO x the floor's median plus TRUTH_FLOOR_ULPS ulps of the loss. Without a noise
+    floor a float32 run is not judged."""
+    if precision == "float64":
+        bound = DIRECT["float64"].train_loss
+        return {"rule": f"every step's |flax - torch| <= {bound:g} (float64 parity)",
+                "worst": float(diff.max()), "passed": bool(np.all(diff <= bound))}
+    if floor is None:
+        return {"rule": "none: pass --noise-floor to judge a float32 run", "passed": None}
+    gap, noise = window_medians(diff), window_medians(floor)
+    bounds = TRUTH_RATIO * noise + truth_floor(compute_dtype_name(precision), loss_scale)
+    return {"rule": f"median |flax - torch| of each {TRUTH_WINDOW}-step window <= {TRUTH_RATIO:g} x "
+                    f"that of |torch - torch one ulp away| + {TRUTH_FLOOR_ULPS} ulps of the loss",
+            "window_gap": gap.tolist(), "window_noise_floor": noise.tolist(),
+            "bounds": bounds.tolist(), "passed": bool(np.all(gap <= bounds))}
 
 
 def first_above(diff, threshold):

@@ -1,0 +1,128 @@
+"""An independent float64 implementation of SPEC.md, for the parity suite only.
+
+It imports nothing from flax_gpt or torch_reference: its own positional table, causal mask,
+attention, LayerNorm, loss, learning-rate schedule and AdamW, written from SPEC.md and the
+documented training algorithm, with torch float64 autograd for gradients only. It reads a
+canonical weights file with safetensors alone. A bug that both frameworks share through the
+project's common modules (positional table, schedule, init, loss conventions) cannot hide
+from it.
+"""
+
+import json
+import math
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+IGNORE = -100
+MASK = -1e9
+
+
+def read_weights(path):
+    """(config dict, {name: float64 tensor}) from a canonical safetensors file."""
+    with safe_open(str(path), framework="np") as f:
+        config = json.loads(f.metadata()["config"])
+        tensors = {name: torch.from_numpy(f.get_tensor(name).astype(np.float64)) for name in f.keys()}
+    return config, tensors
+
+
+def sinusoids(seq_len, d_model):
+    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)), in float64."""
+    table = torch.zeros(seq_len, d_model, dtype=torch.float64)
+    for p in range(seq_len):
+        for i in range(0, d_model, 2):
+            angle = p / 10000 ** (i / d_model)
+            table[p, i] = math.sin(angle)
+            if i + 1 < d_model:
+                table[p, i + 1] = math.cos(angle)
+    return table
+
+
+def norm(x, w, b, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+def forward(config, w, ids):
+    """logits (B, T, V) and every layer's output, from weights `w` (name -> tensor)."""
+    B, T = ids.shape
+    d, H = config["d_model"], config["n_heads"]
+    dk = d // H
+    eps = config.get("layer_norm_eps", 1e-5)
+    x = w["embed.token.weight"][ids] + sinusoids(T, d)
+    future = torch.arange(T)[None, :] > torch.arange(T)[:, None]  # key j after query i
+    outputs = []
+    for i in range(config["n_layers"]):
+        p = f"decoder.layers.{i}."
+
+        def lin(h, name):
+            return h @ w[p + name + ".weight"].T + w[p + name + ".bias"]
+
+        q, k, v = (lin(x, f"mhma.{n}").reshape(B, T, H, dk).transpose(1, 2) for n in "qkv")
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(dk)
+        scores = scores.masked_fill(future, MASK)
+        a = torch.softmax(scores, dim=-1) @ v  # (B, H, T, dk)
+        x = norm(x + lin(a.transpose(1, 2).reshape(B, T, d), "mhma.out"),
+                 w[p + "layer_norm1.weight"], w[p + "layer_norm1.bias"], eps)
+        f = lin(torch.relu(lin(x, "ffn.fc1")), "ffn.fc2")
+        x = norm(x + f, w[p + "layer_norm2.weight"], w[p + "layer_norm2.bias"], eps)
+        outputs.append(x)
+    return x @ w["pred.weight"].T + w["pred.bias"], outputs
+
+
+def loss_of(logits, labels):
+    """Mean negative log-likelihood over labels != -100."""
+    logp = torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE
+    return -logp[keep.nonzero()[:, 0], labels[keep]].sum() / keep.sum()
+
+
+def loss_and_grads(config, w, ids, labels):
+    """(loss, logits, layer outputs, {name: gradient}) in float64."""
+    w = {n: t.detach().clone().requires_grad_(True) for n, t in w.items()}
+    logits, outputs = forward(config, w, torch.as_tensor(ids).long())
+    loss = loss_of(logits, torch.as_tensor(labels).long())
+    loss.backward()
+    return (loss.item(), logits.detach(), [o.detach() for o in outputs],
+            {n: t.grad for n, t in w.items()})
+
+
+def schedule(step, steps, lr, warmup, min_ratio):
+    """Linear warmup to `lr` over `warmup` steps, then cosine to lr * min_ratio at the last."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min((step - warmup) / max(steps - warmup - 1, 1), 1.0)
+    low = lr * min_ratio
+    return low + (lr - low) * (1 + math.cos(math.pi * t)) / 2
+
+
+def train(config, w, batches, *, steps, lr, warmup, min_ratio, b1, b2, eps, weight_decay, clip):
+    """AdamW (decoupled weight decay on every parameter, global-norm clipping, gradients of
+    loss / n summed over the n micro-batches of each step) over `batches` of (x, y) with
+    shape (n, B, T). Returns the per-step losses and the final weights."""
+    w = {n: t.clone() for n, t in w.items()}
+    m = {n: torch.zeros_like(t) for n, t in w.items()}
+    v = {n: torch.zeros_like(t) for n, t in w.items()}
+    losses = []
+    for s, (x, y) in enumerate(batches):
+        grads, loss = {n: torch.zeros_like(t) for n, t in w.items()}, 0.0
+        for xm, ym in zip(x, y):
+            micro, _, _, g = loss_and_grads(config, w, xm, ym)
+            loss += micro / len(x)
+            for n in grads:
+                grads[n] += g[n] / len(x)
+        losses.append(loss)
+        total = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
+        if clip and total > clip:
+            grads = {n: g * (clip / total) for n, g in grads.items()}
+        rate = schedule(s, steps, lr, warmup, min_ratio)
+        t = s + 1
+        for n in w:
+            m[n] = b1 * m[n] + (1 - b1) * grads[n]
+            v[n] = b2 * v[n] + (1 - b2) * grads[n] ** 2
+            step = (m[n] / (1 - b1 ** t)) / (torch.sqrt(v[n] / (1 - b2 ** t)) + eps)
+            w[n] = w[n] - rate * (step + weight_decay * w[n])
+    return np.asarray(losses), w
