@@ -198,6 +198,20 @@ def add_train_options(p):
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: all)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="host sync and log every N steps")
     p.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
+    add_mesh_option(p)
+
+
+def add_mesh_option(p):
+    p.add_argument("--mesh", metavar="data=N,fsdp=N,tensor=N", default=None,
+                   help="shard the Flax trainer over a device mesh: batch rows over data*fsdp, "
+                        "parameters and AdamW state over fsdp, Megatron-style over tensor; the "
+                        "product must be the device count (on CPU, set XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=N). The rules are printed at "
+                        "start")
+
+
+def print_err(line):
+    print(line, file=sys.stderr)
 
 
 def train_config(args):
@@ -240,7 +254,7 @@ def run_train(args):
             data=args.data, synthetic=args.synthetic, resume=args.resume, device=args.device,
             log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, keep=args.keep, stop_at=args.stop_at,
-            tensorboard=args.tensorboard)
+            tensorboard=args.tensorboard, mesh=args.mesh, log=print_err)
     except KeyboardInterrupt:
         return 130
     if args.json:
@@ -276,7 +290,7 @@ def run_compare(args):
     r = compare.run(model_config(args), train_config(args), out=args.out, data=args.data,
                     synthetic=args.synthetic, noise_floor=args.noise_floor, device=args.device,
                     log_every=args.log_every, eval_every=args.eval_every,
-                    eval_batches=args.eval_batches)
+                    eval_batches=args.eval_batches, mesh=args.mesh, log=print_err)
     report = r.report
     rows = [[label, f"{f['loss'][-1]:.5f}", f"{f['val'][-1]['val_loss']:.5f}" if f["val"] else "-",
              f"{f['tokens_per_s']:,.0f}", f"{f['seconds']:.1f}"]

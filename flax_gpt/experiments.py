@@ -24,6 +24,7 @@ from pathlib import Path
 from flax_gpt.core import loop, runfolder
 from flax_gpt.core.data import BOS, TokenDataset
 from flax_gpt.core.errors import CheckpointError, FlaxGPTError
+from flax_gpt.core.sharding import MeshError
 from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
 
 FRAMEWORKS = ("flax", "torch")
@@ -87,15 +88,23 @@ def make_stream(config, tc, *, data=None, synthetic=False):
     return config, stream
 
 
-def backend(framework, config, tc, tensors=None, device="cpu"):
+def backend(framework, config, tc, tensors=None, device="cpu", mesh=None):
     """The trainer of `framework` ("flax" or "torch") at `tc.precision`, from `tensors`
-    (canonical) or its own seeded init."""
+    (canonical) or its own seeded init; the Flax one sharded over `mesh` (a
+    flax_gpt.core.sharding.MeshShape or its text, "data=2,fsdp=2,tensor=2") where given."""
     if framework == "flax":
         from flax_gpt import precision
         from flax_gpt.train import FlaxBackend
 
         precision.apply(tc.precision)
-        return FlaxBackend(config, tc, tensors)
+        if mesh is None:
+            return FlaxBackend(config, tc, tensors)
+        from flax_gpt.mesh import make_mesh
+
+        return FlaxBackend(config, tc, tensors, mesh=make_mesh(mesh))
+    if mesh is not None:
+        raise MeshError("--mesh shards the Flax trainer; the PyTorch one runs data parallel "
+                        "with --nproc")
     from torch_reference import precision
     from torch_reference.train import TorchBackend
 
@@ -134,12 +143,18 @@ class TrainResult:
 
 def train(framework, config, tc, *, out, data=None, synthetic=False, resume=False, device="cpu",
           log_every=10, eval_every=100, eval_batches=20, checkpoint_every=0, keep=3,
-          stop_at=None, tensorboard=False):
+          stop_at=None, tensorboard=False, mesh=None, log=None):
     """Train `config` with `tc` in `framework`, writing the run folder `out` (see
     flax_gpt.core.runfolder); on `data` (a dataset folder, default tinyshakespeare) or
-    `synthetic` tokens. Ctrl-C saves a checkpoint and raises KeyboardInterrupt."""
+    `synthetic` tokens. Ctrl-C saves a checkpoint and raises KeyboardInterrupt.
+
+    `mesh` ("data=2,fsdp=2,tensor=2"): shard the Flax trainer over a device mesh; its rules
+    (flax_gpt.core.sharding.describe) go line by line to `log` before training starts."""
     config, stream = make_stream(config, tc, data=data, synthetic=synthetic)
-    trainer = backend(framework, config, tc, device=device)
+    trainer = backend(framework, config, tc, device=device, mesh=mesh)
+    if mesh is not None and log:
+        for line in trainer.layout.lines:
+            log(line)
     start = time.perf_counter()
     history = loop.train(trainer, stream, out, resume=resume, log_every=log_every,
                          eval_every=eval_every, eval_batches=eval_batches,

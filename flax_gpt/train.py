@@ -18,6 +18,7 @@ from flax_gpt import precision
 from flax_gpt.core import runfolder, weights
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import learning_rates
+from flax_gpt.mesh import Layout
 from flax_gpt.model import GPT, canonical, cross_entropy, set_canonical
 
 OPTIMIZER = "optimizer.safetensors"
@@ -54,11 +55,12 @@ def donated():
     return () if jax.default_backend() == "cpu" else (0, 1)
 
 
-def make_train_step(graphdef, tx, *, grad_accum=1, dropout=False):
+def make_train_step(graphdef, tx, *, grad_accum=1, dropout=False, layout=None):
     """A jitted `step(params, opt_state, rest, x, y, key) -> (params, opt_state, metrics)`.
 
     `x`, `y`: int32 `(grad_accum, B, T)`. Gradients of loss / grad_accum are summed over the
     micro-batches, as PyTorch's repeated `backward()` accumulates them. `key` reseeds dropout.
+    `layout` (flax_gpt.mesh.Layout): the in/out shardings on a device mesh.
     """
 
     def loss_fn(params, rest, x, y, key):
@@ -69,7 +71,9 @@ def make_train_step(graphdef, tx, *, grad_accum=1, dropout=False):
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    @functools.partial(jax.jit, donate_argnums=donated())
+    shardings = layout.jit_shardings() if layout else {}
+
+    @functools.partial(jax.jit, donate_argnums=donated(), **shardings)
     def step(params, opt_state, rest, x, y, key):
         keys = jax.random.split(key, grad_accum)
         loss, grads = grad_fn(params, rest, x[0], y[0], keys[0])
@@ -97,7 +101,8 @@ class FlaxBackend:
 
     name = "flax"
 
-    def __init__(self, config, tc, tensors=None):
+    def __init__(self, config, tc, tensors=None, mesh=None):
+        """`mesh`: a jax.sharding.Mesh (flax_gpt.mesh.make_mesh) to shard the run over."""
         self.config, self.tc = config, tc
         param_dtype, dtype = precision.dtypes(tc.precision)
         model = GPT(config, rngs=nnx.Rngs(tc.seed), dtype=dtype, param_dtype=param_dtype,
@@ -108,10 +113,19 @@ class FlaxBackend:
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.tx = optimizer(tc)
         self.opt_state = self.tx.init(self.params)
+        self.layout = None if mesh is None else Layout(mesh, config, self.params, self.tx,
+                                                       tc.batch_size)
+        self._place()
         self._step = make_train_step(self.graphdef, self.tx, grad_accum=tc.grad_accum,
-                                     dropout=bool(config.dropout))
+                                     dropout=bool(config.dropout), layout=self.layout)
         self.key = jax.random.key(tc.seed)
         self.lrs = learning_rates(tc)
+
+    def _place(self):
+        """On a mesh, put parameters, optimizer state and buffers where the layout says."""
+        if self.layout:
+            self.params, self.opt_state, self.rest = self.layout.place(
+                self.params, self.opt_state, self.rest)
 
     def step(self, index, x, y):
         self.params, self.opt_state, metrics = self._step(
@@ -147,3 +161,4 @@ class FlaxBackend:
         except KeyError as e:
             raise CheckpointError(f"{folder / OPTIMIZER} lacks optimizer state {e}") from None
         self.opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+        self._place()  # the checkpoint is gathered: it restores onto any mesh

@@ -150,6 +150,13 @@ def _flax_path(name):
     return path, "kernel"
 
 
+def flax_key(name):
+    """Where canonical tensor `name` sits in the Flax parameter tree, and whether it is held
+    there transposed: ('decoder', 'layers', 0, 'mhma', 'q', 'kernel'), True."""
+    path, leaf = _flax_path(name)
+    return (*path, leaf), leaf == "kernel"
+
+
 def to_flax(tensors):
     """Canonical tensors -> the nested dict of `nnx.state(model, nnx.Param).to_pure_dict()`."""
     tree = {}

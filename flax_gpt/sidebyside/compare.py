@@ -48,10 +48,11 @@ class CompareResult:
 
 
 def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, device="cpu",
-        log_every=10, eval_every=100, eval_batches=20):
+        log_every=10, eval_every=100, eval_batches=20, mesh=None, log=None):
     """Train Flax and PyTorch from one seeded init on identical batches; write
     `out`/report.json (per-step losses, differences, val losses, tokens/s, versions, device,
-    precision) and `out`/loss.png. Returns a CompareResult."""
+    precision) and `out`/loss.png. Returns a CompareResult. `mesh`: the Flax trainer's device
+    mesh ("data=2,fsdp=2,tensor=2"), its rules sent to `log`."""
     out = Path(out)
     record = apply_precision(tc.precision)
     config, stream = experiments.make_stream(config, tc, data=data, synthetic=synthetic)
@@ -64,7 +65,11 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
     results = {}
     for label, framework, init in runs:
         print(f"training {label} ...", file=sys.stderr)
-        trainer = experiments.backend(framework, config, tc, init, device=device)
+        on_mesh = mesh if framework == "flax" else None
+        trainer = experiments.backend(framework, config, tc, init, device=device, mesh=on_mesh)
+        if on_mesh is not None and log:
+            for line in trainer.layout.lines:
+                log(line)
         start = time.perf_counter()
         history = loop.train(trainer, stream, out / label, log_every=log_every,
                              eval_every=eval_every, eval_batches=eval_batches)
@@ -82,7 +87,8 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
               "unigram_baseline_loss": unigram, "steps": len(diff),
               "max_abs_loss_diff": float(diff.max()), "final_abs_loss_diff": float(diff[-1]),
               "gap_bar": GAP_BAR, "first_step_above": first_above(diff, GAP_BAR),
-              "frameworks": results, **environment(record, torch_device=device)}
+              "frameworks": results, "flax_mesh": None if mesh is None else str(mesh),
+              **environment(record, torch_device=device)}
     floor = None
     if noise_floor:
         floor = np.abs(losses["torch"] - losses[NUDGED])

@@ -1,0 +1,173 @@
+"""How a training run is laid out on a device mesh: the one source of truth for sharding.
+
+Framework-free: the rules are read from the canonical parameter names and shapes
+(flax_gpt.core.weights.canonical_shapes), in the canonical layout (Linear weight [out, in]),
+as one entry per dimension: a mesh axis name or None (not split). The Flax side turns them
+into jax.sharding.NamedSharding (flax_gpt/mesh.py); the printed table is `describe`.
+
+The mesh has three axes, `data`, `fsdp` and `tensor`:
+
+    batch      rows split over (data, fsdp) together: data * fsdp must divide the batch size
+    data       parameters and optimizer state replicated (plain data parallelism)
+    fsdp       every parameter, and with it its AdamW moments, split over its largest
+               dimension that the tensor axis leaves free and that fsdp divides (ZeRO-3 /
+               FSDP); XLA gathers it where a matmul needs it whole
+    tensor     Megatron-style: q, k, v and fc1 split by output (heads / hidden units), out
+               and fc2 by input, so the pair needs one reduction; their biases follow the
+               output (q, k, v, fc1) or stay whole (out, fc2); pred split by vocabulary
+
+A dimension is left whole where the axis does not divide it: q, k, v and out need whole
+heads (n_heads divisible by tensor), fc1 and fc2 d_ff, pred the vocabulary size, fsdp the
+dimension it takes. An axis of size 1 splits nothing and is not written.
+"""
+
+import re
+from dataclasses import dataclass
+
+from flax_gpt.core.errors import FlaxGPTError
+from flax_gpt.core.weights import canonical_shapes
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+
+class MeshError(FlaxGPTError):
+    """A --mesh that cannot be used: malformed, or not matching the devices or the batch."""
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """Sizes of the three mesh axes; `parse("data=2,fsdp=2,tensor=2")`."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def parse(cls, text):
+        """'data=2,fsdp=2,tensor=2' (axes in any order, a missing one is 1) -> MeshShape."""
+        sizes = {}
+        for part in str(text).split(","):
+            match = re.fullmatch(r"\s*([a-z]+)\s*=\s*(\d+)\s*", part)
+            if not match:
+                raise MeshError(f"--mesh takes AXIS=N pairs separated by commas, axes "
+                                f"{', '.join(AXES)} (e.g. data=2,fsdp=2,tensor=2); got {text!r}")
+            axis, size = match.group(1), int(match.group(2))
+            if axis not in AXES:
+                raise MeshError(f"--mesh: unknown axis {axis!r}: the axes are {', '.join(AXES)}")
+            if axis in sizes:
+                raise MeshError(f"--mesh: axis {axis!r} given twice in {text!r}")
+            if size < 1:
+                raise MeshError(f"--mesh: axis {axis} must be at least 1, got {size}")
+            sizes[axis] = size
+        return cls(**sizes)
+
+    @property
+    def shape(self):
+        return (self.data, self.fsdp, self.tensor)
+
+    @property
+    def size(self):
+        return self.data * self.fsdp * self.tensor
+
+    @property
+    def batch_ways(self):
+        return self.data * self.fsdp
+
+    def to_dict(self):
+        return dict(zip(AXES, self.shape))
+
+    def __str__(self):
+        return ",".join(f"{axis}={n}" for axis, n in self.to_dict().items())
+
+    def check_devices(self, count):
+        if self.size != count:
+            raise MeshError(f"--mesh {self} needs {self.size} devices, and there are {count}: make "
+                            f"the product of the axes {count} (on CPU, XLA_FLAGS="
+                            f"--xla_force_host_platform_device_count={self.size} gives {self.size})")
+
+    def check_batch(self, batch_size):
+        if batch_size % self.batch_ways:
+            raise MeshError(f"--batch-size {batch_size} does not split over data*fsdp = "
+                            f"{self.batch_ways} devices of --mesh {self}: make it a multiple of "
+                            f"{self.batch_ways}")
+
+
+def tensor_split(name, config):
+    """(canonical dimension the tensor axis splits, the size that must divide by it, what that
+    size is) for a Megatron-split tensor, else None."""
+    heads = (config.n_heads, "n_heads")
+    hidden = (config.d_ff, "d_ff")
+    vocab = (config.vocab_size, "vocab_size")
+    if re.search(r"\.mhma\.[qkv]\.(weight|bias)$", name):
+        return (0, *heads)  # by output: whole heads
+    if name.endswith(".mhma.out.weight"):
+        return (1, *heads)  # by input
+    if re.search(r"\.ffn\.fc1\.(weight|bias)$", name):
+        return (0, *hidden)
+    if name.endswith(".ffn.fc2.weight"):
+        return (1, *hidden)
+    if name in ("pred.weight", "pred.bias"):
+        return (0, *vocab)
+    return None
+
+
+def rules(config, mesh):
+    """{canonical name: (axis or None per dimension, canonical layout)} for every tensor.
+
+    Each AdamW moment takes its parameter's entry; scalars (step counts) are replicated.
+    """
+    specs = {}
+    for name, shape in canonical_shapes(config).items():
+        spec = [None] * len(shape)
+        split = tensor_split(name, config)
+        if mesh.tensor > 1 and split and split[1] % mesh.tensor == 0:
+            spec[split[0]] = "tensor"
+        if mesh.fsdp > 1:
+            free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % mesh.fsdp == 0]
+            if free:
+                spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"  # largest, then first
+        specs[name] = tuple(spec)
+    return specs
+
+
+def layer_pattern(name):
+    """'decoder.layers.3.mhma.q.weight' -> 'decoder.layers.*.mhma.q.weight'."""
+    return re.sub(r"^decoder\.layers\.\d+\.", "decoder.layers.*.", name)
+
+
+def describe(config, mesh):
+    """The rules as printable lines: a header, then one line per tensor (layers folded into
+    `*`), with why a dimension an axis could have split was left whole."""
+    shapes, specs = canonical_shapes(config), rules(config, mesh)
+    lines = [f"mesh {mesh} ({mesh.size} devices): batch rows over data*fsdp = {mesh.batch_ways}; "
+             f"parameters and AdamW moments (canonical [out, in] layout; '-' = whole):"]
+    seen = set()
+    for name, shape in shapes.items():
+        pattern = layer_pattern(name)
+        if pattern in seen:
+            continue
+        seen.add(pattern)
+        spec = specs[name]
+        dims = ", ".join(f"{n}:{axis or '-'}" for n, axis in zip(shape, spec))
+        note = ""
+        split = tensor_split(name, config)
+        if mesh.tensor > 1 and split and "tensor" not in spec:
+            note = f"  (tensor={mesh.tensor} does not divide {split[2]}={split[1]})"
+        elif mesh.fsdp > 1 and "fsdp" not in spec and None in spec:
+            note = f"  (fsdp={mesh.fsdp} divides no dimension left free)"
+        lines.append(f"  {pattern} [{dims}]{note}")
+    return lines
+
+
+def per_device_elements(config, mesh):
+    """Parameter elements each device holds under `rules` (the AdamW moments hold twice as
+    many): the figure `bench --mesh` measures from the arrays themselves."""
+    sizes, specs = mesh.to_dict(), rules(config, mesh)
+    total = 0
+    for name, shape in canonical_shapes(config).items():
+        n = 1
+        for dim, axis in zip(shape, specs[name]):
+            n *= dim // sizes[axis] if axis else dim
+        total += n
+    return total
