@@ -113,7 +113,13 @@ def kink_free_labels(fm, tm, ids, labels):
     position t feeds only the outputs of positions >= t, so ignoring those labels leaves the
     loss, and every gradient, free of the flip.
     """
-    flipped = (flax_relu_inputs(fm, ids)[0] > 0) != (torch_relu_inputs(tm, ids) > 0)  # (L, B, T, F)
+    return labels_before_flips(flax_relu_inputs(fm, ids)[0], torch_relu_inputs(tm, ids), labels)
+
+
+def labels_before_flips(inputs, other_inputs, labels):
+    """(`labels` with each row ignored from the first position where the two runs' ReLU
+    inputs, (L, B, T, F) each, lie on opposite sides of 0; the number of such inputs)."""
+    flipped = (inputs > 0) != (other_inputs > 0)  # (L, B, T, F)
     reached = np.cumsum(flipped.any(axis=(0, 3)), axis=1) > 0  # (B, T): at or after a flip
     return np.where(reached, IGNORE_INDEX, labels), int(flipped.sum())
 

@@ -1,0 +1,246 @@
+"""Hold the Flax trainer on a device mesh to the single-device run, and check checkpoints of a
+sharded run. Prints one JSON object (tests/test_mesh.py parses it; README's table quotes it).
+
+    python scripts/mesh_equivalence.py --devices 8 --steps 30 --float64 --checkpoints DIR
+
+On `--devices` fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, set here
+before jax is imported), every mesh of `--meshes` trains a tiny config from the same weights
+on the same global batches as one device does, and reports per-step |loss difference| and
+the largest |parameter difference| at the end. Also:
+
+  accumulation  on the last mesh, grad_accum=2 micro-batches of B against one device taking
+                the same 2B rows as one batch
+  float64       the same meshes at precision float64 (--float64)
+  checkpoints   (--checkpoints DIR) the float32 run on the last mesh again, through the real
+                loop, checkpointed half-way: resumed on the same mesh (losses bit for bit), and its checkpoint
+                restored on the first mesh and on one device (every tensor bit for bit), then
+                trained on to the end there
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout, not an installed copy
+
+MESHES = "data=8 fsdp=8 tensor=8 data=2,fsdp=2,tensor=2"
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--meshes", default=MESHES, help=f"space-separated (default {MESHES!r})")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--float64", nargs="?", const="all", metavar="MESHES",
+                   help="also at precision float64, on every mesh or the space-separated MESHES")
+    p.add_argument("--checkpoints", type=Path, help="a folder for the checkpoint runs")
+    p.add_argument("--compilation-cache", type=Path,
+                   help="JAX's persistent compilation cache: a train step compiled once (the same "
+                        "mesh, config and schedule) is reloaded, not recompiled, by the later "
+                        "runs of this script (compiling dominates its run time on CPU)")
+    return p.parse_args()
+
+
+def main():
+    args = parse()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}").strip()
+    import jax
+
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+    from flax_gpt.core.config import GPTConfig
+    from flax_gpt.core.hparams import TrainConfig
+
+    assert jax.device_count() == args.devices, jax.devices()
+    # n_heads, d_ff and the vocabulary divide 8, so every axis splits what it may
+    config = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_heads=8, n_layers=2, d_ff=128)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3, warmup_steps=5)
+    meshes = args.meshes.split()
+    t0 = time.perf_counter()
+    out = {"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+           "config": config.to_dict(), "train": tc.to_dict(), "meshes": meshes}
+    out["float32"] = equivalence(config, tc, meshes, kink_masked=True)
+    out["accumulation"] = accumulation(config, tc, meshes[-1])
+    if args.float64:
+        on = meshes if args.float64 == "all" else args.float64.split()
+        out["float64"] = equivalence(config, tc.replace(precision="float64"), on)
+    if args.checkpoints:
+        out["checkpoints"] = checkpoints(config, tc, meshes[-1], meshes[0], args.checkpoints)
+    out["seconds"] = time.perf_counter() - t0
+    json.dump(out, sys.stdout)
+    print()
+
+
+def backend(config, tc, tensors=None, mesh=None):
+    from flax_gpt import experiments
+
+    return experiments.backend("flax", config, tc, tensors, mesh=mesh)
+
+
+def train(trainer, batches):
+    """Losses of `trainer` over `batches` ((grad_accum, B, T) pairs), then its canonical weights."""
+    losses = [trainer.fetch(trainer.step(i, x, y))["loss"] for i, (x, y) in enumerate(batches)]
+    return losses, trainer.canonical()
+
+
+def placement(trainer):
+    """Where the trained parameters are: {canonical name: [axis or None per canonical
+    dimension]} read from the arrays themselves, and the largest bytes of parameters and of
+    optimizer state that one device holds."""
+    from flax import nnx
+
+    from flax_gpt.core import weights
+    from flax_gpt.mesh import bytes_per_device
+
+    tree, specs = nnx.to_pure_dict(trainer.params), {}
+    for name in trainer.canonical():
+        key, transposed = weights.flax_key(name)
+        node = tree
+        for part in key:
+            node = node[part]
+        spec = list(node.sharding.spec) + [None] * (node.ndim - len(node.sharding.spec))
+        specs[name] = spec[::-1] if transposed else spec
+    return {"specs": specs,
+            "param_bytes_per_device": max(bytes_per_device(trainer.params).values()),
+            "optimizer_bytes_per_device": max(bytes_per_device(trainer.opt_state).values())}
+
+
+def max_diff(a, b):
+    return max(float(abs(a[k].astype("float64") - b[k].astype("float64")).max()) for k in a)
+
+
+def compare(reference, run):
+    (ref_losses, ref_params), (losses, params) = reference, run
+    diffs = [abs(a - b) for a, b in zip(ref_losses, losses)]
+    return {"loss_diff": diffs, "max_loss_diff": max(diffs), "max_param_diff": max_diff(ref_params, params),
+            "final_loss": losses[-1]}
+
+
+def global_batches(tc, seq_len, vocab_size, grad_accum=1):
+    """The batches of every step: the synthetic stream's, by global index."""
+    from flax_gpt.core.streams import SyntheticStream, step_batch
+
+    stream = SyntheticStream(vocab_size, tc.batch_size, seq_len, tc.seed)
+    return [step_batch(stream, s, grad_accum) for s in range(tc.steps)]
+
+
+def equivalence(config, tc, meshes, *, kink_masked=False):
+    """Each mesh against one device, from one set of weights on the same batches; with
+    `kink_masked`, also again with each step's labels masked from ReLU flips on (see
+    `kink_free`)."""
+    tensors = backend(config, tc).canonical()
+    batches = global_batches(tc, config.seq_len, config.vocab_size)
+    reference = train(backend(config, tc, tensors), batches)
+    result = {"single_device_final_loss": reference[0][-1]}
+    for mesh in meshes:
+        start = time.perf_counter()
+        trainer = backend(config, tc, tensors, mesh)
+        result[mesh] = {**compare(reference, train(trainer, batches)), **placement(trainer)}
+        if kink_masked:
+            result[mesh]["kink_masked"] = kink_free(config, tc, tensors, batches, mesh)
+        result[mesh]["seconds"] = time.perf_counter() - start
+    return result
+
+
+def kink_free(config, tc, tensors, batches, mesh):
+    """One device and `mesh` in lockstep, each step's labels ignored in a row from the first
+    ReLU input that the two forwards put on opposite sides of 0 (the parity suite's rule,
+    flax_gpt.sidebyside.parity.kink_free_labels): a unit within rounding of its kink takes
+    different branches in two correct float32 runs, its gradient row then differs by its
+    whole contribution, and AdamW carries that on. Masking leaves both runs the same labels."""
+    import numpy as np
+    from flax import nnx
+
+    from flax_gpt.sidebyside.parity import flax_relu_inputs, kept_share, labels_before_flips
+
+    runs = backend(config, tc, tensors), backend(config, tc, tensors, mesh)
+    losses, flips, kept = ([], []), 0, []
+    for i, (x, y) in enumerate(batches):
+        masked = np.empty_like(y)
+        for m in range(len(x)):
+            inputs = [flax_relu_inputs(nnx.merge(r.graphdef, r.params, r.rest), x[m])[0]
+                      for r in runs]
+            masked[m], n = labels_before_flips(*inputs, y[m])
+            flips += n
+        kept.append(kept_share(masked, y))
+        for r, out in zip(runs, losses):
+            out.append(r.fetch(r.step(i, x, masked))["loss"])
+    diffs = [abs(a - b) for a, b in zip(*losses)]
+    return {"loss_diff": diffs, "max_loss_diff": max(diffs), "flips": flips,
+            "kept_share": float(np.mean(kept)), "min_kept_share_of_a_step": min(kept),
+            "max_param_diff": max_diff(runs[0].canonical(), runs[1].canonical())}
+
+
+def accumulation(config, tc, mesh):
+    """grad_accum=2 micro-batches of B rows on `mesh` against one device taking the same 2B
+    rows as one batch, without accumulation."""
+    whole = tc.replace(batch_size=2 * tc.batch_size)
+    tensors = backend(config, tc).canonical()
+    batches = global_batches(whole, config.seq_len, config.vocab_size)  # (1, 2B, T)
+    reference = train(backend(config, whole, tensors), batches)
+    split = [(x.reshape(2, tc.batch_size, -1), y.reshape(2, tc.batch_size, -1)) for x, y in batches]
+    run = train(backend(config, tc.replace(grad_accum=2), tensors, mesh), split)
+    return {"mesh": mesh, **compare(reference, run)}
+
+
+def checkpoints(config, tc, mesh, other_mesh, folder):
+    """A run on `mesh` through the real loop (run folders in `folder`): unbroken, and stopped
+    half-way then resumed on the same mesh; the half-way checkpoint restored on `other_mesh`
+    and on one device, compared tensor by tensor with the files, and trained on to the end."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from flax_gpt.core import loop, runfolder
+    from flax_gpt.core.streams import SyntheticStream
+    from flax_gpt.train import OPTIMIZER
+
+    def stream():
+        return SyntheticStream(config.vocab_size, tc.batch_size, config.seq_len, tc.seed)
+
+    def losses(history):
+        return [h["loss"] for h in history if "loss" in h]
+
+    half = tc.steps // 2
+    tensors = backend(config, tc).canonical()
+    unbroken = losses(loop.train(backend(config, tc, tensors, mesh), stream(), folder / "unbroken",
+                                 log_every=1, checkpoint_every=half, progress=False))
+    first = losses(loop.train(backend(config, tc, tensors, mesh), stream(), folder / "resumed",
+                              log_every=1, stop_at=half, progress=False))
+    second = losses(loop.train(backend(config, tc, tensors, mesh), stream(), folder / "resumed",
+                               resume=True, log_every=1, progress=False))
+    result = {"mesh": mesh, "steps": tc.steps, "unbroken": unbroken, "resumed": first + second,
+              "resume_bitwise": first + second == unbroken}
+    checkpoint = runfolder.CHECKPOINTS + f"/step_{half:08d}"
+    saved = folder / "unbroken" / checkpoint
+    saved_weights = load_file(str(saved / runfolder.WEIGHTS))
+    saved_optimizer = load_file(str(saved / OPTIMIZER))
+    for label, target in ((other_mesh, other_mesh), ("single device", None)):
+        trainer = backend(config, tc, tensors, target)
+        step = runfolder.load_checkpoint(saved, trainer)
+        restored = trainer.canonical()
+        optimizer = {jax.tree_util.keystr(p): np.asarray(v)
+                     for p, v in jax.tree_util.tree_leaves_with_path(trainer.opt_state)}
+        bitwise = (all(np.array_equal(restored[k], saved_weights[k]) for k in saved_weights) and
+                   all(np.array_equal(optimizer[k], saved_optimizer[k]) for k in saved_optimizer)
+                   and optimizer.keys() == saved_optimizer.keys())
+        shardings = sorted({str(leaf.sharding.spec) for leaf in jax.tree.leaves(trainer.params)}
+                           ) if target else []
+        batches = global_batches(tc, config.seq_len, config.vocab_size)
+        later = [trainer.fetch(trainer.step(i, *batches[i]))["loss"] for i in range(step, tc.steps)]
+        result[f"restored on {label}"] = {
+            "step": step, "bitwise": bitwise, "param_specs": shardings,
+            "max_loss_diff_after": max(abs(a - b) for a, b in zip(later, unbroken[step:]))}
+    return result
+
+
+if __name__ == "__main__":
+    main()
