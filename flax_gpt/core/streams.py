@@ -12,6 +12,9 @@ from flax_gpt.core.errors import DatasetError
 from flax_gpt.core.files import sha256_bytes
 
 
+EVAL_SEED_TAG = 1  # a third seed word: held-out synthetic batches, never a training batch
+
+
 def synthetic_batch(vocab_size, batch_size, seq_len, seed, *, ignored_row=False):
     """Uniform random ids `(batch_size, seq_len)` with SPEC.md labels, from numpy seed `seed`
     (an int or a sequence of ints). With `ignored_row`, the last row's labels are all -100
@@ -55,7 +58,10 @@ class SyntheticStream:
         return synthetic_batch(self.vocab_size, self.batch_size, self.seq_len, [self.seed, k])
 
     def eval_batches(self, n):
-        return [self.batch(-1 - i) for i in range(n or 8)]
+        """Up to n held-out batches (8 when n is 0), seeded apart from every training batch
+        (numpy seeds are non-negative: the index -1 - i this used to pass was refused)."""
+        return [synthetic_batch(self.vocab_size, self.batch_size, self.seq_len,
+                                [self.seed, i, EVAL_SEED_TAG]) for i in range(n or 8)]
 
 
 def manifest_sha256(dataset):
