@@ -240,6 +240,10 @@ def add_train(sub):
     p.add_argument("--stop-at", type=_positive_int, default=None,
                    help="stop after step N of the --steps schedule (checkpointed; --resume goes on)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="PyTorch: train data parallel on N processes (DistributedDataParallel, "
+                        "gloo on CPU, NCCL with --device cuda); each takes 1/N of every batch's "
+                        "rows, rank 0 writes the run folder (also run under torchrun)")
     p.add_argument("--json", action="store_true",
                    help="print the result (every logged step and evaluation) as JSON")
     p.set_defaults(handler=run_train)
@@ -254,9 +258,11 @@ def run_train(args):
             data=args.data, synthetic=args.synthetic, resume=args.resume, device=args.device,
             log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, keep=args.keep, stop_at=args.stop_at,
-            tensorboard=args.tensorboard, mesh=args.mesh, log=print_err)
+            tensorboard=args.tensorboard, mesh=args.mesh, log=print_err, nproc=args.nproc)
     except KeyboardInterrupt:
         return 130
+    if not r.steps:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(r.to_dict(), sort_keys=True))
         return 0

@@ -16,6 +16,7 @@ experiments (parity, compare, bench) live in flax_gpt.sidebyside.
 """
 
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from flax_gpt.core.sharding import MeshError
 from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
 
 FRAMEWORKS = ("flax", "torch")
+MESH_IS_FLAX = "--mesh shards the Flax trainer; the PyTorch one runs data parallel with --nproc"
 
 
 # ---- prepare -------------------------------------------------------------------------------
@@ -103,8 +105,7 @@ def backend(framework, config, tc, tensors=None, device="cpu", mesh=None):
 
         return FlaxBackend(config, tc, tensors, mesh=make_mesh(mesh))
     if mesh is not None:
-        raise MeshError("--mesh shards the Flax trainer; the PyTorch one runs data parallel "
-                        "with --nproc")
+        raise MeshError(MESH_IS_FLAX)
     from torch_reference import precision
     from torch_reference.train import TorchBackend
 
@@ -143,14 +144,32 @@ class TrainResult:
 
 def train(framework, config, tc, *, out, data=None, synthetic=False, resume=False, device="cpu",
           log_every=10, eval_every=100, eval_batches=20, checkpoint_every=0, keep=3,
-          stop_at=None, tensorboard=False, mesh=None, log=None):
+          stop_at=None, tensorboard=False, mesh=None, log=None, nproc=1):
     """Train `config` with `tc` in `framework`, writing the run folder `out` (see
     flax_gpt.core.runfolder); on `data` (a dataset folder, default tinyshakespeare) or
     `synthetic` tokens. Ctrl-C saves a checkpoint and raises KeyboardInterrupt.
 
     `mesh` ("data=2,fsdp=2,tensor=2"): shard the Flax trainer over a device mesh; its rules
-    (flax_gpt.core.sharding.describe) go line by line to `log` before training starts."""
+    (flax_gpt.core.sharding.describe) go line by line to `log` before training starts.
+    `nproc`: train PyTorch data parallel on that many processes (DDP; also when started by
+    torchrun, see torch_reference.distributed); the history is rank 0's."""
     config, stream = make_stream(config, tc, data=data, synthetic=synthetic)
+    if framework == "torch" and mesh is not None:
+        raise MeshError(MESH_IS_FLAX)
+    if framework == "torch" and (nproc > 1 or "RANK" in os.environ and
+                                 int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        from torch_reference import distributed
+
+        start = time.perf_counter()
+        history = distributed.train(
+            nproc if nproc > 1 else None, config, tc, stream, out, device=device,
+            writer_factory=tensorboard_writer if tensorboard else None, resume=resume,
+            log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
+            checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at)
+        return TrainResult(framework, Path(out), time.perf_counter() - start, history)
+    if nproc > 1:
+        raise FlaxGPTError("--nproc runs the PyTorch trainer data parallel; the Flax trainer "
+                           "spreads over devices with --mesh")
     trainer = backend(framework, config, tc, device=device, mesh=mesh)
     if mesh is not None and log:
         for line in trainer.layout.lines:

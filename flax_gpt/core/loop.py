@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from flax_gpt.core.errors import CheckpointError
-from flax_gpt.core.runfolder import METRICS, load_checkpoint, open_run, save_checkpoint
+from flax_gpt.core.runfolder import (METRICS, latest_checkpoint, load_checkpoint, open_run,
+                                     save_checkpoint)
 from flax_gpt.core.streams import step_batch
 
 
@@ -37,7 +38,7 @@ def evaluate(backend, stream, n_batches):
 
 
 def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eval_batches=20,
-          checkpoint_every=0, keep=3, progress=None, writer=None, stop_at=None):
+          checkpoint_every=0, keep=3, progress=None, writer=None, stop_at=None, primary=True):
     """Train `backend` on `stream` to `backend.tc.steps` (or to `stop_at` of that schedule),
     writing the run folder.
 
@@ -45,9 +46,17 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
     finishes the step under way, saves a checkpoint and raises KeyboardInterrupt. `writer`:
     an optional metrics sink with `add_scalar(tag, value, step)` and `close()` (TensorBoard's
     SummaryWriter), which the loop closes.
+
+    `primary=False`: another rank of a data-parallel run (torch_reference.distributed). It
+    steps, logs and evaluates in step with the primary, so that every collective is met, and
+    writes nothing: no run folder, metrics or checkpoints.
     """
     tc = backend.tc
-    resume_from = open_run(run, backend, stream, resume=resume)
+    if primary:
+        resume_from = open_run(run, backend, stream, resume=resume)
+    else:
+        resume_from = latest_checkpoint(run) if resume else None
+        progress, writer = False, None
     start = load_checkpoint(resume_from, backend) if resume_from else 0
     end = min(tc.steps, stop_at) if stop_at else tc.steps
     if start >= end:
@@ -58,7 +67,7 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
     history, pending = [], []
     t0 = last_log = time.perf_counter()
     last_step = start
-    metrics_file = open(Path(run) / METRICS, "a", encoding="utf-8")
+    metrics_file = open(Path(run) / METRICS, "a", encoding="utf-8") if primary else None
 
     def flush(step):
         """The one host sync: fetch the metrics of the steps since the last log."""
@@ -90,16 +99,19 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
                               "elapsed": time.perf_counter() - t0}
                     history.append(record)
                     _log(metrics_file, writer, record)
-                if checkpoint_every and step % checkpoint_every == 0 and step < end:
+                if primary and checkpoint_every and step % checkpoint_every == 0 and step < end:
                     save_checkpoint(run, backend, step, keep)
             flush(step)
-            save_checkpoint(run, backend, step, keep)
+            if primary:
+                save_checkpoint(run, backend, step, keep)
             if step < end:
-                print(f"interrupted: saved a checkpoint at step {step} in {run}; continue with "
-                      f"--resume", file=sys.stderr)
+                if primary:
+                    print(f"interrupted: saved a checkpoint at step {step} in {run}; continue "
+                          f"with --resume", file=sys.stderr)
                 raise KeyboardInterrupt
     finally:
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
         bar.close()
         if writer:
             writer.close()
@@ -121,6 +133,8 @@ def _deferred_interrupt():
 
 
 def _log(metrics_file, writer, record):
+    if metrics_file is None:
+        return
     metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
     metrics_file.flush()
     if writer:
