@@ -397,6 +397,7 @@ def add_bench(sub):
                    help="keep the vocabulary as is (default: round it up to a multiple of 64)")
     p.add_argument("--sweep", metavar="batch_size=A,B,...", help="repeat for several batch sizes")
     p.add_argument("--device", default=None, help="PyTorch device (default: cuda if available)")
+    add_mesh_option(p)
     p.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG chart")
     p.set_defaults(handler=run_bench)
@@ -417,7 +418,8 @@ def run_bench(args):
     r = bench.run(model_config(args), batch_sizes=sizes, variants=_names(args.variants),
                   skip=_names(args.skip), warmup=args.warmup, steps=args.steps,
                   rounds=args.rounds, device=args.device, attention=args.attention,
-                  pad=not args.no_pad_vocab, json_path=args.json, on_report=print_bench)
+                  pad=not args.no_pad_vocab, json_path=args.json, on_report=print_bench,
+                  mesh=args.mesh)
     if args.json:
         print(f"wrote {args.json}")
     if args.plot:
@@ -431,10 +433,10 @@ def _names(text):
 
 
 def print_bench(report):
-    rows = []
+    rows, mesh = [], report.get("mesh")
     for r in report["results"]:
         if "skipped" in r:
-            rows.append([r["variant"], "skipped: " + r["skipped"], "", "", "", "", "", "", "", ""])
+            rows.append([r["variant"], "skipped: " + r["skipped"]] + [""] * (11 if mesh else 8))
             continue
         mem = r["peak_memory_bytes"]
         rows.append([r["variant"], f"{r['compile_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
@@ -442,8 +444,17 @@ def print_bench(report):
                      f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x",
                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                      "-" if mem is None else f"{mem / 2**30:.2f}", f"{r['loss']:.4f}"])
-    print_table(["variant", "compile s", "median ms", "p10 ms", "p90 ms", "tokens/s",
-                 f"speed / {report['speedup_of']}", "MFU", "peak GiB", "last loss"], rows)
+        if mesh:
+            rows[-1][6:6] = [str(r["devices"]), f"{r['tokens_per_s_per_device']:,.0f}",
+                             f"{r['param_bytes_per_device'] / 2**20:.3g} + "
+                             f"{r['optimizer_bytes_per_device'] / 2**20:.3g}"]
+    header = ["variant", "compile s", "median ms", "p10 ms", "p90 ms", "tokens/s",
+              f"speed / {report['speedup_of']}", "MFU", "peak GiB", "last loss"]
+    if mesh:
+        header[6:6] = ["devices", "tokens/s/device", "params + AdamW MiB/device"]
+        print(f"Flax jit variants on mesh {mesh} of {report['jax_devices']} devices; MFU per "
+              f"device")
+    print_table(header, rows)
     print(f"FLOPs/token {report['flops_per_token']:,} (causal {report['flops_per_token_causal']:,});"
           f" N = {report['matmul_params']:,} matmul parameters: {report['flops_note']}. "
           f"Device {report['device']}.")

@@ -17,9 +17,9 @@ import pytest
 
 from flax_gpt.core import runfolder, weights
 from flax_gpt.core.config import GPTConfig
-from flax_gpt.core.sharding import MeshShape, rules
+from flax_gpt.core.sharding import MeshShape, per_device_elements, rules
 from flax_gpt.sidebyside.tolerances import MIN_KEPT_SHARE
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 LOSS_TOL = 1e-6  # per-step |loss difference|, float32 highest (~2 ulps of a loss of 4.2)
 PARAM_TOL = 1e-5  # largest |parameter difference| after the last step, float32
@@ -119,3 +119,27 @@ def test_sharded_run_writes_one_gathered_canonical_file(report):
             assert np.array_equal(tensor.numpy(), tensors[name]), name
     model = flax_gpt.load(path)
     assert np.array_equal(np.asarray(model.pred.kernel[...]).T, tensors["pred.weight"])
+
+
+def test_bench_on_a_mesh_reports_per_device(tmp_path):
+    """`bench --mesh`: tokens/s per device, and the parameter and AdamW bytes one device holds,
+    measured from the arrays: what the rules predict (core.sharding.per_device_elements)."""
+    mesh = "data=2,fsdp=2,tensor=2"
+    result = run_cli("bench", "--preset", "tiny", "--batch-size", "4", "--warmup", "0",
+                     "--steps", "2", "--variants", "flax-jit-fp32,torch-eager-fp32",
+                     "--mesh", mesh, "--json", tmp_path / "b.json",
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens/s/device" in result.stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    flax, torch = report["results"]
+    config = GPTConfig.from_dict(report["config"])
+    assert report["mesh"] == mesh and flax["devices"] == 8 and torch["devices"] == 1
+    assert flax["tokens_per_s_per_device"] == pytest.approx(flax["tokens_per_s"] / 8)
+    assert flax["param_bytes_per_device"] == 4 * per_device_elements(config, MeshShape.parse(mesh))
+    assert torch["param_bytes_per_device"] == 4 * per_device_elements(config, MeshShape())
+    counts = 8 * len(weights.canonical_shapes(config))  # at most a step count per tensor
+    for r in (flax, torch):  # AdamW's two moments
+        assert 2 * r["param_bytes_per_device"] <= r["optimizer_bytes_per_device"] \
+            <= 2 * r["param_bytes_per_device"] + counts
+    assert flax["loss"] == pytest.approx(torch["loss"], abs=1e-4)  # the same step, laid out

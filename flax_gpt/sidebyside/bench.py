@@ -122,10 +122,12 @@ class Skip(Exception):
 
 class Variant:
     """One variant, built: `step(i)` runs train step i and returns something `sync` waits on;
-    `read_loss()` reads the last loss; `memory()` its peak bytes (None where untracked)."""
+    `read_loss()` reads the last loss; `memory()` its peak bytes (None where untracked);
+    `state_bytes()` the (parameter, optimizer state) bytes the fullest of its `devices` holds."""
 
-    def __init__(self, step, sync, read_loss, memory):
+    def __init__(self, step, sync, read_loss, memory, state_bytes=None, devices=1):
         self.step, self.sync, self.read_loss, self.memory = step, sync, read_loss, memory
+        self.state_bytes, self.devices = state_bytes or (lambda: (None, None)), devices
         self.times, self.next = [], 0
 
     def run(self, n, timed):
@@ -142,12 +144,15 @@ class Variant:
             self.sync(out)
 
 
-def flax_variant(name, config, tensors, tc, x, y):
+def flax_variant(name, config, tensors, tc, x, y, mesh=None):
+    """`mesh` (a jax.sharding.Mesh): the flax-jit variants run on it, laid out as
+    `flax-gpt train --mesh` lays out a run (flax_gpt.mesh.Layout)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from flax_gpt import model as flax_model
+    from flax_gpt.mesh import Layout, bytes_per_device
     from flax_gpt.train import make_train_step, optimizer
 
     dtype = jnp.bfloat16 if kind(name)[1] == "bf16" else jnp.float32
@@ -157,6 +162,8 @@ def flax_variant(name, config, tensors, tc, x, y):
     x, y = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
     tx = optimizer(tc)
     box = {}
+    if "nnx-jit" in name and mesh is not None:
+        raise Skip("nnx.jit runs on one device: --mesh lays out the flax-jit variants")
     if "nnx-jit" in name:
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -178,7 +185,11 @@ def flax_variant(name, config, tensors, tc, x, y):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         state = {"params": params, "opt": tx.init(params)}
         key = jax.random.key(0)
-        train_step = make_train_step(graphdef, tx)
+        layout = None if mesh is None else Layout(mesh, config, params, tx, x.shape[1])
+        if layout:
+            state["params"], state["opt"], rest = layout.place(state["params"], state["opt"], rest)
+            x, y = jax.device_put(x, layout.batch), jax.device_put(y, layout.batch)
+        train_step = make_train_step(graphdef, tx, layout=layout)
 
         def step(i):
             state["params"], state["opt"], metrics = train_step(
@@ -197,7 +208,15 @@ def flax_variant(name, config, tensors, tc, x, y):
         return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                 - m.alias_size_in_bytes)
 
-    return Variant(step, lambda out: out.block_until_ready(), lambda: float(box["loss"]), memory)
+    def state_bytes():
+        if "nnx-jit" in name:
+            return (max(bytes_per_device(nnx.state(model, nnx.Param)).values()),
+                    max(bytes_per_device(nnx.state(opt, nnx.OptState)).values()))
+        return (max(bytes_per_device(state["params"]).values()),
+                max(bytes_per_device(state["opt"]).values()))
+
+    return Variant(step, lambda out: out.block_until_ready(), lambda: float(box["loss"]), memory,
+                   state_bytes, devices=1 if mesh is None else mesh.size)
 
 
 def torch_variant(name, config, tensors, tc, x, y, device):
@@ -235,24 +254,34 @@ def torch_variant(name, config, tensors, tc, x, y, device):
     def memory():  # called right after warm-up, before any other variant runs again
         return torch.cuda.max_memory_allocated() - before if cuda else None
 
-    return Variant(step, sync, lambda: float(box["out"]["loss"]), memory)
+    def state_bytes():
+        optimizer = backend.train_step.optimizer
+        return (sum(p.numel() * p.element_size() for p in backend.model.parameters()),
+                sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t)))
+
+    return Variant(step, sync, lambda: float(box["out"]["loss"]), memory, state_bytes)
 
 
-def build_variant(name, config, tensors, tc, x, y, *, warmup, device):
-    """(Variant, {"compile_s", "peak_memory_bytes"}) compiled and warmed up, or raises Skip."""
+def build_variant(name, config, tensors, tc, x, y, *, warmup, device, mesh=None):
+    """(Variant, {"compile_s", "peak_memory_bytes", ...}) compiled and warmed up, or raises
+    Skip. `mesh`: the Flax variants' jax.sharding.Mesh."""
     import gc
 
     gc.collect()
     try:
         if kind(name)[0] == "flax":
-            variant = flax_variant(name, config, tensors, tc, x, y)
+            variant = flax_variant(name, config, tensors, tc, x, y, mesh)
         else:
             variant = torch_variant(name, config, tensors, tc, x, y, device)
         start = time.perf_counter()
         variant.run(1, timed=False)  # compile (jit, torch.compile) or eager warm-up
         compile_s = time.perf_counter() - start
         variant.run(warmup, timed=False)
-        return variant, {"compile_s": compile_s, "peak_memory_bytes": variant.memory()}
+        param_bytes, optimizer_bytes = variant.state_bytes()
+        return variant, {"compile_s": compile_s, "peak_memory_bytes": variant.memory(),
+                         "devices": variant.devices, "param_bytes_per_device": param_bytes,
+                         "optimizer_bytes_per_device": optimizer_bytes}
     except Skip:
         raise
     except Exception as e:  # a broken backend is a result to report, not a crash
@@ -264,16 +293,24 @@ def summary(variant, tokens):
     median = statistics.median(times)
     return {"median_s": median, "p10_s": float(np.percentile(times, 10)),
             "p90_s": float(np.percentile(times, 90)), "tokens_per_s": tokens / median,
+            "tokens_per_s_per_device": tokens / median / variant.devices,
             "loss": variant.read_loss(), "timed_steps": len(times)}
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
 
 def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device="cpu", seed=0,
-          attention="explicit", on_round=None):
+          attention="explicit", on_round=None, mesh=None):
     """Run `variants` on one config and batch; returns the report dict. `on_round(report)`, if
-    given, gets the report so far after each round but the last (`complete` False)."""
+    given, gets the report so far after each round but the last (`complete` False). `mesh`
+    ("data=2,fsdp=2,tensor=2"): the flax-jit variants run sharded over it."""
     import jax
+
+    jax_mesh = None
+    if mesh is not None:
+        from flax_gpt.mesh import make_mesh
+
+        jax_mesh = make_mesh(mesh)
 
     from flax_gpt.sidebyside.pair import apply_precision, environment, random_weights
 
@@ -290,7 +327,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
         print(f"  building {name} ...", file=sys.stderr, flush=True)
         try:
             built[name], results[name] = build_variant(name, config, tensors, tc, x, y,
-                                                       warmup=warmup, device=device)
+                                                       warmup=warmup, device=device, mesh=jax_mesh)
         except Skip as e:
             results[name] = {"skipped": str(e)}
 
@@ -312,8 +349,9 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
             else:
                 peaks = np.asarray(round_peaks[kind(name)])
                 source = "measured {} {} 2048x2048 matmul, every round".format(*kind(name))
-            for causal, label in ((False, "mfu"), (True, "mfu_causal")):
-                achieved = flops_per_token(config, config.seq_len, causal) * rates[name]
+            for causal, label in ((False, "mfu"), (True, "mfu_causal")):  # per device
+                achieved = (flops_per_token(config, config.seq_len, causal) * rates[name]
+                            / built[name].devices)
                 result[label] = None if peaks is None else float(np.median(achieved / peaks))
             result["peak_flops"] = None if peaks is None else float(np.median(peaks))
             result["peak_source"] = source
@@ -325,6 +363,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 "flops_note": "N counts Linear weights and biases; the token embedding (a lookup, "
                               "untied from pred) and the fixed positional table are left out",
                 "device": device_name, "torch_device": device,
+                "mesh": None if mesh is None else str(mesh), "jax_devices": jax.device_count(),
                 "speedup_of": next(iter(built), None),
                 "results": [{"variant": name, **results[name]} for name in variants],
                 "xla_flags": _xla_flags(), **environment(record, torch_device=device)}
@@ -372,11 +411,12 @@ class BenchResult:
 
 
 def run(config, *, batch_sizes, variants=VARIANTS, skip=(), warmup=10, steps=20, rounds=1,
-        device=None, attention="fused", pad=True, json_path=None, on_report=None):
+        device=None, attention="fused", pad=True, json_path=None, on_report=None, mesh=None):
     """`bench` at each of `batch_sizes`, one after another. `pad` rounds the vocabulary up to
     a multiple of 64; `device` is PyTorch's (default: cuda if available). With `json_path`,
     the result is rewritten after every round, so a run stopped part-way keeps what it
-    measured. `on_report(report)` gets each batch size's report when it is done."""
+    measured. `on_report(report)` gets each batch size's report when it is done. `mesh`: see
+    `bench`."""
     # JAX would otherwise take 75% of a GPU up front, leaving PyTorch's variants a quarter
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     variants = select_variants(variants, skip)
@@ -398,7 +438,8 @@ def run(config, *, batch_sizes, variants=VARIANTS, skip=(), warmup=10, steps=20,
     for size in batch_sizes:
         print(f"batch {size} x {config.seq_len}, config {config.to_json()}", file=sys.stderr)
         report = bench(config, batch_size=size, variants=variants, warmup=warmup, steps=steps,
-                       rounds=rounds, device=device, attention=attention, on_round=save)
+                       rounds=rounds, device=device, attention=attention, on_round=save,
+                       mesh=mesh)
         result.reports.append(report)
         save()
         if on_report:
