@@ -143,3 +143,23 @@ def test_bench_on_a_mesh_reports_per_device(tmp_path):
         assert 2 * r["param_bytes_per_device"] <= r["optimizer_bytes_per_device"] \
             <= 2 * r["param_bytes_per_device"] + counts
     assert flax["loss"] == pytest.approx(torch["loss"], abs=1e-4)  # the same step, laid out
+
+
+def test_cli_train_on_a_mesh_prints_its_rules_and_resumes_on_one_device(tmp_path):
+    """`train --mesh` prints the layout before training; its run resumes without a mesh."""
+    run, eight = tmp_path / "run", {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    args = ["--preset", "tiny", "--synthetic", "--batch-size", "4", "--eval-every", "0",
+            "--log-every", "1", "--out", run]
+    first = run_cli("train", *args, "--steps", "3", "--stop-at", "2", "--mesh",
+                    "data=2,fsdp=2,tensor=2", env=eight)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = first.stderr.splitlines()
+    assert lines[0].startswith("mesh data=2,fsdp=2,tensor=2 (8 devices): batch rows over data*fsdp = 4")
+    assert "  decoder.layers.*.mhma.q.weight [32:tensor, 32:fsdp]" in lines
+    assert "  pred.weight [64:tensor, 32:fsdp]" in lines
+    assert "2 steps" in first.stdout
+    second = run_cli("train", *args, "--steps", "3", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not second.stderr.startswith("mesh")
+    steps = [json.loads(line)["step"] for line in (run / runfolder.METRICS).read_text().splitlines()]
+    assert steps == [1, 2, 3]
