@@ -148,8 +148,8 @@ def test_bench_on_a_mesh_reports_per_device(tmp_path):
 def test_cli_train_on_a_mesh_prints_its_rules_and_resumes_on_one_device(tmp_path):
     """`train --mesh` prints the layout before training; its run resumes without a mesh."""
     run, eight = tmp_path / "run", {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    args = ["--preset", "tiny", "--synthetic", "--batch-size", "4", "--eval-every", "0",
-            "--log-every", "1", "--out", run]
+    args = ["--preset", "tiny", "--synthetic", "--batch-size", "4", "--eval-every", "2",
+            "--eval-batches", "2", "--log-every", "1", "--out", run]
     first = run_cli("train", *args, "--steps", "3", "--stop-at", "2", "--mesh",
                     "data=2,fsdp=2,tensor=2", env=eight)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -157,9 +157,10 @@ def test_cli_train_on_a_mesh_prints_its_rules_and_resumes_on_one_device(tmp_path
     assert lines[0].startswith("mesh data=2,fsdp=2,tensor=2 (8 devices): batch rows over data*fsdp = 4")
     assert "  decoder.layers.*.mhma.q.weight [32:tensor, 32:fsdp]" in lines
     assert "  pred.weight [64:tensor, 32:fsdp]" in lines
-    assert "2 steps" in first.stdout
+    assert "2 steps" in first.stdout and "val loss" in first.stdout  # evaluated on the mesh
     second = run_cli("train", *args, "--steps", "3", "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert not second.stderr.startswith("mesh")
-    steps = [json.loads(line)["step"] for line in (run / runfolder.METRICS).read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    logged = [json.loads(line) for line in (run / runfolder.METRICS).read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in logged if "val_loss" in r] == [2, 3]
