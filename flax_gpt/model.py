@@ -192,9 +192,14 @@ def canonical(source, config=None):
     return weights.from_flax(config, jax.tree.map(np.asarray, nnx.to_pure_dict(source)))
 
 
-def load(path, *, dtype=jnp.float32):
-    """A ready model (eval mode) from a canonical weights file alone."""
-    config, tensors = weights.load(path)
+def load(path, *, dtype=jnp.float32, allow_nonfinite=False):
+    """A ready model (eval mode) from a canonical weights file alone (NaN or Inf refused
+    unless `allow_nonfinite`)."""
+    return build(*weights.load(path, allow_nonfinite=allow_nonfinite), dtype=dtype)
+
+
+def build(config, tensors, *, dtype=jnp.float32):
+    """A ready model (eval mode) of `config` holding the canonical `tensors`."""
     model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
     set_canonical(model, tensors)
     model.eval()

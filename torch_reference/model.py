@@ -169,9 +169,10 @@ def canonical(model):
     return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
 
 
-def load(path, *, device="cpu"):
-    """A ready model (eval mode) from a canonical weights file alone."""
-    config, tensors = weights.load(path)
+def load(path, *, device="cpu", allow_nonfinite=False):
+    """A ready model (eval mode) from a canonical weights file alone (NaN or Inf refused
+    unless `allow_nonfinite`)."""
+    config, tensors = weights.load(path, allow_nonfinite=allow_nonfinite)
     model = GPT(config)
     set_canonical(model, tensors)
     return model.to(device).eval()
