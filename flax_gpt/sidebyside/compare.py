@@ -45,10 +45,16 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
     `out`/report.json (per-step losses, differences, val losses, tokens/s, versions, device,
     precision) and `out`/loss.png. Returns a CompareResult."""
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FlaxGPTError(f"report folder {out} already exists: choose another --out")
+    loop.check_options(tc.steps, log_every=log_every, eval_every=eval_every,
+                       eval_batches=eval_batches)
+    device = experiments.torch_device(device)
     record = apply_precision(tc.precision)
     config, stream = experiments.make_stream(config, tc, data=data, synthetic=synthetic)
-    if out.exists() and any(out.iterdir()):
-        raise FlaxGPTError(f"report folder {out} already exists: choose another --out")
+    for framework, place in (("flax", None), ("torch", device)):  # one after the other
+        experiments.check_memory(config, tc.batch_size, f"training {framework}", training=True,
+                                 attention=tc.attention, places=[(framework, place)])
     tensors = random_weights(config, tc.seed)
     runs = [("flax", "flax", tensors), ("torch", "torch", tensors)]
     if noise_floor:

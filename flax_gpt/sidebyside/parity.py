@@ -5,6 +5,7 @@ callers decide what to assert.
 
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,14 @@ import numpy as np
 import torch
 from flax import nnx
 
+from flax_gpt import experiments
 from flax_gpt import model as flax_model
 from flax_gpt.core import weights
+from flax_gpt.core.config import check_number
 from flax_gpt.core.data import IGNORE_INDEX, TokenDataset
 from flax_gpt.core.errors import FlaxGPTError
-from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.core.hparams import TrainConfig, check_seed
+from flax_gpt.core.loop import Progress
 from flax_gpt.core.streams import synthetic_batch
 from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment, random_weights
 from flax_gpt.sidebyside.tolerances import (GRAD_RTOL, KINK_ATOL, LOGITS_ATOL, LOSS_ATOL,
@@ -142,10 +146,10 @@ def bf16_rows(f_loss, f_logits, t_loss, t_logits):
             Row("top-1 agreement", agree, agree, None, None)]
 
 
-def train_both(config, tensors, batches, tc):
+def train_both(config, tensors, batches, tc, progress="off"):
     """Train both frameworks from `tensors` on the same `batches` (a list of (x, y) with
     shape (grad_accum, B, T)), each step's labels made kink-free; return per-step losses and
-    the final canonical parameters."""
+    the final canonical parameters. `progress`: a core.loop.Progress mode."""
     fm, tm = build_pair(config, tensors, tc.precision, tc.attention)
     fm.train()
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
@@ -155,19 +159,22 @@ def train_both(config, tensors, batches, tc):
     torch_step = TrainStep(tm, tc)
     key = jax.random.key(tc.seed)
     f_losses, t_losses = [], []
+    shown = Progress(len(batches), mode=progress)
     for i, (x, y) in enumerate(batches):
         y = np.stack([kink_free_labels(tm, xm, ym)[0] for xm, ym in zip(x, y)])
         params, opt_state, metrics = step(params, opt_state, rest, jnp.asarray(x), jnp.asarray(y),
                                           jax.random.fold_in(key, i))
         f_losses.append(metrics["loss"])
         t_losses.append(torch_step(i, torch.from_numpy(x).long(), torch.from_numpy(y).long())["loss"])
+        shown.update(i + 1)
+    shown.close()
     return (np.asarray(jax.device_get(f_losses), np.float64),
             np.asarray([float(t) for t in t_losses]), flax_model.canonical(params, config),
             torch_model.canonical(tm))
 
 
-def compare_training(config, tensors, batches, tc):
-    f_losses, t_losses, f_params, t_params = train_both(config, tensors, batches, tc)
+def compare_training(config, tensors, batches, tc, progress="off"):
+    f_losses, t_losses, f_params, t_params = train_both(config, tensors, batches, tc, progress)
     diff, rel = max_abs_rel(f_losses, t_losses)
     steps = len(batches)
     if tc.precision == "bf16":
@@ -240,8 +247,19 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
     loss and every gradient on one batch, then `train_steps` AdamW steps on the same batches.
 
     The weights come from `weights_path` (a canonical file) or a seeded PyTorch init of
-    `config`; batches from the dataset folder `data` or random tokens. Returns a ParityResult.
+    `config`; batches from the dataset folder `data` or random tokens. Progress goes to
+    stderr (see core.loop.Progress). Returns a ParityResult.
     """
+    if (config is None) == (weights_path is None):
+        raise FlaxGPTError("parity takes a model config or a weights file (which carries its "
+                           "config), not both or neither")
+    check_number("train_steps", train_steps, low=0, integer=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_seed(seed)
+    # every setting checked before anything is built: an --lr of NaN must not wait for the
+    # forward comparison to be refused
+    tc = default_train_config(precision, attention).replace(
+        steps=max(train_steps, 1), batch_size=batch_size, seed=seed, lr=lr)
     record = apply_precision(precision)  # before the frameworks build anything
     dataset = TokenDataset.load(data) if data else None
     if weights_path:
@@ -250,17 +268,24 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
             raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens but the weights' "
                                f"vocabulary is {config.vocab_size}: use the dataset they were "
                                f"trained on")
-    else:
-        if dataset:
-            config = config.replace(vocab_size=dataset.vocab_size)
+    elif dataset:
+        config = config.replace(vocab_size=dataset.vocab_size)
+    if dataset:
+        dataset.check_batches("train", batch_size, config.seq_len)
+    # both models train at once: the Flax one where JAX computes, the PyTorch one on the CPU
+    experiments.check_memory(config, batch_size, "parity", training=True, attention=attention,
+                             places=[("flax", None), ("torch", "cpu")])
+    if not weights_path:
         tensors = random_weights(config, seed)
+    print("comparing every layer, the logits, the loss and the gradients ...", file=sys.stderr,
+          flush=True)
     batches = parity_batches(config, dataset, batch_size, config.seq_len, max(train_steps, 1), seed)
     fm, tm = build_pair(config, tensors, precision, attention)
     x, y = batches[0]
     rows = compare_forward(fm, tm, x[0], y[0], precision)
     if train_steps:
-        tc = default_train_config(precision, attention).replace(
-            steps=train_steps, batch_size=batch_size, seed=seed, lr=lr)
-        rows += compare_training(config, tensors, batches[:train_steps], tc)
+        print(f"training both frameworks for {train_steps} AdamW steps ...", file=sys.stderr,
+              flush=True)
+        rows += compare_training(config, tensors, batches[:train_steps], tc, progress=None)
     return ParityResult(config.to_dict(), attention, batch_size, train_steps,
                         str(Path(data)) if data else "random", rows, environment(record))
