@@ -268,6 +268,13 @@ def test_safetensors_header_of_another_shape_is_a_weights_error(tmp_path, header
 
 # ---- memory -----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("config", [CONFIG, GPTConfig(vocab_size=50, seq_len=8, d_model=12,
+                                                        n_heads=3, n_layers=3, d_ff=20)])
+def test_parameter_count_is_the_canonical_tensors(config):
+    tensors = FakeBackend(config, TrainConfig()).tensors
+    assert memory.parameter_count(config) == sum(t.size for t in tensors.values())
+
+
 def test_memory_estimate_counts_the_attention_scores_per_layer():
     small = GPTConfig.preset("small")
     e = memory.estimate(small, 16, training=True)

@@ -14,19 +14,16 @@ import os
 from dataclasses import dataclass
 
 from flax_gpt.core.config import ConfigError
-from flax_gpt.core.weights import canonical_shapes
 
 FLOAT32 = 4
 
 
 def parameter_count(config):
-    total = 0
-    for shape in canonical_shapes(config).values():
-        n = 1
-        for dim in shape:
-            n *= dim
-        total += n
-    return total
+    """The number of canonical parameters (weights.canonical_shapes, counted without listing
+    them: a config of a million layers must be refused, not enumerated)."""
+    d, f, v = config.d_model, config.d_ff, config.vocab_size
+    per_layer = 4 * (d * d + d) + 2 * 2 * d + (f * d + f) + (d * f + d)
+    return v * d + config.n_layers * per_layer + v * d + v
 
 
 HELD = ("weights", "gradients and AdamW moments")  # for as long as the model lives
