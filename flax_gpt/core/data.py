@@ -98,6 +98,9 @@ class TokenDataset:
     def load(cls, path):
         """Open a folder written by `flax-gpt prepare`; raise DatasetError if it is damaged."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise DatasetError(f"{path} is a file, not a dataset folder: pass the folder "
+                               f"'flax-gpt prepare --out' wrote")
         if not path.is_dir():
             raise DatasetError(f"dataset folder {path} does not exist: run 'flax-gpt prepare' first")
         manifest = _read_manifest(path)
