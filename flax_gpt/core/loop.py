@@ -181,7 +181,9 @@ class Progress:
         """`done` of `total` finished; `figures` (name -> number) shown beside."""
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
-            self.bar.set_postfix({k: f"{v:,.4g}" for k, v in figures.items()})
+            self.bar.set_postfix({k.replace("tokens_per_s", "tok/s"):
+                                  f"{v:,.0f}" if k.endswith("_per_s") else f"{v:.4f}"
+                                  for k, v in figures.items()})
             return
         now = time.perf_counter()
         if self.mode != "lines" or (self.printed is not None and now - self.printed < self.interval
