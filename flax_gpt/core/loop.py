@@ -91,7 +91,7 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
 
     def diverged(step, what):
         kept = (f"its last good checkpoint, step {saved}, is kept in {run}" if saved is not None
-                else "no checkpoint was written before it")
+                else "no checkpoint was written before it, so nothing is kept")
         return DivergedError(f"step {step}: {what}, so training diverged and stopped; {kept}. "
                              f"Lower --lr (or keep --grad-clip on) and train again")
 
