@@ -5,6 +5,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+WORDS = ("the king queen lord speak hear me my thy good night day love death sword crown "
+         "england france war peace").split()
+
+
+def text(lines, seed):
+    """`lines` lines of random WORDS, seeded: a corpus for tests that need no real text."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return "".join(" ".join(rng.choice(WORDS, rng.integers(3, 10))) + " .\n" for _ in range(lines))
+
 
 def run_cli(*args, env=None, cwd=None):
     """Run `python -m flax_gpt ARGS` in a subprocess (in the repository, or `cwd` with the

@@ -17,16 +17,7 @@ from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.hparams import TrainConfig
 from flax_gpt.core.streams import DatasetStream
-from tests.conftest import FakeBackend, run_cli
-
-WORDS = ("the king queen lord speak hear me my thy good night day love death sword crown "
-         "england france war peace").split()
-
-
-def text(lines, seed):
-    rng = np.random.default_rng(seed)
-    return "".join(" ".join(rng.choice(WORDS, rng.integers(3, 10))) + " .\n" for _ in range(lines))
-
+from tests.conftest import FakeBackend, run_cli, text
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

@@ -18,8 +18,7 @@ from flax_gpt.core.errors import (CheckpointError, DatasetError, DivergedError, 
                                   NonFiniteError, WeightsError)
 from flax_gpt.core.hparams import TrainConfig, check_sampling
 from flax_gpt.core.streams import DatasetStream, SyntheticStream
-from tests.conftest import FakeBackend
-from tests.test_bad_input import text
+from tests.conftest import FakeBackend, text
 
 CONFIG = GPTConfig.preset("tiny")
 
