@@ -6,6 +6,7 @@ This is the only module of the project that imports torchtext (SPEC.md, "Data").
 import io
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -39,10 +40,16 @@ def cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flax_gpt"
 
 
-def fetch_corpus(name):
-    """The bytes of a public corpus, from the cache or downloaded once and checksum-verified."""
+def corpus_path(name):
+    """Where the cache keeps corpus `name` (a copy placed there is used, sha256-checked)."""
+    return cache_dir() / CORPORA[name]["file"]
+
+
+def fetch_corpus(name, *, offline="pass a local copy with --text-file PATH"):
+    """The bytes of a public corpus, from the cache or downloaded once and checksum-verified.
+    `offline`: what the error says to do without a network (the command's own options)."""
     corpus = CORPORA[name]
-    path = cache_dir() / corpus["file"]
+    path = corpus_path(name)
     if path.is_file() and sha256_file(path) == corpus["sha256"]:
         return path.read_bytes()
     try:
@@ -51,7 +58,7 @@ def fetch_corpus(name):
     except (urllib.error.URLError, OSError) as e:
         raise DatasetError(
             f"cannot download corpus {name!r} ({getattr(e, 'reason', e)}): with no network, "
-            f"pass a local copy with --text-file PATH"
+            f"{offline}"
         ) from None
     digest = sha256_bytes(payload)
     if digest != corpus["sha256"]:
@@ -97,6 +104,8 @@ def prepare(sources, out, *, min_freq=1, max_vocab=None, val_fraction=0.1, error
     remaining lines is the validation split, so the split is deterministic and contiguous.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():  # --force replaces a dataset folder, never a file
+        raise DatasetError(f"--out {out} is a file, not a dataset folder: choose another --out")
     if out.exists() and not force:
         raise DatasetError(f"output folder {out} already exists: pass --force to replace it")
     if not 0.0 < val_fraction < 1.0:
@@ -117,9 +126,11 @@ def prepare(sources, out, *, min_freq=1, max_vocab=None, val_fraction=0.1, error
         text = decode(name, payload, errors)
         tokenized = [
             tokens
+            # a bar on a terminal only: redirected to a log, its frames would fill it
             for tokens in map(tokenizer, tqdm(text.splitlines(), desc=f"tokenizing {name}",
                                               unit=" lines",
-                                              disable=total_bytes < PROGRESS_MIN_BYTES))
+                                              disable=total_bytes < PROGRESS_MIN_BYTES
+                                              or not sys.stderr.isatty()))
             if tokens
         ]
         if not tokenized:
@@ -141,6 +152,9 @@ def prepare(sources, out, *, min_freq=1, max_vocab=None, val_fraction=0.1, error
     )
     vocab.set_default_index(data.UNK)
     itos = vocab.get_itos()
+    if len(itos) == len(data.SPECIALS):
+        raise DatasetError(f"--min-freq {min_freq} leaves no word in the vocabulary (every word "
+                           f"would read as <unk>): use a smaller --min-freq")
     dtype = data.id_dtype(len(itos))
 
     def ids(split_lines):

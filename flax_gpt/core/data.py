@@ -98,6 +98,9 @@ class TokenDataset:
     def load(cls, path):
         """Open a folder written by `flax-gpt prepare`; raise DatasetError if it is damaged."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise DatasetError(f"{path} is a file, not a dataset folder: pass the folder "
+                               f"'flax-gpt prepare --out' wrote")
         if not path.is_dir():
             raise DatasetError(f"dataset folder {path} does not exist: run 'flax-gpt prepare' first")
         manifest = _read_manifest(path)
@@ -142,6 +145,21 @@ class TokenDataset:
         """Tokens joined by spaces (basic_english drops the original spacing)."""
         return " ".join(self.itos[int(i)] for i in ids)
 
+    def render(self, ids, *, specials=False):
+        """Text for a reader: each `<eos>` ends a line and `<bos>` is dropped, as they were
+        added to mark the lines of the text; with `specials`, every token as is (`decode`).
+        `<unk>` stays either way: it stands for a word."""
+        if specials:
+            return self.decode(ids)
+        lines, words = [], []
+        for i in map(int, ids):
+            if i == EOS:
+                lines.append(" ".join(words))
+                words = []
+            elif i != BOS:
+                words.append(self.itos[i])
+        return "\n".join([*lines, " ".join(words)]).rstrip("\n")
+
     # ---- batches -------------------------------------------------------------------
 
     def split(self, name):
@@ -153,6 +171,17 @@ class TokenDataset:
         rows = _rows(self.split(split), seq_len, split)
         return len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
 
+    def check_batches(self, split, batch_size, seq_len):
+        """Raise DatasetError unless `split` gives at least one full batch."""
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
+        rows = len(_rows(self.split(split), seq_len, split))
+        if rows < batch_size:
+            raise DatasetError(
+                f"the {split} split has {rows} rows of {seq_len} tokens, fewer than "
+                f"batch_size {batch_size}: use a smaller --batch-size or --seq-len, or more text"
+            )
+
     def batches(self, split, batch_size, seq_len, *, shuffle=False, seed=0, epoch=0,
                 start=0, drop_last=True):
         """Yield one pass of numpy `(x, y)` int32 batches of shape `(batch_size, seq_len)`.
@@ -161,18 +190,15 @@ class TokenDataset:
         dropped). With `shuffle`, row order is a permutation drawn from `(seed, epoch)`, so a
         run can be resumed exactly from `(epoch, start)`, `start` being a batch index.
         """
-        if batch_size < 1:
+        if drop_last:
+            self.check_batches(split, batch_size, seq_len)
+        elif batch_size < 1:
             raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
         rows = _rows(self.split(split), seq_len, split)
         order = np.arange(len(rows))
         if shuffle:
             order = np.random.default_rng([seed, epoch]).permutation(len(rows))
         stop = len(rows) - len(rows) % batch_size if drop_last else len(rows)
-        if stop == 0:
-            raise DatasetError(
-                f"the {split} split has {len(rows)} rows of {seq_len} tokens, fewer than "
-                f"batch_size {batch_size}: use a smaller --batch-size or --seq-len"
-            )
         for begin in range(start * batch_size, stop, batch_size):
             yield make_batch(rows[order[begin:begin + batch_size]])
 
@@ -203,7 +229,9 @@ def _read_manifest(path):
                 f"{FORMAT_VERSION}; prepare it again"
             )
         for key in ("vocab", *SPLITS):
-            manifest["files"][key]["name"], manifest["files"][key]["sha256"]
+            for field_name in ("name", "sha256"):
+                if not isinstance(manifest["files"][key][field_name], str):
+                    raise TypeError(f"files.{key}.{field_name} is not a string")
         for key in ("vocab_size", "train_tokens", "val_tokens"):
             int(manifest["counts"][key])
     except (KeyError, TypeError, ValueError) as e:
@@ -225,7 +253,12 @@ def _read_checked(file, sha256):
 
 
 def _read_vocab(file, sha256):
-    text = _read_checked(file, sha256).decode("utf-8")
+    payload = _read_checked(file, sha256)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{file}: byte {e.start} is not valid UTF-8 (prepare writes UTF-8); "
+                           f"prepare the dataset again") from None
     return text.split("\n")[:-1]
 
 
