@@ -15,3 +15,7 @@ class WeightsError(FlaxGPTError):
 
 class CheckpointError(FlaxGPTError):
     """A run folder or checkpoint cannot be resumed or read."""
+
+
+class DependencyError(FlaxGPTError):
+    """An optional package a command needs is not installed (or does not load)."""
