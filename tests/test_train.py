@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from flax_gpt import precision
-from flax_gpt.core import loop
+from flax_gpt.core import loop, runfolder
 from flax_gpt.experiments import backend as make_backend
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import TrainConfig, learning_rates
+from flax_gpt.core.streams import DatasetStream
 from flax_gpt.prepare import prepare
 from tests.conftest import run_cli
 
@@ -33,7 +34,7 @@ def setup(data, framework, steps=STEPS, **changes):
     dataset = TokenDataset.load(data)
     config = GPTConfig.preset("tiny", vocab_size=dataset.vocab_size)
     tc = TrainConfig(**{"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, **changes})
-    stream = loop.DatasetStream(dataset, tc.batch_size, config.seq_len, tc.seed)
+    stream = DatasetStream(dataset, tc.batch_size, config.seq_len, tc.seed)
     return make_backend(framework, config, tc), stream
 
 
@@ -79,8 +80,8 @@ def test_interrupt_then_resume_equals_unbroken(small_data, tmp_path, framework):
     backend.step = interrupt_after_third
     with pytest.raises(KeyboardInterrupt):
         loop.train(backend, stream, tmp_path / "cut", log_every=2)
-    assert [p.name for p in (tmp_path / "cut" / loop.CHECKPOINTS).iterdir()] == ["step_00000003"]
-    logged = [json.loads(line) for line in (tmp_path / "cut" / loop.METRICS).read_text().splitlines()]
+    assert [p.name for p in (tmp_path / "cut" / runfolder.CHECKPOINTS).iterdir()] == ["step_00000003"]
+    logged = [json.loads(line) for line in (tmp_path / "cut" / runfolder.METRICS).read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3]
 
     backend, stream = setup(small_data, framework)
@@ -94,12 +95,12 @@ def test_run_folder_holds_loadable_weights_and_keeps_last_k(small_data, tmp_path
 
     backend, stream = setup(small_data, "flax")
     loop.train(backend, stream, tmp_path / "run", checkpoint_every=1, keep=2)
-    assert sorted(p.name for p in (tmp_path / "run" / loop.CHECKPOINTS).iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "run" / runfolder.CHECKPOINTS).iterdir()) == [
         "step_00000005", "step_00000006"]
-    record = json.loads((tmp_path / "run" / loop.CONFIG).read_text())
+    record = json.loads((tmp_path / "run" / runfolder.CONFIG).read_text())
     assert record["framework"] == "flax" and record["data"]["path"] == str(small_data)
-    assert flax_gpt.load(tmp_path / "run" / loop.WEIGHTS).config == backend.config
-    assert torch_reference.load(tmp_path / "run" / loop.WEIGHTS).config == backend.config
+    assert flax_gpt.load(tmp_path / "run" / runfolder.WEIGHTS).config == backend.config
+    assert torch_reference.load(tmp_path / "run" / runfolder.WEIGHTS).config == backend.config
 
 
 def test_refusals(small_data, tmp_path, shakespeare):
@@ -131,7 +132,7 @@ def test_refusals(small_data, tmp_path, shakespeare):
 def test_corrupt_checkpoint_is_refused(small_data, tmp_path, damage, message):
     backend, stream = setup(small_data, "flax")
     loop.train(backend, stream, tmp_path / "run")
-    damage(loop.latest_checkpoint(tmp_path / "run"))
+    damage(runfolder.latest_checkpoint(tmp_path / "run"))
     with pytest.raises(CheckpointError, match=message):
         loop.train(*setup(small_data, "flax", steps=9), tmp_path / "run", resume=True)
 
@@ -143,7 +144,7 @@ def test_cli_train_generate_eval(small_data, tmp_path):
     result = run_cli("train", *args, "--out", run)
     assert result.returncode == 0, result.stderr
     assert "4 steps" in result.stdout and "val loss" in result.stdout
-    records = [json.loads(line) for line in (run / loop.METRICS).read_text().splitlines()]
+    records = [json.loads(line) for line in (run / runfolder.METRICS).read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed"} <= records[0].keys()
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
 
