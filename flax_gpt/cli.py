@@ -62,12 +62,14 @@ def write_json(path, payload):
 # ---- prepare -------------------------------------------------------------------------
 
 def add_prepare(sub):
+    from flax_gpt.prepare import IMPLEMENTATIONS
+
     p = sub.add_parser(
-        "prepare", help="tokenize text with torchtext and write a dataset folder",
+        "prepare", help="tokenize text (basic_english) and write a dataset folder",
         description="Tokenize text with torchtext's basic_english, build the vocabulary on the "
                     "training split (specials <unk> <bos> <eos> = 0 1 2), and write a dataset "
                     "folder: vocab.txt, train.npy, val.npy and manifest.json. The same input "
-                    "and options give byte-identical output.")
+                    "and options give byte-identical output, with either implementation.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", action="append", type=Path, metavar="PATH",
                         help="a UTF-8 text file (repeat for several, read in order)")
@@ -82,6 +84,12 @@ def add_prepare(sub):
     p.add_argument("--errors", choices=["strict", "replace"], default="strict",
                    help="bytes that are not UTF-8: refuse with their offset (default) or read "
                         "them as U+FFFD")
+    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="torchtext",
+                   help="who tokenizes and builds the vocabulary: torchtext's own get_tokenizer "
+                        "and build_vocab_from_iterator (default; needs pip install "
+                        "'flax-gpt[torchtext]', Python 3.11), or builtin, the project's "
+                        "restatement of both (no torchtext; the same vocab.txt, train.npy and "
+                        "val.npy, held equal by the test suite)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(handler=run_prepare)
@@ -91,8 +99,9 @@ def run_prepare(args):
     from flax_gpt import experiments
 
     r = experiments.prepare(args.out, text_files=args.text_file, corpus=args.corpus,
-                            min_freq=args.min_freq, max_vocab=args.max_vocab,
-                            val_fraction=args.val_fraction, errors=args.errors, force=args.force)
+                            implementation=args.implementation, min_freq=args.min_freq,
+                            max_vocab=args.max_vocab, val_fraction=args.val_fraction,
+                            errors=args.errors, force=args.force)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2, sort_keys=True))
         return 0
@@ -101,7 +110,8 @@ def run_prepare(args):
     print(f"prepared {r.path} in {r.seconds:.2f} s from {mb:.2f} MB of text: "
           f"vocabulary {counts['vocab_size']:,}, train {counts['train_tokens']:,} tokens "
           f"({counts['train_lines']:,} lines), val {counts['val_tokens']:,} tokens "
-          f"({counts['val_lines']:,} lines), ids {manifest['dtype']}, {r.bytes_on_disk / 1e6:.2f} MB on disk")
+          f"({counts['val_lines']:,} lines), ids {manifest['dtype']}, {r.bytes_on_disk / 1e6:.2f} MB on disk"
+          f" ({manifest['implementation']})")
     return 0
 
 

@@ -44,26 +44,31 @@ class PrepareResult:
         return self.manifest
 
 
-def prepare(out, *, text_files=None, corpus=None, min_freq=1, max_vocab=None, val_fraction=0.1,
-            errors="strict", force=False):
+def prepare(out, *, text_files=None, corpus=None, implementation="torchtext", min_freq=1,
+            max_vocab=None, val_fraction=0.1, errors="strict", force=False):
     """Tokenize `text_files` (paths, read in order) or the public `corpus` into the dataset
-    folder `out` (see flax_gpt.prepare.prepare)."""
+    folder `out` with `implementation` (see flax_gpt.prepare.prepare)."""
     from flax_gpt import prepare as preparation
 
     start = time.perf_counter()
+    preparation.load_implementation(implementation)  # a missing torchtext is said before a download
     if corpus:
         sources = [(corpus, preparation.fetch_corpus(corpus))]
     else:
         sources = [(Path(path).name, preparation.read_text_file(path)) for path in text_files]
-    manifest = preparation.prepare(sources, out, min_freq=min_freq, max_vocab=max_vocab,
-                                   val_fraction=val_fraction, errors=errors, force=force)
+    manifest = preparation.prepare(sources, out, implementation=implementation, min_freq=min_freq,
+                                   max_vocab=max_vocab, val_fraction=val_fraction, errors=errors,
+                                   force=force)
     out = Path(out)
     return PrepareResult(out, manifest, time.perf_counter() - start,
                          sum(f.stat().st_size for f in out.iterdir()))
 
 
 def default_dataset():
-    """tinyshakespeare, prepared once into the cache (downloaded on first use)."""
+    """tinyshakespeare, prepared once into the cache (downloaded on first use).
+
+    Prepared by the builtin implementation (the files torchtext writes), so that the commands
+    that fall back on it (train, compare, parity without --data) run without torchtext too."""
     from flax_gpt import prepare as preparation
 
     folder = preparation.cache_dir() / "datasets" / "tinyshakespeare"
@@ -74,7 +79,7 @@ def default_dataset():
                     f"or prepare any text with 'flax-gpt prepare --text-file PATH --out DIR' and "
                     f"pass --data DIR")
         print(f"preparing tinyshakespeare into {folder}", file=sys.stderr)
-        preparation.prepare([("tinyshakespeare", corpus)], folder, force=True)
+        preparation.prepare([("tinyshakespeare", corpus)], folder, force=True, implementation="builtin")
     return folder
 
 

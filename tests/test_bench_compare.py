@@ -7,6 +7,7 @@ import numpy as np
 from flax_gpt.sidebyside import bench
 from flax_gpt.core.config import GPTConfig
 from tests.conftest import run_cli
+from tests.datasets import prepare_dataset
 
 
 def test_matmul_params_are_the_linear_layers():
@@ -76,9 +77,8 @@ def test_bench_unknown_variant_is_one_line():
 
 
 def test_compare_command(tmp_path, shakespeare):
-    from flax_gpt.prepare import prepare
-
-    prepare([(shakespeare.name, shakespeare.read_bytes()[:100_000])], tmp_path / "ds", max_vocab=96)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes()[:100_000])], tmp_path / "ds",
+                    max_vocab=96)
     result = run_cli("compare", "--data", tmp_path / "ds", "--preset", "tiny", "--steps", "4",
                      "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2",
                      "--noise-floor", "--out", tmp_path / "r")

@@ -15,8 +15,8 @@ from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import TrainConfig, learning_rates
-from flax_gpt.prepare import prepare
 from tests.conftest import run_cli
+from tests.datasets import prepare_dataset
 
 apply_precision("highest")
 FRAMEWORKS = ["flax", "torch"]
@@ -26,7 +26,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def small_data(shakespeare, tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "ds"
-    prepare([(shakespeare.name, shakespeare.read_bytes()[:200_000])], out, max_vocab=128)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes()[:200_000])], out, max_vocab=128)
     return out
 
 
@@ -115,7 +115,7 @@ def test_refusals(small_data, tmp_path, shakespeare):
     with pytest.raises(CheckpointError, match="training settings differ"):
         loop.train(*setup(small_data, "flax", steps=9, lr=1e-2), tmp_path / "run", resume=True)
     other = tmp_path / "other"
-    prepare([(shakespeare.name, shakespeare.read_bytes()[:150_000])], other, max_vocab=128)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes()[:150_000])], other, max_vocab=128)
     with pytest.raises(CheckpointError, match="dataset"):
         loop.train(*setup(other, "flax", steps=9), tmp_path / "run", resume=True)
     backend, stream = setup(small_data, "flax", steps=9)

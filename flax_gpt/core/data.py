@@ -1,6 +1,7 @@
 """A prepared dataset folder, loaded and batched without torchtext, jax or torch.
 
-`flax-gpt prepare` (flax_gpt/prepare.py, the one module that imports torchtext) writes:
+`flax-gpt prepare` (flax_gpt/prepare.py, the one module that imports torchtext, and only
+with its default --implementation torchtext) writes:
 
     vocab.txt       one token per line, in id order (tokens never contain whitespace)
     train.npy       training token ids, smallest unsigned dtype that fits the vocabulary
@@ -14,6 +15,7 @@ Batches follow SPEC.md: the token stream is cut into rows of `seq_len` tokens, `
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ SPECIALS = ("<unk>", "<bos>", "<eos>")
 UNK, BOS, EOS = 0, 1, 2
 IGNORE_INDEX = -100
 
-_BASIC_ENGLISH = [  # torchtext's basic_english rules, for encode() without torchtext
+_BASIC_ENGLISH = [  # torchtext 0.18's basic_english rules, for prepare and encode() without it
     (re.compile(r"\'"), " '  "),
     (re.compile(r"\""), ""),
     (re.compile(r"\."), " . "),
@@ -49,12 +51,34 @@ _BASIC_ENGLISH = [  # torchtext's basic_english rules, for encode() without torc
 def basic_english(line):
     """torchtext's `basic_english` tokenizer, restated so that loading needs no torchtext.
 
-    tests/test_data.py checks it against torchtext's own on a whole corpus.
+    tests/test_torchtext.py holds it equal to torchtext's own on a whole corpus and on
+    fuzzed text.
     """
     line = line.lower()
     for pattern, replacement in _BASIC_ENGLISH:
         line = pattern.sub(replacement, line)
     return line.split()
+
+
+def build_vocab(token_lines, *, min_freq=1, specials=SPECIALS, max_tokens=None):
+    """torchtext 0.18's `build_vocab_from_iterator(..., special_first=True)` restated: the
+    vocabulary (id -> token) it builds from `token_lines` (lists of tokens).
+
+    The specials come first; then the words by descending count, ties in Python's string
+    order (code points), as torchtext sorts them. Its quirks are kept so that both give the
+    same files (tests/test_torchtext.py holds them equal): `max_tokens` cuts the ranked words
+    to `max_tokens - len(specials)` *before* words spelled like a special are dropped and
+    before `min_freq` applies, so either can leave the vocabulary shorter than `max_tokens`.
+    """
+    if max_tokens is not None and max_tokens <= len(specials):
+        raise ValueError(f"max_tokens {max_tokens} leaves no room beside {len(specials)} specials")
+    counts = Counter()
+    for tokens in token_lines:
+        counts.update(tokens)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    if max_tokens is not None:
+        ranked = ranked[: max_tokens - len(specials)]
+    return [*specials, *(token for token, n in ranked if n >= min_freq and token not in specials)]
 
 
 def id_dtype(vocab_size):

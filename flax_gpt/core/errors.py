@@ -23,3 +23,7 @@ class NonFiniteError(WeightsError):
 
 class DivergedError(FlaxGPTError):
     """Training produced a non-finite loss, gradient norm or weights; the run stopped."""
+
+
+class DependencyError(FlaxGPTError):
+    """An optional package a command needs is not installed (or does not load)."""
