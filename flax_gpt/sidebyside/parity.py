@@ -71,7 +71,7 @@ def torch_outputs(tm, ids, labels, precision_name="highest"):
     loss.backward()
     grads = {name: _numpy(p.grad) for name, p in tm.named_parameters()}
     hidden = {"embed": _numpy(hidden["embed"]), "layers": [_numpy(h) for h in hidden["layers"]]}
-    return float(loss), _numpy(logits), hidden, grads
+    return loss.item(), _numpy(logits), hidden, grads
 
 
 def torch_relu_inputs(tm, ids):
