@@ -21,6 +21,7 @@ from flax_gpt.core.config import check_number
 from flax_gpt.core.data import IGNORE_INDEX, TokenDataset
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.hparams import TrainConfig, check_seed
+from flax_gpt.core.loop import Progress
 from flax_gpt.core.progress import print_progress
 from flax_gpt.core.streams import synthetic_batch
 from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment, random_weights
@@ -258,6 +259,7 @@ def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
     torch_step = TrainStep(tm, tc, device=torch_device)
     key = jax.random.key(tc.seed)
     f_losses, t_losses, kept = [], [], []
+    shown = Progress(len(batches))  # a bar on a terminal, plain lines in a log
     for i, (x, y) in enumerate(batches):
         if tc.precision == "highest":
             current = nnx.merge(graphdef, params, rest)
@@ -268,6 +270,8 @@ def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
                                           jax.random.fold_in(key, i))
         f_losses.append(metrics["loss"])
         t_losses.append(torch_step(i, *(torch.from_numpy(a).long().to(torch_device) for a in (x, y)))["loss"])
+        shown.update(i + 1)
+    shown.close()
     return (np.asarray(jax.device_get(f_losses), np.float64),
             np.asarray([float(t) for t in t_losses]), flax_model.canonical(params, config),
             torch_model.canonical(tm), kept)
