@@ -18,17 +18,17 @@ from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.hparams import TrainConfig
 from flax_gpt.core.streams import DatasetStream
 from tests.conftest import FakeBackend, run_cli, text
+from tests.datasets import implementation, prepare_dataset
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Datasets, a run folder and weights files, good and bad, copied into each case."""
-    from flax_gpt.prepare import prepare
-
     ws = tmp_path_factory.mktemp("ws")
     (ws / "text.txt").write_text(text(400, 0))
     (ws / "other.txt").write_text(text(300, 1))
-    prepare([("text.txt", (ws / "text.txt").read_bytes())], ws / "ds")
-    prepare([("tiny.txt", b"one two\nthree\n")], ws / "dstiny", val_fraction=0.5)
+    prepare_dataset([("text.txt", (ws / "text.txt").read_bytes())], ws / "ds")
+    prepare_dataset([("tiny.txt", b"one two\nthree\n")], ws / "dstiny", val_fraction=0.5)
     bad = shutil.copytree(ws / "ds", ws / "dsbadvocab")  # a vocabulary that is not UTF-8
     vocab = (bad / "vocab.txt").read_bytes().replace(b"\nthe\n", b"\nth\xff\n", 1)
     (bad / "vocab.txt").write_bytes(vocab)
@@ -63,19 +63,19 @@ def use_weights(name):
 
 
 def reprepare(w):
-    from flax_gpt.prepare import prepare
+    prepare_dataset([("other.txt", (w / "other.txt").read_bytes())], w / "ds", force=True)
 
-    prepare([("other.txt", (w / "other.txt").read_bytes())], w / "ds", force=True)
 
+PREP = ["--implementation", implementation()]  # the stack's own, so that the option is judged
 
 # (id, arguments ({w}: the workspace), a fragment of the one stderr line, setup or None)
 CASES = [
-    ("prepare-out-is-a-file", ["prepare", "--text-file", "{w}/text.txt", "--out", "{w}/text.txt",
-                               "--force"], "is a file", None),
-    ("prepare-min-freq-leaves-no-word", ["prepare", "--text-file", "{w}/text.txt", *NEW,
+    ("prepare-out-is-a-file", ["prepare", *PREP, "--text-file", "{w}/text.txt", "--out",
+                               "{w}/text.txt", "--force"], "is a file", None),
+    ("prepare-min-freq-leaves-no-word", ["prepare", *PREP, "--text-file", "{w}/text.txt", *NEW,
                                          "--min-freq", "100000"], "leaves no word", None),
-    ("prepare-not-an-int", ["prepare", "--text-file", "{w}/text.txt", *NEW, "--min-freq", "x"],
-     "invalid int value", None),
+    ("prepare-not-an-int", ["prepare", *PREP, "--text-file", "{w}/text.txt", *NEW,
+                            "--min-freq", "x"], "invalid int value", None),
     ("parity-lr-nan", ["parity", "--lr", "nan", "--train-steps", "2"], "lr must be a finite", None),
     ("parity-seed-negative", ["parity", "--seed", "-1"], "seed must be >= 0", None),
     ("parity-batch-size-0", ["parity", "--batch-size", "0"], "must be at least 1", None),

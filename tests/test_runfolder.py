@@ -17,16 +17,15 @@ from flax_gpt.core.errors import (CheckpointError, DatasetError, DivergedError, 
 from flax_gpt.core.hparams import TrainConfig, check_sampling
 from flax_gpt.core.streams import DatasetStream
 from tests.conftest import FakeBackend, text
+from tests.datasets import prepare_dataset
 
 CONFIG = GPTConfig.preset("tiny")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from flax_gpt.prepare import prepare
-
     out = tmp_path_factory.mktemp("rf") / "ds"
-    prepare([("text.txt", text(400, 0).encode())], out)
+    prepare_dataset([("text.txt", text(400, 0).encode())], out)
     return out
 
 
@@ -188,14 +187,12 @@ def test_the_dataset_is_stored_resolved_and_known_by_its_sha256(dataset, tmp_pat
 
 
 def test_dataset_prepared_again_in_place_is_refused(dataset, tmp_path):
-    from flax_gpt.prepare import prepare
-
     data = shutil.copytree(dataset, tmp_path / "ds")
     run = tmp_path / "run"
     loop.train(*make(data), run)
     record = runfolder.read_record(run)
     assert runfolder.run_dataset(record).vocab_size == record["model"]["vocab_size"]
-    prepare([("other.txt", text(300, 1).encode())], data, force=True)
+    prepare_dataset([("other.txt", text(300, 1).encode())], data, force=True)
     with pytest.raises(DatasetError, match="has changed since this run trained on it"):
         runfolder.run_dataset(record)
     with pytest.raises(CheckpointError, match="it trained on the dataset"):
@@ -329,7 +326,7 @@ def test_prepare_draws_no_bar_into_a_log(monkeypatch, tmp_path, capsys):
     from flax_gpt import prepare
 
     monkeypatch.setattr(prepare, "PROGRESS_MIN_BYTES", 0)  # a bar even for a small text
-    prepare.prepare([("text.txt", text(50, 0).encode())], tmp_path / "ds")
+    prepare_dataset([("text.txt", text(50, 0).encode())], tmp_path / "ds")
     assert "tokenizing" not in capsys.readouterr().err  # stderr is not a terminal here
 
 
