@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_gpt.core.hparams import check_sampling
+
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _next_token(graphdef, state, window, position, key, top_k, temperature):
@@ -27,6 +29,7 @@ def _next_token(graphdef, state, window, position, key, top_k, temperature):
 def generate(model, ids, max_new_tokens, *, temperature=1.0, top_k=0, seed=0):
     """`ids` followed by `max_new_tokens` sampled ids (temperature 0: greedy). Same seed,
     same ids."""
+    check_sampling(max_new_tokens, temperature, top_k, seed)
     model.eval()
     graphdef, state = nnx.split(model)
     seq_len = model.config.seq_len

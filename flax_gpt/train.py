@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as save_bytes
 
 from flax_gpt import precision
 from flax_gpt.core import runfolder, weights
 from flax_gpt.core.errors import CheckpointError
+from flax_gpt.core.files import atomic_file
 from flax_gpt.core.hparams import learning_rates
 from flax_gpt.mesh import Layout
 from flax_gpt.model import GPT, canonical, cross_entropy, set_canonical
@@ -148,8 +150,11 @@ class FlaxBackend:
     def save(self, folder):
         weights.save(folder / runfolder.WEIGHTS, self.config, self.canonical())
         leaves = jax.tree_util.tree_leaves_with_path(self.opt_state)
-        save_file({jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
-                  str(folder / OPTIMIZER))
+        # through atomic_file, not safetensors' save_file: that one creates its files 0600,
+        # and every file of a run folder gets the same (umask) mode
+        with atomic_file(folder / OPTIMIZER) as f:
+            f.write(save_bytes({jax.tree_util.keystr(path): np.asarray(leaf)
+                                for path, leaf in leaves}))
 
     def load(self, folder):
         tensors = runfolder.checkpoint_weights(folder, self.config)

@@ -7,15 +7,16 @@ import signal
 import numpy as np
 import pytest
 
+from flax_gpt.core import loop, runfolder
+from flax_gpt.core.streams import DatasetStream
 from flax_gpt.sidebyside.pair import apply_precision
-from flax_gpt.core import loop, runfolder, streams
 from flax_gpt.experiments import backend as make_backend
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import TrainConfig, learning_rates
-from flax_gpt.prepare import prepare
 from tests.conftest import run_cli
+from tests.datasets import prepare_dataset
 
 apply_precision("highest")
 FRAMEWORKS = ["flax", "torch"]
@@ -25,7 +26,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def small_data(shakespeare, tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "ds"
-    prepare([(shakespeare.name, shakespeare.read_bytes()[:200_000])], out, max_vocab=128)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes()[:200_000])], out, max_vocab=128)
     return out
 
 
@@ -33,7 +34,7 @@ def setup(data, framework, steps=STEPS, **changes):
     dataset = TokenDataset.load(data)
     config = GPTConfig.preset("tiny", vocab_size=dataset.vocab_size)
     tc = TrainConfig(**{"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, **changes})
-    stream = streams.DatasetStream(dataset, tc.batch_size, config.seq_len, tc.seed)
+    stream = DatasetStream(dataset, tc.batch_size, config.seq_len, tc.seed)
     return make_backend(framework, config, tc), stream
 
 
@@ -97,7 +98,7 @@ def test_run_folder_holds_loadable_weights_and_keeps_last_k(small_data, tmp_path
     assert sorted(p.name for p in (tmp_path / "run" / runfolder.CHECKPOINTS).iterdir()) == [
         "step_00000005", "step_00000006"]
     record = json.loads((tmp_path / "run" / runfolder.CONFIG).read_text())
-    assert record["framework"] == "flax" and record["data"]["path"] == str(small_data)
+    assert record["framework"] == "flax" and record["data"]["path"] == str(small_data.resolve())
     assert flax_gpt.load(tmp_path / "run" / runfolder.WEIGHTS).config == backend.config
     assert torch_reference.load(tmp_path / "run" / runfolder.WEIGHTS).config == backend.config
 
@@ -114,7 +115,7 @@ def test_refusals(small_data, tmp_path, shakespeare):
     with pytest.raises(CheckpointError, match="training settings differ"):
         loop.train(*setup(small_data, "flax", steps=9, lr=1e-2), tmp_path / "run", resume=True)
     other = tmp_path / "other"
-    prepare([(shakespeare.name, shakespeare.read_bytes()[:150_000])], other, max_vocab=128)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes()[:150_000])], other, max_vocab=128)
     with pytest.raises(CheckpointError, match="dataset"):
         loop.train(*setup(other, "flax", steps=9), tmp_path / "run", resume=True)
     backend, stream = setup(small_data, "flax", steps=9)
@@ -130,24 +131,31 @@ def test_refusals(small_data, tmp_path, shakespeare):
 ])
 def test_corrupt_checkpoint_is_refused(small_data, tmp_path, damage, message):
     backend, stream = setup(small_data, "flax")
-    loop.train(backend, stream, tmp_path / "run")
+    loop.train(backend, stream, tmp_path / "run", stop_at=3)
     damage(runfolder.latest_checkpoint(tmp_path / "run"))
     with pytest.raises(CheckpointError, match=message):
-        loop.train(*setup(small_data, "flax", steps=9), tmp_path / "run", resume=True)
+        loop.train(*setup(small_data, "flax"), tmp_path / "run", resume=True)
 
 
 def test_cli_train_generate_eval(small_data, tmp_path):
     run = tmp_path / "run"
-    args = ["--preset", "tiny", "--data", small_data, "--steps", "4", "--batch-size", "4",
+    # the dataset typed relative to where train runs; eval and generate run elsewhere
+    args = ["--preset", "tiny", "--data", small_data.name, "--steps", "4", "--batch-size", "4",
             "--eval-every", "2", "--eval-batches", "2"]
-    result = run_cli("train", *args, "--out", run)
+    result = run_cli("train", *args, "--out", run, cwd=small_data.parent)
     assert result.returncode == 0, result.stderr
     assert "4 steps" in result.stdout and "val loss" in result.stdout
+    # piped, progress is plain lines, not bar frames
+    assert "step 4/4, loss " in result.stderr and "tokens/s" in result.stderr
+    assert "\r" not in result.stderr
+    modes = {p.relative_to(run): oct(p.stat().st_mode & 0o777) for p in run.rglob("*")
+             if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # every file of a run folder alike
     records = [json.loads(line) for line in (run / runfolder.METRICS).read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed"} <= records[0].keys()
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
 
-    again = run_cli("train", *args, "--out", run)
+    again = run_cli("train", *args, "--out", run, cwd=small_data.parent)
     assert again.returncode == 2 and "pass --resume" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
 
@@ -156,6 +164,7 @@ def test_cli_train_generate_eval(small_data, tmp_path):
     first, second = run_cli(*gen), run_cli(*gen)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and len(first.stdout.split()) >= 8
+    assert "<eos>" not in first.stdout and "<bos>" not in first.stdout  # line ends instead
     assert "zyzzyva" in first.stderr and "<unk>" in first.stderr
 
     ev = run_cli("eval", "--run", run, "--json")

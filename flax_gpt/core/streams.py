@@ -81,3 +81,6 @@ def check_stream(stream, config):
     if stream.seq_len > config.seq_len:
         raise DatasetError(f"batches of {stream.seq_len} tokens exceed the model's seq_len "
                            f"{config.seq_len}")
+    if isinstance(stream, DatasetStream):  # both splits now, not at the first evaluation
+        for split in ("train", "val"):
+            stream.dataset.check_batches(split, stream.batch_size, stream.seq_len)
