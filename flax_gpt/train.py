@@ -5,6 +5,7 @@ parameters and optimizer state donated on accelerators (see `donated`), so XLA u
 in place; the model object is split once (`nnx.split`) and never walked again in the loop.
 """
 
+import collections
 import functools
 
 import jax
@@ -98,6 +99,26 @@ def eval_loss(graphdef, params, rest, x, y):
     return cross_entropy(model(x), y)
 
 
+# jax.jit keeps its compilations per function object, so a step made anew for every backend
+# is compiled anew: seconds to tens of seconds on a CPU, paid again by every backend of an
+# experiment (compare, the mesh checks, a resume in the same process). The step is a function
+# of (config, tc, mesh) alone (graphdef, optimizer and shardings are made from them), so
+# backends of one key share it; the last few keys are kept.
+_STEPS = collections.OrderedDict()
+STEPS_KEPT = 8
+
+
+def shared_step(key, make):
+    """The step of `key` made by `make()` the first time, the same function afterwards."""
+    if key in _STEPS:
+        _STEPS.move_to_end(key)
+    else:
+        _STEPS[key] = make()
+        if len(_STEPS) > STEPS_KEPT:
+            _STEPS.popitem(last=False)
+    return _STEPS[key]
+
+
 class FlaxBackend:
     """The Flax side of flax_gpt.core.loop.train: model state, jitted step, checkpoint I/O."""
 
@@ -118,8 +139,9 @@ class FlaxBackend:
         self.layout = None if mesh is None else Layout(mesh, config, self.params, self.tx,
                                                        tc.batch_size)
         self._place()
-        self._step = make_train_step(self.graphdef, self.tx, grad_accum=tc.grad_accum,
-                                     dropout=bool(config.dropout), layout=self.layout)
+        self._step = shared_step((config, tc, mesh), lambda: make_train_step(
+            self.graphdef, self.tx, grad_accum=tc.grad_accum, dropout=bool(config.dropout),
+            layout=self.layout))
         self.key = jax.random.key(tc.seed)
         self.lrs = learning_rates(tc)
 

@@ -1,20 +1,26 @@
 """Hold the Flax trainer on a device mesh to the single-device run, and check checkpoints of a
-sharded run. Prints one JSON object (tests/test_mesh.py parses it; README's table quotes it).
+sharded run. Prints one JSON object (README's table quotes it; tests/test_mesh.py runs it
+short).
 
-    python scripts/mesh_equivalence.py --devices 8 --steps 30 --float64 --checkpoints DIR
+    python scripts/mesh_equivalence.py --kink-masked --float64 --checkpoints DIR   # README
 
 On `--devices` fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, set here
-before jax is imported), every mesh of `--meshes` trains a tiny config from the same weights
-on the same global batches as one device does, and reports per-step |loss difference| and
-the largest |parameter difference| at the end. Also:
+before jax is imported), every mesh of `--meshes` trains each config of `--configs` from the
+same weights on the same global batches as one device does, and reports per-step |loss
+difference| and the largest |parameter difference| at the end. Also:
 
-  accumulation  on the last mesh, grad_accum=2 micro-batches of B against one device taking
-                the same 2B rows as one batch
+  kink_masked   (--kink-masked) float32 again with each step's labels masked from ReLU flips
+                on, in lockstep with one device (see kink_free)
   float64       the same meshes at precision float64 (--float64)
-  checkpoints   (--checkpoints DIR) the float32 run on the last mesh again, through the real
-                loop, checkpointed half-way: resumed on the same mesh (losses bit for bit), and its checkpoint
-                restored on the first mesh and on one device (every tensor bit for bit), then
-                trained on to the end there
+  accumulation  on the last mesh, the first config, grad_accum=2 micro-batches of B against
+                one device taking the same 2B rows as one batch
+  checkpoints   (--checkpoints DIR) the first config on the last mesh again, through the real
+                loop, checkpointed half-way: resumed on the same mesh (losses bit for bit),
+                and its checkpoint restored on the first mesh and on one device (every tensor
+                bit for bit), then trained on to the end there
+
+Backends of one (config, schedule, mesh) share their compiled step (flax_gpt.train.shared_step),
+so each is compiled once per process.
 """
 
 import argparse
@@ -28,28 +34,42 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout, not an installed copy
 
 MESHES = "data=8 fsdp=8 tensor=8 data=2,fsdp=2,tensor=2"
+# heads8: n_heads, d_ff and the vocabulary divide 8, so every axis splits all it may.
+# heads4: `small`'s 4 heads at a small width (head size 12): tensor=8 leaves q, k, v and out
+# whole (the heads do not divide), tensor=2 splits them.
+CONFIGS = {"heads8": dict(vocab_size=64, seq_len=16, d_model=32, n_heads=8, n_layers=2, d_ff=128),
+           "heads4": dict(vocab_size=64, seq_len=16, d_model=48, n_heads=4, n_layers=2, d_ff=192)}
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--meshes", default=MESHES, help=f"space-separated (default {MESHES!r})")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--configs", default=" ".join(CONFIGS),
+                   help=f"space-separated, of {', '.join(CONFIGS)} (default all)")
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--kink-masked", action="store_true",
+                   help="also float32 with labels masked from ReLU flips on (slower: two "
+                        "forwards a step)")
     p.add_argument("--float64", nargs="?", const="all", metavar="MESHES",
                    help="also at precision float64, on every mesh or the space-separated MESHES")
     p.add_argument("--checkpoints", type=Path, help="a folder for the checkpoint runs")
+    p.add_argument("--fast-compile", action="store_true",
+                   help=f"XLA_FLAGS {FAST_COMPILE}: LLVM does not optimize the machine code, which "
+                        f"compiles ~3x faster on CPU. The HLO, its sharding and its collectives "
+                        f"are unchanged, and both sides of every comparison compile alike (the "
+                        f"test suite's setting)")
     p.add_argument("--compilation-cache", type=Path,
-                   help="JAX's persistent compilation cache: a train step compiled once (the same "
-                        "mesh, config and schedule) is reloaded, not recompiled, by the later "
-                        "runs of this script (compiling dominates its run time on CPU)")
+                   help="JAX's persistent compilation cache, for repeated runs of this script")
     return p.parse_args()
 
 
 def main():
     args = parse()
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
+    flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={args.devices}"]
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, flags + [FAST_COMPILE] * args.fast_compile))
     import jax
 
     if args.compilation_cache:
@@ -60,23 +80,33 @@ def main():
     from flax_gpt.core.hparams import TrainConfig
 
     assert jax.device_count() == args.devices, jax.devices()
-    # n_heads, d_ff and the vocabulary divide 8, so every axis splits what it may
-    config = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_heads=8, n_layers=2, d_ff=128)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3, warmup_steps=5)
-    meshes = args.meshes.split()
+    meshes, names = args.meshes.split(), args.configs.split()
     t0 = time.perf_counter()
     out = {"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-           "config": config.to_dict(), "train": tc.to_dict(), "meshes": meshes}
-    out["float32"] = equivalence(config, tc, meshes, kink_masked=True)
-    out["accumulation"] = accumulation(config, tc, meshes[-1])
-    if args.float64:
-        on = meshes if args.float64 == "all" else args.float64.split()
-        out["float64"] = equivalence(config, tc.replace(precision="float64"), on)
+           "jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"], "train": tc.to_dict(),
+           "meshes": meshes, "configs": {}}
+    for name in names:
+        config = GPTConfig(**CONFIGS[name])
+        result = out["configs"][name] = {"config": config.to_dict()}
+        result["float32"] = timed(equivalence, config, tc, meshes, kink_masked=args.kink_masked)
+        if args.float64:
+            on = meshes if args.float64 == "all" else args.float64.split()
+            result["float64"] = timed(equivalence, config, tc.replace(precision="float64"), on)
+    first = GPTConfig(**CONFIGS[names[0]])
+    out["accumulation"] = {"config": names[0], **timed(accumulation, first, tc, meshes[-1])}
     if args.checkpoints:
-        out["checkpoints"] = checkpoints(config, tc, meshes[-1], meshes[0], args.checkpoints)
+        out["checkpoints"] = {"config": names[0], **timed(checkpoints, first, tc, meshes[-1],
+                                                          meshes[0], args.checkpoints)}
     out["seconds"] = time.perf_counter() - t0
     json.dump(out, sys.stdout)
     print()
+
+
+def timed(part, *args, **kwargs):
+    """`part(*args, **kwargs)`, a dict, with its wall time added as "seconds"."""
+    start = time.perf_counter()
+    return {**part(*args, **kwargs), "seconds": time.perf_counter() - start}
 
 
 def backend(config, tc, tensors=None, mesh=None):

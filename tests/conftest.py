@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,39 @@ def run_cli(*args, env=None, cwd=None):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "flax_gpt", *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=600)
+
+
+_IN_ONE_PROCESS = """
+import contextlib, io, json, sys, traceback
+from flax_gpt.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+        except BaseException:  # what would have been a traceback: exit 1, as the process would
+            traceback.print_exc()
+            code = 1
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def run_cli_many(*commands, env=None):
+    """Run the CLI commands (each a list of arguments) one after the other in one Python
+    subprocess, through flax_gpt.cli.main: where each would pay the interpreter, the imports
+    and JAX's compilations again, they share them. Returns one SimpleNamespace(returncode,
+    stdout, stderr) per command."""
+    from types import SimpleNamespace
+
+    argvs = json.dumps([[str(a) for a in command] for command in commands])
+    done = subprocess.run([sys.executable, "-c", _IN_ONE_PROCESS, argvs], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads(done.stdout.splitlines()[-1])]
 
 
 class FakeBackend:

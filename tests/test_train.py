@@ -48,6 +48,18 @@ def test_learning_rate_table():
     assert lrs[4] == 1.0 and np.isclose(lrs[-1], 0.1) and np.all(np.diff(lrs[4:]) < 0)
 
 
+def test_backends_of_one_experiment_share_their_compiled_step():
+    """One jitted step per (config, tc, mesh), so a second backend does not compile again;
+    another schedule or precision gets its own."""
+    config, tc = GPTConfig.preset("tiny"), TrainConfig(steps=3, batch_size=2)
+    first, second = make_backend("flax", config, tc), make_backend("flax", config, tc)
+    assert first._step is second._step
+    for other in (tc.replace(steps=4), tc.replace(precision="float64")):
+        assert make_backend("flax", config, other)._step is not first._step
+    apply_precision("highest")  # float64 above switched JAX's x64 on
+    assert make_backend("flax", config.replace(dropout=0.1), tc)._step is not first._step
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_resume_is_bitwise_exact(small_data, tmp_path, framework):
     """N steps, or N/2 then a resumed N/2: the same losses at every step, bit for bit."""
