@@ -48,6 +48,7 @@ def parse():
     p.add_argument("--meshes", default=MESHES, help=f"space-separated (default {MESHES!r})")
     p.add_argument("--configs", default=" ".join(CONFIGS),
                    help=f"space-separated, of {', '.join(CONFIGS)} (default all)")
+    p.add_argument("--layers", type=int, help="n_layers of every config (default theirs, 2)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--kink-masked", action="store_true",
@@ -68,7 +69,8 @@ def parse():
 
 def main():
     args = parse()
-    flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={args.devices}"]
+    flags = [os.environ.get("XLA_FLAGS", ""),
+             f"--xla_force_host_platform_device_count={args.devices}"]
     os.environ["XLA_FLAGS"] = " ".join(filter(None, flags + [FAST_COMPILE] * args.fast_compile))
     import jax
 
@@ -76,7 +78,6 @@ def main():
         jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-    from flax_gpt.core.config import GPTConfig
     from flax_gpt.core.hparams import TrainConfig
 
     assert jax.device_count() == args.devices, jax.devices()
@@ -87,13 +88,13 @@ def main():
            "jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"], "train": tc.to_dict(),
            "meshes": meshes, "configs": {}}
     for name in names:
-        config = GPTConfig(**CONFIGS[name])
+        config = config_of(name, args.layers)
         result = out["configs"][name] = {"config": config.to_dict()}
         result["float32"] = timed(equivalence, config, tc, meshes, kink_masked=args.kink_masked)
         if args.float64:
             on = meshes if args.float64 == "all" else args.float64.split()
             result["float64"] = timed(equivalence, config, tc.replace(precision="float64"), on)
-    first = GPTConfig(**CONFIGS[names[0]])
+    first = config_of(names[0], args.layers)
     out["accumulation"] = {"config": names[0], **timed(accumulation, first, tc, meshes[-1])}
     if args.checkpoints:
         out["checkpoints"] = {"config": names[0], **timed(checkpoints, first, tc, meshes[-1],
@@ -101,6 +102,12 @@ def main():
     out["seconds"] = time.perf_counter() - t0
     json.dump(out, sys.stdout)
     print()
+
+
+def config_of(name, layers=None):
+    from flax_gpt.core.config import GPTConfig
+
+    return GPTConfig(**{**CONFIGS[name], **({"n_layers": layers} if layers else {})})
 
 
 def timed(part, *args, **kwargs):

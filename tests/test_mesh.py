@@ -2,11 +2,13 @@
 
 Fake devices need XLA_FLAGS before jax is imported, so all of it runs in subprocesses, and
 few: starting one and compiling in it is what costs. One runs scripts/mesh_equivalence.py
-short (STEPS steps, both of its configs, every mesh, float64 and accumulation on 2x2x2, the
-checkpoint runs); the other runs `train --mesh`, a resume without it and `bench --mesh`
-through the CLI. Both compile with LLVM unoptimized (--fast-compile, see the script): the
-HLO, the sharding and the collectives are the default build's, and both sides of each
-comparison compile alike. The 50-step figures at default flags are README's.
+short: STEPS steps of both of its configs (8 heads, and 4) on every mesh, float64 and
+accumulation on 2x2x2, the checkpoint runs, at one layer (the rules are the same for every
+layer, and a layer less halves the compilation). The other runs `train --mesh`, a resume
+without it and `bench --mesh` through the CLI. Both compile with LLVM unoptimized
+(--fast-compile, see the script): the HLO, the sharding and the collectives are the default
+build's, and both sides of each comparison compile alike. README's figures are the script's
+full run: 2 layers, 50 steps, default flags.
 """
 
 import json
@@ -36,7 +38,7 @@ def report(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "scripts/mesh_equivalence.py", "--devices", "8", "--steps", str(STEPS),
          "--meshes", " ".join(MESHES), "--float64", MESHES[-1], "--checkpoints", str(folder),
-         "--fast-compile"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+         "--layers", "1", "--fast-compile"], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return {**json.loads(result.stdout), "folder": folder}
 
@@ -133,17 +135,17 @@ def check_gathered_export(run, config):
 
 def test_cli_on_a_mesh(tmp_path):
     """`train --mesh` prints the layout before training and evaluates on the mesh; its run
-    resumes without a mesh. `bench --mesh` reports tokens/s per device, and the parameter
-    and AdamW bytes one device holds, measured from the arrays: what the rules predict
-    (core.sharding.per_device_elements)."""
+    resumes without a mesh. `bench --mesh` reports tokens/s per device, and the parameter and
+    AdamW bytes one device holds, measured from the arrays: what the rules predict
+    (core.sharding.per_device_elements). One layer, as the module's note says."""
     run, mesh = tmp_path / "run", "data=2,fsdp=2,tensor=2"
-    args = ["--preset", "tiny", "--synthetic", "--batch-size", "4", "--eval-every", "2",
-            "--eval-batches", "2", "--log-every", "1", "--out", run, "--steps", "3"]
+    tiny = ["--preset", "tiny", "--n-layers", "1", "--batch-size", "4"]
+    args = [*tiny, "--synthetic", "--eval-every", "2", "--eval-batches", "2", "--log-every", "1",
+            "--out", run, "--steps", "3"]
     first, second, bench = run_cli_many(
         ["train", *args, "--stop-at", "2", "--mesh", mesh],
         ["train", *args, "--resume"],
-        ["bench", "--preset", "tiny", "--batch-size", "4", "--warmup", "0", "--steps", "2",
-         "--rounds", "1", "--variants", "flax-jit-fp32,torch-eager-fp32", "--mesh", mesh,
+        ["bench", *tiny, "--warmup", "0", "--steps", "2", "--rounds", "1", "--variants", "flax-jit-fp32,torch-eager-fp32", "--mesh", mesh,
          "--json", tmp_path / "b.json"],
         env={"XLA_FLAGS": EIGHT})
 
