@@ -58,10 +58,10 @@ def parse():
                    help="also at precision float64, on every mesh or the space-separated MESHES")
     p.add_argument("--checkpoints", type=Path, help="a folder for the checkpoint runs")
     p.add_argument("--fast-compile", action="store_true",
-                   help=f"XLA_FLAGS {FAST_COMPILE}: LLVM does not optimize the machine code, which "
-                        f"compiles ~3x faster on CPU. The HLO, its sharding and its collectives "
-                        f"are unchanged, and both sides of every comparison compile alike (the "
-                        f"test suite's setting)")
+                   help=f"XLA_FLAGS {FAST_COMPILE}: LLVM does not optimize the machine code, "
+                        f"which compiles several times faster on CPU. The HLO, its sharding and "
+                        f"its collectives are unchanged, and both sides of every comparison "
+                        f"compile alike (the test suite's setting)")
     p.add_argument("--compilation-cache", type=Path,
                    help="JAX's persistent compilation cache, for repeated runs of this script")
     return p.parse_args()
