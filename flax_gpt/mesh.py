@@ -69,9 +69,43 @@ class Layout:
         self.lines = sharding.describe(config, self.shape)
 
     def place(self, params, opt_state, rest):
-        """Parameters, optimizer state and buffers (replicated) put on the mesh."""
-        return (jax.device_put(params, self.params), jax.device_put(opt_state, self.opt_state),
-                jax.device_put(rest, self.replicated))
+        """Parameters, optimizer state and buffers (replicated) put on the mesh. With several
+        processes each one holds the same whole values (same init or checkpoint) and puts
+        its own shards from host memory."""
+        if not self.multiprocess:
+            return (jax.device_put(params, self.params),
+                    jax.device_put(opt_state, self.opt_state),
+                    jax.device_put(rest, self.replicated))
+        return (jax.tree.map(self.global_array, params, self.params),
+                jax.tree.map(self.global_array, opt_state, self.opt_state),
+                jax.tree.map(self.global_array, rest))
+
+    @property
+    def multiprocess(self):
+        """True when the mesh spans devices of other processes (jax.distributed)."""
+        return jax.process_count() > 1
+
+    def global_array(self, x, sharding=None):
+        """`x`, whole on this process, as one array of the mesh laid out by `sharding`
+        (default replicated), this process transferring only its own devices' shards: a
+        process cannot put on another's devices. PRNG keys go as their key data."""
+        sharding = sharding or self.replicated
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = self.global_array(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        a = np.asarray(x)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    def batch_array(self, a):
+        """The global batch `a` ((grad_accum, B, T)) on the mesh; this process transfers only
+        the rows of its own devices."""
+        return self.global_array(a, self.batch)
+
+    def gather(self, tree):
+        """`tree` whole on every process (a collective: every process must call it)."""
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
 
     def jit_shardings(self):
         """in/out shardings of `step(params, opt_state, rest, x, y, key) -> (params, opt_state,

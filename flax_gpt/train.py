@@ -152,8 +152,12 @@ class FlaxBackend:
                 self.params, self.opt_state, self.rest)
 
     def step(self, index, x, y):
+        key = jax.random.fold_in(self.key, index)
+        if self.layout and self.layout.multiprocess:  # the step's inputs span the processes
+            x, y = self.layout.batch_array(x), self.layout.batch_array(y)
+            key = self.layout.global_array(key)
         self.params, self.opt_state, metrics = self._step(
-            self.params, self.opt_state, self.rest, x, y, jax.random.fold_in(self.key, index))
+            self.params, self.opt_state, self.rest, x, y, key)
         return metrics
 
     @staticmethod
@@ -164,9 +168,15 @@ class FlaxBackend:
         return float(self.lrs[min(index, self.tc.steps - 1)])
 
     def eval_loss(self, x, y):
+        if self.layout and self.layout.multiprocess:
+            x, y = self.layout.global_array(x), self.layout.global_array(y)
         return float(eval_loss(self.graphdef, self.params, self.rest, x, y))
 
     def canonical(self):
+        """The parameters as canonical tensors; with several processes a collective, which
+        every process calls."""
+        if self.layout and self.layout.multiprocess:
+            return canonical(self.layout.gather(self.params), self.config)
         return canonical(self.params, self.config)
 
     def save(self, folder):

@@ -18,6 +18,10 @@ difference| and the largest |parameter difference| at the end. Also:
                 loop, checkpointed half-way: resumed on the same mesh (losses bit for bit),
                 and its checkpoint restored on the first mesh and on one device (every tensor
                 bit for bit), then trained on to the end there
+  processes     (--processes N) the float32 runs of every config and mesh again on N
+                processes of devices/N devices each (jax.distributed with a local
+                coordinator, gloo collectives), held against this process's runs on all the
+                devices; only process 0 writes its results
 
 Backends of one (config, schedule, mesh) share their compiled step (flax_gpt.train.shared_step),
 so each is compiled once per process.
@@ -62,6 +66,11 @@ def parse():
                         f"which compiles several times faster on CPU. The HLO, its sharding and "
                         f"its collectives are unchanged, and both sides of every comparison "
                         f"compile alike (the test suite's setting)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="also train on this many JAX processes (see processes above)")
+    p.add_argument("--process-id", type=int, help=argparse.SUPPRESS)  # a worker of --processes
+    p.add_argument("--coordinator", help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--compilation-cache", type=Path,
                    help="JAX's persistent compilation cache, for repeated runs of this script")
     return p.parse_args()
@@ -69,8 +78,8 @@ def parse():
 
 def main():
     args = parse()
-    flags = [os.environ.get("XLA_FLAGS", ""),
-             f"--xla_force_host_platform_device_count={args.devices}"]
+    local = args.devices // args.processes if args.process_id is not None else args.devices
+    flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={local}"]
     os.environ["XLA_FLAGS"] = " ".join(filter(None, flags + [FAST_COMPILE] * args.fast_compile))
     import jax
 
@@ -80,9 +89,11 @@ def main():
 
     from flax_gpt.core.hparams import TrainConfig
 
-    assert jax.device_count() == args.devices, jax.devices()
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3, warmup_steps=5)
     meshes, names = args.meshes.split(), args.configs.split()
+    if args.process_id is not None:
+        return worker(args, tc, meshes, names)
+    assert jax.device_count() == args.devices, jax.devices()
     t0 = time.perf_counter()
     out = {"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
            "jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"], "train": tc.to_dict(),
@@ -99,9 +110,78 @@ def main():
     if args.checkpoints:
         out["checkpoints"] = {"config": names[0], **timed(checkpoints, first, tc, meshes[-1],
                                                           meshes[0], args.checkpoints)}
+    if args.processes > 1:
+        out["processes"] = timed(processes, args, tc, meshes, names)
     out["seconds"] = time.perf_counter() - t0
     json.dump(out, sys.stdout)
     print()
+
+
+def float32_runs(config, tc, meshes):
+    """{mesh: (per-step losses, canonical weights)} of float32 runs from one seeded init."""
+    tensors = backend(config, tc).canonical()
+    batches = global_batches(tc, config.seq_len, config.vocab_size)
+    return {mesh: train(backend(config, tc, tensors, mesh), batches) for mesh in meshes}
+
+
+def worker(args, tc, meshes, names):
+    """One of --processes processes: join the others, train every config on every mesh
+    (each process feeding the rows of its own devices), and on process 0 alone write the
+    losses and the gathered weights into the folder --result."""
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.processes, process_id=args.process_id)
+    assert jax.device_count() == args.devices, jax.devices()
+    arrays = {}
+    for name in names:
+        for mesh, (losses, params) in float32_runs(config_of(name, args.layers), tc,
+                                                   meshes).items():
+            arrays[f"{name}|{mesh}|loss"] = np.asarray(losses)
+            arrays.update({f"{name}|{mesh}|{k}": v for k, v in params.items()})
+    if jax.process_index() == 0:  # a file named by its writer: another's would show
+        np.savez(args.result / f"process-{jax.process_index()}.npz", **arrays)
+    jax.distributed.shutdown()
+
+
+def processes(args, tc, meshes, names):
+    """The float32 runs on --processes processes against the same runs in this process."""
+    import socket
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder)
+        command = [sys.executable, __file__, "--devices", str(args.devices), "--processes",
+                   str(args.processes), "--coordinator", f"127.0.0.1:{port}", "--result",
+                   str(result), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--meshes", " ".join(meshes), "--configs", " ".join(names)]
+        command += ["--layers", str(args.layers)] * bool(args.layers)
+        command += ["--fast-compile"] * args.fast_compile
+        env = {**os.environ, "XLA_FLAGS": ""}  # each worker sets its own device count
+        workers = [subprocess.Popen(command + ["--process-id", str(i)], env=env)
+                   for i in range(args.processes)]
+        codes = [w.wait(timeout=1800) for w in workers]
+        assert codes == [0] * args.processes, codes
+        saved = dict(np.load(result / "process-0.npz"))
+        written = sorted(p.name for p in Path(folder).iterdir())
+    out = {"processes": args.processes, "files_written": written}
+    for name in names:
+        for mesh, (losses, params) in float32_runs(config_of(name, args.layers), tc,
+                                                   meshes).items():
+            diffs = np.abs(saved[f"{name}|{mesh}|loss"] - np.asarray(losses))
+            out[f"{name} {mesh}"] = {
+                "max_loss_diff": float(diffs.max()),
+                "max_param_diff": max_diff(params, {k: saved[f"{name}|{mesh}|{k}"]
+                                                    for k in params})}
+    return out
 
 
 def config_of(name, layers=None):
