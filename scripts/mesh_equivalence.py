@@ -166,7 +166,10 @@ def processes(args, tc, meshes, names):
         command += ["--layers", str(args.layers)] * bool(args.layers)
         command += ["--fast-compile"] * args.fast_compile
         env = {**os.environ, "XLA_FLAGS": ""}  # each worker sets its own device count
-        workers = [subprocess.Popen(command + ["--process-id", str(i)], env=env)
+        # stdout is this script's JSON: what the workers print (gloo's connection lines) goes
+        # to stderr
+        workers = [subprocess.Popen(command + ["--process-id", str(i)], env=env,
+                                    stdout=sys.stderr)
                    for i in range(args.processes)]
         codes = [w.wait(timeout=1800) for w in workers]
         assert codes == [0] * args.processes, codes

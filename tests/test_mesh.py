@@ -4,10 +4,10 @@ Fake devices need XLA_FLAGS before jax is imported, so all of it runs in subproc
 few: starting one and compiling in it is what costs. One runs scripts/mesh_equivalence.py
 short: STEPS steps of both of its configs (8 heads, and 4) on every mesh, float64 and
 accumulation on 2x2x2, the checkpoint runs, at one layer (the rules are the same for every
-layer, and a layer less halves the compilation). The other runs `train --mesh`, a resume
-without it and `bench --mesh` through the CLI. Both compile with LLVM unoptimized
-(--fast-compile, see the script): the HLO, the sharding and the collectives are the default
-build's, and both sides of each comparison compile alike. README's figures are the script's
+layer, and a layer less halves the compilation). Another runs `train --mesh`, a resume
+without it and `bench --mesh` through the CLI; a third, two JAX processes of 4 devices. All
+compile with LLVM unoptimized (--fast-compile, see the script): the HLO, the sharding and
+the collectives are the default build's, and both sides of each comparison compile alike. README's figures are the script's
 full run: 2 layers, 50 steps, default flags.
 """
 
@@ -175,3 +175,19 @@ def test_cli_on_a_mesh(tmp_path):
         assert 2 * r["param_bytes_per_device"] <= r["optimizer_bytes_per_device"] \
             <= 2 * r["param_bytes_per_device"] + counts
     assert flax["loss"] == pytest.approx(torch["loss"], abs=1e-4)  # the same step, laid out
+
+
+def test_two_processes_train_as_one():
+    """Two JAX processes of 4 fake devices each (jax.distributed, local coordinator, gloo),
+    each feeding its devices' rows, against one process with 8, on 2x2x2; process 0 alone
+    writes."""
+    result = subprocess.run(
+        [sys.executable, "scripts/mesh_equivalence.py", "--devices", "8", "--processes", "2",
+         "--configs", "heads8", "--meshes", MESHES[-1], "--steps", "3", "--layers", "1",
+         "--fast-compile"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout)["processes"]
+    assert run["processes"] == 2 and run["files_written"] == ["process-0.npz"]
+    two = run[f"heads8 {MESHES[-1]}"]
+    assert two["max_loss_diff"] <= LOSS_TOL, two
+    assert two["max_param_diff"] <= PARAM_TOL, two
