@@ -34,6 +34,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            # numpy seeds the batches from it, and takes no negative seed
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps and grad_clip must be >= 0 and lr > 0")
         check_attention(self.attention)
