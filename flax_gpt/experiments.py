@@ -158,13 +158,32 @@ def run_model(run):
     return flax_gpt.load(Path(run) / runfolder.WEIGHTS), record
 
 
-def run_dataset(record, data=None):
-    """The dataset folder `data`, else the one the run trained on."""
+def run_dataset(record, config, data=None):
+    """The dataset folder `data`, else the one the run trained on; refused unless its
+    vocabulary is the model's."""
     if data:
-        return TokenDataset.load(data)
-    if record["data"].get("synthetic"):
-        raise FlaxGPTError("this run trained on synthetic tokens: pass --data for text")
-    return TokenDataset.load(record["data"]["path"])
+        dataset = TokenDataset.load(data)
+    elif record["data"].get("synthetic"):
+        raise FlaxGPTError(f"this run trained on synthetic tokens, which have no text: pass "
+                           f"--data with a dataset of {config.vocab_size} tokens")
+    else:
+        dataset = TokenDataset.load(record["data"]["path"])
+    if dataset.vocab_size != config.vocab_size:
+        raise FlaxGPTError(f"the dataset {dataset.path} has {dataset.vocab_size} tokens, the "
+                           f"model {config.vocab_size}")
+    return dataset
+
+
+def run_batches(record, config, data, split, batch_size):
+    """Every batch of `split` of the dataset `data` or the run's own. A run on synthetic
+    tokens, without `data`, reads its own stream's batches of that split (the seed it trained
+    with; SyntheticStream.EVAL_BATCHES of them): the validation batches its training
+    evaluated on when `batch_size` is the run's."""
+    if not data and record["data"].get("synthetic"):
+        stream = SyntheticStream(config.vocab_size, batch_size, config.seq_len,
+                                 record["train"]["seed"])
+        return stream.eval_batches(0, split)
+    return run_dataset(record, config, data).batches(split, batch_size, config.seq_len)
 
 
 @dataclass
@@ -181,7 +200,8 @@ class EvalResult:
 
 def evaluate(run, *, data=None, split="val", batch_size=16):
     """Mean cross-entropy and perplexity of `run`'s latest weights over every batch of a split
-    (Flax, float32 at the highest matmul precision, eval mode)."""
+    (Flax, float32 at the highest matmul precision, eval mode: no dropout). A synthetic run
+    without `data` is evaluated on its own stream's batches (see run_batches)."""
     from flax_gpt import precision
 
     precision.apply("highest")
@@ -190,12 +210,10 @@ def evaluate(run, *, data=None, split="val", batch_size=16):
     from flax_gpt.train import eval_loss
 
     model, record = run_model(run)
-    dataset = run_dataset(record, data)
-    if dataset.vocab_size != model.config.vocab_size:
-        raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens, the model {model.config.vocab_size}")
+    batches = run_batches(record, model.config, data, split, batch_size)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss, ppl, n = loop.mean_loss(lambda x, y: float(eval_loss(graphdef, params, rest, x, y)),
-                                  dataset.batches(split, batch_size, model.config.seq_len))
+                                  batches)
     return EvalResult(str(run), split, n, loss, ppl)
 
 
@@ -218,7 +236,7 @@ def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, 
     if not temperature >= 0:
         raise FlaxGPTError(f"--temperature must be >= 0, got {temperature}")
     model, record = run_model(run)
-    dataset = run_dataset(record, data)
+    dataset = run_dataset(record, model.config, data)
     ids = sample(model, [BOS, *dataset.encode(prompt)], max_new_tokens, temperature=temperature,
                  top_k=top_k, seed=seed)
     text = dataset.decode(ids[1:]).replace(" <eos> <bos> ", "\n").replace("<eos> <bos>", "\n")
