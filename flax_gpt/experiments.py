@@ -176,9 +176,9 @@ def run_dataset(record, config, data=None):
 
 def run_batches(record, config, data, split, batch_size):
     """Every batch of `split` of the dataset `data` or the run's own. A run on synthetic
-    tokens, without `data`, reads its own stream's batches of that split (the seed it trained
-    with; SyntheticStream.EVAL_BATCHES of them): the validation batches its training
-    evaluated on when `batch_size` is the run's."""
+    tokens, without `data`, reads the first SyntheticStream.EVAL_BATCHES batches of that
+    split of its own stream (the seed it trained with): with the run's batch size, the
+    validation batches its training evaluated on with --eval-batches 0."""
     if not data and record["data"].get("synthetic"):
         stream = SyntheticStream(config.vocab_size, batch_size, config.seq_len,
                                  record["train"]["seed"])

@@ -47,9 +47,9 @@ class DatasetStream:
 class SyntheticStream:
     """Uniform random tokens: for benchmarks and machines without a prepared dataset.
 
-    Batch k of a split is drawn from numpy seed [seed, split, k] (train 0, val 1): the two
-    splits never share a batch, and every part of the seed is a non-negative integer, as
-    numpy requires."""
+    Batch k of a split is drawn from numpy seed [seed, split, k] (train 0, val 1): the splits
+    are drawn from different seeds, each part of them a non-negative integer, as numpy
+    requires."""
 
     SPLITS = ("train", "val")
     EVAL_BATCHES = 8  # a synthetic split never ends: what "all of it" (n = 0) reads
