@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flax_gpt import experiments, precision
-from flax_gpt.core import loop
+from flax_gpt.core import loop, runfolder
 from flax_gpt.core.config import ConfigError, GPTConfig
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.hparams import TrainConfig, learning_rates
@@ -156,8 +156,8 @@ def test_interrupt_then_resume_equals_unbroken(small_data, tmp_path, framework):
     backend.step = interrupt_after_third
     with pytest.raises(KeyboardInterrupt):
         loop.train(backend, stream, tmp_path / "cut", log_every=2)
-    assert [p.name for p in (tmp_path / "cut" / loop.CHECKPOINTS).iterdir()] == ["step_00000003"]
-    logged = [json.loads(line) for line in (tmp_path / "cut" / loop.METRICS).read_text().splitlines()]
+    assert [p.name for p in (tmp_path / "cut" / runfolder.CHECKPOINTS).iterdir()] == ["step_00000003"]
+    logged = [json.loads(line) for line in (tmp_path / "cut" / runfolder.METRICS).read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3]
 
     backend, stream = setup(small_data, framework)
@@ -171,12 +171,12 @@ def test_run_folder_holds_loadable_weights_and_keeps_last_k(small_data, tmp_path
 
     backend, stream = setup(small_data, "flax")
     loop.train(backend, stream, tmp_path / "run", checkpoint_every=1, keep=2)
-    assert sorted(p.name for p in (tmp_path / "run" / loop.CHECKPOINTS).iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "run" / runfolder.CHECKPOINTS).iterdir()) == [
         "step_00000005", "step_00000006"]
-    record = json.loads((tmp_path / "run" / loop.CONFIG).read_text())
+    record = json.loads((tmp_path / "run" / runfolder.CONFIG).read_text())
     assert record["framework"] == "flax" and record["data"]["path"] == str(small_data)
-    assert flax_gpt.load(tmp_path / "run" / loop.WEIGHTS).config == backend.config
-    assert torch_reference.load(tmp_path / "run" / loop.WEIGHTS).config == backend.config
+    assert flax_gpt.load(tmp_path / "run" / runfolder.WEIGHTS).config == backend.config
+    assert torch_reference.load(tmp_path / "run" / runfolder.WEIGHTS).config == backend.config
 
 
 def test_refusals(small_data, tmp_path, shakespeare):
@@ -208,7 +208,7 @@ def test_refusals(small_data, tmp_path, shakespeare):
 def test_corrupt_checkpoint_is_refused(small_data, tmp_path, damage, message):
     backend, stream = setup(small_data, "flax")
     loop.train(backend, stream, tmp_path / "run")
-    damage(loop.latest_checkpoint(tmp_path / "run"))
+    damage(runfolder.latest_checkpoint(tmp_path / "run"))
     with pytest.raises(CheckpointError, match=message):
         loop.train(*setup(small_data, "flax", steps=9), tmp_path / "run", resume=True)
 
@@ -220,7 +220,7 @@ def test_cli_train_generate_eval(small_data, tmp_path):
     result = run_cli("train", *args, "--out", run)
     assert result.returncode == 0, result.stderr
     assert "4 steps" in result.stdout and "val loss" in result.stdout
-    records = [json.loads(line) for line in (run / loop.METRICS).read_text().splitlines()]
+    records = [json.loads(line) for line in (run / runfolder.METRICS).read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed"} <= records[0].keys()
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
 
@@ -256,7 +256,7 @@ def test_every_subcommand_runs_on_synthetic_tokens(tmp_path):
         assert "2 steps" in result.stdout and "val loss" in result.stdout
 
         # eval reads the run's own validation batches, in eval mode: the final evaluation's
-        val = [json.loads(line) for line in (tmp_path / framework / loop.METRICS).read_text()
+        val = [json.loads(line) for line in (tmp_path / framework / runfolder.METRICS).read_text()
                .splitlines() if "val_loss" in line][-1]["val_loss"]
         ev = run_cli("eval", "--run", tmp_path / framework, "--batch-size", "4", "--json")
         assert ev.returncode == 0, ev.stderr
