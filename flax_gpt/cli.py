@@ -377,7 +377,8 @@ def add_eval(sub):
                        description="Mean cross-entropy and perplexity of RUN's latest weights "
                                    "over every batch of a split (Flax).")
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="dataset folder (default: the run's)")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the run's; a run on "
+                   "synthetic tokens: its own random batches of the split)")
     p.add_argument("--split", choices=["train", "val"], default="val")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     add_precision_option(p, default=None, help="float64 or highest (default: float64 for a "
@@ -401,7 +402,8 @@ def add_generate(sub):
                        description="Sample from RUN's latest weights with a jitted step of fixed "
                                    "shape. The same --seed gives the same text.")
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the run's)")
+    p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the "
+                   "run's; a run on synthetic tokens has none, and needs one)")
     p.add_argument("--prompt", default="", help="text to continue (basic_english tokens)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")

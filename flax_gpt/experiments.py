@@ -285,6 +285,21 @@ def run_model(run, record, batch_size, what, precision=None):
     return build(config, runfolder.checkpoint_weights(run, config), precision=precision)
 
 
+def run_batches(record, config, data, split, batch_size):
+    """Every batch of `split` of the dataset `data` or the run's own (see
+    runfolder.run_dataset). A run on synthetic tokens, without `data`, reads the first
+    SyntheticStream.EVAL_BATCHES batches of that split of its own stream (the seed it trained
+    with): with the run's batch size, the validation batches its training evaluated on with
+    --eval-batches 0."""
+    if not data and record["data"].get("synthetic"):
+        stream = SyntheticStream(config.vocab_size, batch_size, config.seq_len,
+                                 record["train"]["seed"])
+        return stream.eval_batches(0, split)
+    dataset = runfolder.run_dataset(record, data)
+    dataset.check_batches(split, batch_size, config.seq_len)
+    return dataset.batches(split, batch_size, config.seq_len)
+
+
 @dataclass
 class EvalResult:
     run: str
@@ -299,18 +314,19 @@ class EvalResult:
 
 def evaluate(run, *, data=None, split="val", batch_size=16, precision=None):
     """Mean cross-entropy and perplexity of `run`'s latest weights over every batch of a split
-    (Flax, eval mode, at `precision`: see run_model)."""
+    (Flax, eval mode: no dropout, at `precision`: see run_model). A synthetic run without
+    `data` is evaluated on its own stream's batches (see run_batches)."""
     from flax import nnx
 
     from flax_gpt.train import eval_loss
 
     record = runfolder.read_record(run)
-    dataset = runfolder.run_dataset(record, data)
-    dataset.check_batches(split, batch_size, record["model"]["seq_len"])
+    config = GPTConfig.from_dict(record["model"])
+    batches = run_batches(record, config, data, split, batch_size)
     model = run_model(run, record, batch_size, "evaluating", precision)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss, ppl, n = loop.mean_loss(lambda x, y: float(eval_loss(graphdef, params, rest, x, y)),
-                                  dataset.batches(split, batch_size, model.config.seq_len))
+                                  batches)
     return EvalResult(str(run), split, n, loss, ppl)
 
 

@@ -320,7 +320,8 @@ def run_dataset(record, data=None):
     vocab_size = record["model"]["vocab_size"]
     if data is None:
         if saved.get("synthetic"):
-            raise DatasetError("this run trained on synthetic tokens: pass --data for text")
+            raise DatasetError(f"this run trained on synthetic tokens, which have no text: pass "
+                               f"--data with a dataset of {vocab_size} tokens")
         path = Path(saved["path"])
         if not path.is_dir():
             raise DatasetError(f"the dataset this run trained on, {path}, does not exist any "

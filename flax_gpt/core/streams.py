@@ -12,9 +12,6 @@ from flax_gpt.core.errors import DatasetError
 from flax_gpt.core.files import sha256_bytes
 
 
-EVAL_SEED_TAG = 1  # a third seed word: held-out synthetic batches, never a training batch
-
-
 def synthetic_batch(vocab_size, batch_size, seq_len, seed, *, ignored_row=False):
     """Uniform random ids `(batch_size, seq_len)` with SPEC.md labels, from numpy seed `seed`
     (an int or a sequence of ints). With `ignored_row`, the last row's labels are all -100
@@ -48,20 +45,26 @@ class DatasetStream:
 
 
 class SyntheticStream:
-    """Uniform random tokens: for benchmarks and machines without a prepared dataset."""
+    """Uniform random tokens: for benchmarks and machines without a prepared dataset.
+
+    Batch k of a split is drawn from numpy seed [seed, split, k] (train 0, val 1): the splits
+    are drawn from different seeds, each part of them a non-negative integer, as numpy
+    requires."""
+
+    SPLITS = ("train", "val")
+    EVAL_BATCHES = 8  # a synthetic split never ends: what "all of it" (n = 0) reads
 
     def __init__(self, vocab_size, batch_size, seq_len, seed):
         self.vocab_size, self.batch_size, self.seq_len, self.seed = vocab_size, batch_size, seq_len, seed
         self.reference = {"synthetic": True, "vocab_size": vocab_size}
 
-    def batch(self, k):
-        return synthetic_batch(self.vocab_size, self.batch_size, self.seq_len, [self.seed, k])
+    def batch(self, k, split="train"):
+        return synthetic_batch(self.vocab_size, self.batch_size, self.seq_len,
+                               [self.seed, self.SPLITS.index(split), k])
 
-    def eval_batches(self, n):
-        """Up to n held-out batches (8 when n is 0), seeded apart from every training batch
-        (numpy seeds are non-negative: the index -1 - i this used to pass was refused)."""
-        return [synthetic_batch(self.vocab_size, self.batch_size, self.seq_len,
-                                [self.seed, i, EVAL_SEED_TAG]) for i in range(n or 8)]
+    def eval_batches(self, n, split="val"):
+        """The first n batches of `split` (EVAL_BATCHES when n is 0)."""
+        return [self.batch(k, split) for k in range(n or self.EVAL_BATCHES)]
 
 
 def manifest_sha256(dataset):

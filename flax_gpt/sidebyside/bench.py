@@ -193,9 +193,9 @@ def flax_variant(name, config, tensors, tc, x, y, mesh=None):
             x, y = jax.device_put(x, layout.batch), jax.device_put(y, layout.batch)
         train_step = make_train_step(graphdef, tx, layout=layout)
 
-        def step(i):
+        def step(i):  # dropout masks from (0, i), as the trainer draws them from (seed, step)
             state["params"], state["opt"], metrics = train_step(
-                state["params"], state["opt"], rest, x, y, key)
+                state["params"], state["opt"], rest, x, y, jax.random.fold_in(key, i))
             box["loss"] = metrics["loss"]
             return box["loss"]
 

@@ -261,7 +261,7 @@ def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     tx = optimizer(tc)
     opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx, grad_accum=tc.grad_accum, dropout=bool(config.dropout))
+    step = make_train_step(graphdef, tx)
     torch_step = TrainStep(tm, tc, device=torch_device)
     key = jax.random.key(tc.seed)
     f_losses, t_losses, kept = [], [], []
