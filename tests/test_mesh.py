@@ -22,6 +22,7 @@ import pytest
 from flax_gpt.core import runfolder, weights
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.sharding import MeshShape, per_device_elements, rules
+from flax_gpt.sidebyside.tolerances import TRAIN_LOSS_ATOL
 from tests.conftest import REPO, run_cli_many
 
 LOSS_TOL = 1e-6  # per-step |loss difference|, float32 highest (~2 ulps of a loss of 4.2)
@@ -135,16 +136,18 @@ def check_gathered_export(run, config):
 
 def test_cli_on_a_mesh(tmp_path):
     """`train --mesh` prints the layout before training and evaluates on the mesh; its run
-    resumes without a mesh. `bench --mesh` reports tokens/s per device, and the parameter and
+    resumes without a mesh. `compare --mesh` holds the sharded Flax run against PyTorch. `bench --mesh` reports tokens/s per device, and the parameter and
     AdamW bytes one device holds, measured from the arrays: what the rules predict
     (core.sharding.per_device_elements). One layer, as the module's note says."""
     run, mesh = tmp_path / "run", "data=2,fsdp=2,tensor=2"
     tiny = ["--preset", "tiny", "--n-layers", "1", "--batch-size", "4"]
-    args = [*tiny, "--synthetic", "--eval-every", "2", "--eval-batches", "2", "--log-every", "1",
-            "--out", run, "--steps", "3"]
-    first, second, bench = run_cli_many(
+    common = [*tiny, "--synthetic", "--eval-every", "2", "--eval-batches", "2", "--log-every",
+              "1", "--steps", "3"]  # one schedule: compare reuses train's compiled step
+    args = [*common, "--out", run]
+    first, second, compare, bench = run_cli_many(
         ["train", *args, "--stop-at", "2", "--mesh", mesh],
         ["train", *args, "--resume"],
+        ["compare", *common, "--mesh", mesh, "--out", tmp_path / "compare"],
         ["bench", *tiny, "--warmup", "0", "--steps", "2", "--rounds", "1", "--variants", "flax-jit-fp32,torch-eager-fp32", "--mesh", mesh,
          "--json", tmp_path / "b.json"],
         env={"XLA_FLAGS": EIGHT})
@@ -160,6 +163,12 @@ def test_cli_on_a_mesh(tmp_path):
     logged = [json.loads(line) for line in (run / runfolder.METRICS).read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in logged if "val_loss" in r] == [2, 3]
+
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert "  pred.weight [64:tensor, 32:fsdp]" in compare.stderr.splitlines()
+    report = json.loads((tmp_path / "compare" / "report.json").read_text())
+    assert report["flax_mesh"] == mesh and report["steps"] == 3
+    assert report["max_abs_loss_diff"] <= TRAIN_LOSS_ATOL  # sharded Flax against PyTorch
 
     assert bench.returncode == 0, bench.stderr[-3000:]
     assert "tokens/s/device" in bench.stdout

@@ -68,7 +68,7 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
     existed = out.exists()  # and is empty
     try:
         return _compare(config, tc, out, stream, record, noise_floor, device, log_every,
-                        eval_every, eval_batches)
+                        eval_every, eval_batches, mesh, log)
     except BaseException:
         # no report, nothing to resume: what was written would only block the same command
         if existed:
@@ -80,7 +80,7 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
 
 
 def _compare(config, tc, out, stream, record, noise_floor, device, log_every, eval_every,
-             eval_batches):
+             eval_batches, mesh, log):
     tensors = random_weights(config, tc.seed)
     runs = [("flax", "flax", tensors), ("torch", "torch", tensors)]
     if noise_floor:
