@@ -73,22 +73,13 @@ def _decode_step():
     return step
 
 
-@functools.cache
-def _slide_step():
-    @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"),
-                       donate_argnames=_donated_cache())
-    def step(graphdef, state, cache, tokens, positions, kept, rows, u, knobs, *, greedy):
-        """A decode step in which the rows in `rows` re-encode their last tokens `kept`
-        (B, keep) from position 0 instead: their cache and logits come from a prefill."""
-        model = nnx.merge(graphdef, state)
-        logits, cache = model.decode(tokens, cache, positions)
-        fresh_logits, fresh = model.prefill(kept, jnp.full(kept.shape[:1], kept.shape[1]))
-        cache = jax.tree.map(lambda new, old: jnp.where(rows[:, None, None, None], new, old),
-                             fresh, cache)
-        logits = jnp.where(rows[:, None], fresh_logits, logits)
-        return pick(logits, u, knobs, greedy), logits, cache
-
-    return step
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def _merge(rows, fresh_logits, fresh, logits, cache, u, knobs, *, greedy):
+    """Rows in `rows` take the logits and cache of a prefill (`fresh`), the others keep
+    theirs; then each row's next token."""
+    cache = jax.tree.map(lambda new, old: jnp.where(rows[:, None, None, None], new, old), fresh, cache)
+    logits = jnp.where(rows[:, None], fresh_logits, logits)  # (B, V)
+    return pick(logits, u, knobs, greedy), logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
@@ -126,10 +117,14 @@ class FlaxDecoder:
         return np.asarray(tokens), logits
 
     def slide(self, tokens, positions, kept, rows, u):
-        tokens, logits, self.cache = _slide_step()(
-            self.graphdef, self.state, self.cache, jnp.asarray(tokens, jnp.int32),
-            jnp.asarray(positions, jnp.int32), kept, jnp.asarray(rows), self._u(u), self.knobs,
-            greedy=self.greedy)
+        """A decode step in which the rows in `rows` re-encode their last tokens `kept`
+        (B, keep) from position 0 instead: their cache and logits come from a prefill. Three
+        jitted calls, each also used on its own, so that a slide compiles little."""
+        _, logits = self.decode(tokens, positions, u)
+        _, fresh_logits, fresh = _prefill(self.graphdef, self.state, kept, np.full(len(kept), kept.shape[1], np.int32),
+                                          self._u(u), self.knobs, greedy=self.greedy)
+        tokens, logits, self.cache = _merge(jnp.asarray(rows), fresh_logits, fresh, logits, self.cache,
+                                            self._u(u), self.knobs, greedy=self.greedy)
         return np.asarray(tokens), logits
 
     def forward(self, windows, lengths, u):

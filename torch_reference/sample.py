@@ -54,10 +54,10 @@ class TorchDecoder:
         self.device = next(model.parameters()).device
         self.dtype = at_least_float32(next(model.parameters()).dtype)
         self.cache = None
-        steps = (self._prefill, self._decode, self._slide, self._forward)
+        steps = (self._prefill, self._decode, self._forward)
         if compile:
             steps = (torch.compile(f) for f in steps)
-        self.prefill_step, self.decode_step, self.slide_step, self.forward_step = steps
+        self.prefill_step, self.decode_step, self.forward_step = steps
 
     def _prefill(self, ids, lengths, u):
         logits, cache = self.model.prefill(ids, lengths)
@@ -67,14 +67,12 @@ class TorchDecoder:
         logits, cache = self.model.decode(tokens, cache, positions)
         return pick(logits, u, self.knobs, self.greedy), logits, cache
 
-    def _slide(self, cache, tokens, positions, kept, rows, u):
-        """A decode step in which the rows in `rows` re-encode their last tokens `kept`
-        (B, keep) from position 0 instead: their cache and logits come from a prefill."""
-        logits, cache = self.model.decode(tokens, cache, positions)
-        fresh_logits, fresh = self.model.prefill(kept, torch.full_like(rows, kept.shape[1], dtype=torch.long))
+    def _merge(self, rows, fresh_logits, fresh, logits, cache, u):
+        """Rows in `rows` take the logits and cache of a prefill (`fresh`), the others keep
+        theirs; then each row's next token."""
         cache = tuple(type(old)(*(torch.where(rows[:, None, None, None], n, o) for n, o in zip(new, old)))
                       for new, old in zip(fresh, cache))
-        logits = torch.where(rows[:, None], fresh_logits, logits)
+        logits = torch.where(rows[:, None], fresh_logits, logits)  # (B, V)
         return pick(logits, u, self.knobs, self.greedy), logits, cache
 
     def _forward(self, windows, lengths, u):
@@ -98,10 +96,14 @@ class TorchDecoder:
         return tokens.cpu().numpy(), logits
 
     def slide(self, tokens, positions, kept, rows, u):
+        """A decode step in which the rows in `rows` re-encode their last tokens `kept`
+        (B, keep) from position 0 instead: their cache and logits come from a prefill."""
+        _, logits = self.decode(tokens, positions, u)
         with torch.no_grad():
-            tokens, logits, self.cache = self.slide_step(
-                self.cache, self._in(tokens), self._in(positions), self._in(kept),
-                self._in(rows, torch.bool), self._in(u, self.dtype))
+            _, fresh_logits, fresh = self.prefill_step(self._in(kept), self._in(np.full(len(kept), kept.shape[1])),
+                                                       self._in(u, self.dtype))
+            tokens, logits, self.cache = self._merge(self._in(rows, torch.bool), fresh_logits, fresh,
+                                                     logits, self.cache, self._in(u, self.dtype))
         return tokens.cpu().numpy(), logits
 
     def forward(self, windows, lengths, u):
