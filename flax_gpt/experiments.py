@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flax_gpt.core import loop, runfolder
-from flax_gpt.core.data import BOS, TokenDataset
+from flax_gpt.core.data import BOS, EOS, TokenDataset
 from flax_gpt.core.errors import CheckpointError, FlaxGPTError
 from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
 
@@ -150,14 +150,21 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
 
 # ---- eval and generate -------------------------------------------------------------------------
 
-def run_model(run, precision=None):
-    """(Flax model in eval mode, run record) of a run folder's latest weights, at `precision`
-    (default: float64 for a float64 run, else highest), with JAX set to it."""
+def run_model(run, precision=None, framework="flax"):
+    """(model in eval mode, run record) of a run folder's latest weights, at `precision`
+    (default: float64 for a float64 run, else highest), with its framework set to it: the
+    Flax model, or with `framework` "torch" the PyTorch twin."""
+    record = runfolder.read_record(run)
+    precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
+    if framework == "torch":
+        import torch_reference
+        from torch_reference import precision as precisions
+
+        precisions.apply(precision)
+        return torch_reference.load(Path(run) / runfolder.WEIGHTS, precision=precision), record
     import flax_gpt
     from flax_gpt import precision as precisions
 
-    record = runfolder.read_record(run)
-    precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
     precisions.apply(precision)
     return flax_gpt.load(Path(run) / runfolder.WEIGHTS, precision=precision), record
 
@@ -206,24 +213,58 @@ class GenerateResult:
     ids: list  # the prompt's ids (after <bos>) and the new ones
     text: str
     unknown_words: list  # prompt words read as <unk>
+    framework: str = "flax"
+    generation: dict = None  # flax_gpt.core.generation.Generation.to_dict(): timings, stop, slides
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
 def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, top_k=0, seed=0,
-             precision=None):
+             precision=None, framework="flax", top_p=1.0, stop=None, window_keep=None,
+             cached=True, on_text=None):
     """Sample `max_new_tokens` after `prompt` from `run`'s latest weights (temperature 0:
-    greedy) at `precision` (see run_model). The same seed gives the same text."""
-    from flax_gpt.sample import generate as sample
-
+    greedy) at `precision` (see run_model), with the Flax model or, with `framework`
+    "torch", the PyTorch twin: the same seed gives the same text in both wherever their
+    probabilities agree. `stop`: a word that ends the text once drawn (e.g. "<eos>");
+    `window_keep`, `cached`: see flax_gpt.core.generation. `on_text(piece)` gets the
+    prompt's text, then each new token's text as it is drawn."""
     if not temperature >= 0:
         raise FlaxGPTError(f"--temperature must be >= 0, got {temperature}")
-    model, record = run_model(run, precision)
+    model, record = run_model(run, precision, framework)
     dataset = run_dataset(record, data)
-    ids = sample(model, [BOS, *dataset.encode(prompt)], max_new_tokens, temperature=temperature,
-                 top_k=top_k, seed=seed)
+    if stop is not None and stop not in dataset.stoi:
+        raise FlaxGPTError(f"stop word {stop!r} is not in the vocabulary")
+    if framework == "torch":
+        from torch_reference.sample import generate as sample
+    else:
+        from flax_gpt.sample import generate as sample
+    prompt_ids = [BOS, *dataset.encode(prompt)]
+    stream = TextStream(dataset, on_text, prompt_ids) if on_text else None
+    out = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed, stop_token=None if stop is None else dataset.stoi[stop],
+                 window_keep=window_keep, cached=cached, on_token=stream)
+    ids = out.ids[0]
     text = dataset.decode(ids[1:]).replace(" <eos> <bos> ", "\n").replace("<eos> <bos>", "\n")
-    return GenerateResult(prompt, ids, text, dataset.unknown_words(prompt))
+    return GenerateResult(prompt, ids, text, dataset.unknown_words(prompt), framework, out.to_dict())
+
+
+class TextStream:
+    """generate's on_token for one row: `on_text(piece)` with the prompt's text, then each
+    token's text as it comes: words after a space, <eos> as a line break, <bos> as nothing."""
+
+    def __init__(self, dataset, on_text, prompt_ids):
+        self.dataset, self.on_text, self.line_start = dataset, on_text, True
+        for token in prompt_ids:
+            self(0, [token])
+
+    def __call__(self, step, tokens):
+        token = tokens[0]
+        if token == EOS:
+            self.on_text("\n")
+            self.line_start = True
+        elif token != BOS and token is not None:
+            self.on_text(("" if self.line_start else " ") + self.dataset.itos[token])
+            self.line_start = False
 
 

@@ -12,11 +12,14 @@ probabilities agree.
 """
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 import flax_gpt
 import torch_reference
+from flax_gpt.core import runfolder
+from flax_gpt.core.data import BOS
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.sidebyside.pair import apply_precision, environment
 
@@ -81,28 +84,41 @@ def compare_generation(fm, tm, prompt_ids, max_new_tokens, **options):
 class DecodeParityResult:
     """What `flax-gpt decode-parity` prints and `--json` writes."""
 
-    weights: str
+    run: str
     precision: str
-    prompts: list  # each row's prompt ids
+    prompts: list  # each row's prompt text
     max_new_tokens: int
     options: dict
     comparison: GenerationComparison
+    texts: dict  # framework -> each row's new text
     environment: dict
 
     def to_dict(self):
-        return {"weights": self.weights, "precision": self.precision, "prompts": self.prompts,
+        return {"run": self.run, "precision": self.precision, "prompts": self.prompts,
                 "max_new_tokens": self.max_new_tokens, "options": self.options,
-                **self.comparison.to_dict(), **self.environment}
+                **self.comparison.to_dict(), "texts": self.texts, **self.environment}
 
 
-def run(weights_path, prompt_ids, max_new_tokens, *, precision="float64", **options):
-    """Load `weights_path` into both frameworks at `precision` and compare their
-    generations of `prompt_ids` (see compare_generation)."""
+def run(run_folder, prompts=("",), *, data=None, max_new_tokens=200, precision="float64", **options):
+    """Load a run folder's latest weights into both frameworks at `precision` and compare
+    their generations after each of `prompts` (text, after <bos>; a batch) with the options
+    of flax_gpt.generate (see compare_generation). The vocabulary is the run's dataset, or
+    the dataset folder `data`."""
+    from flax_gpt import experiments
+
     if precision not in PRECISIONS:
         raise FlaxGPTError(f"decode parity runs at {', '.join(PRECISIONS)}, not {precision!r}")
-    record = apply_precision(precision)
+    record = runfolder.read_record(run_folder)
+    dataset = experiments.run_dataset(record, data)
+    weights_path = Path(run_folder) / runfolder.WEIGHTS
+    environment_record = apply_precision(precision)
     fm = flax_gpt.load(weights_path, precision=precision)
     tm = torch_reference.load(weights_path, precision=precision)
+    if dataset.vocab_size != fm.config.vocab_size:
+        raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens, the model {fm.config.vocab_size}")
+    prompt_ids = [[BOS, *dataset.encode(p)] for p in prompts]
     comparison = compare_generation(fm, tm, prompt_ids, max_new_tokens, **options)
-    return DecodeParityResult(str(weights_path), precision, prompt_ids, max_new_tokens, options,
-                              comparison, environment(record))
+    texts = {name: [dataset.decode(t) for t in tokens]
+             for name, tokens in (("flax", comparison.flax), ("torch", comparison.torch))}
+    return DecodeParityResult(str(run_folder), precision, list(prompts), max_new_tokens, options,
+                              comparison, texts, environment(environment_record))
