@@ -145,9 +145,7 @@ def generate(model, prompt_ids, max_new_tokens=100, *, temperature=1.0, top_k=0,
     flax_gpt.core.generation.run for the options. torch_reference.generate takes the same
     arguments, and the same seed gives the same tokens in both where their probabilities
     agree."""
-    model.eval()
-    decoder = FlaxDecoder(model, generation.Sampling(temperature, top_k, top_p))
-    return generation.run(decoder, prompt_ids, max_new_tokens, seq_len=model.config.seq_len,
-                          vocab_size=model.config.vocab_size, seed=seed, stop_token=stop_token,
-                          window_keep=window_keep, on_token=on_token, cached=cached,
-                          return_logits=return_logits)
+    return generation.generate(FlaxDecoder, model, prompt_ids, max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, stop_token=stop_token,
+                               window_keep=window_keep, on_token=on_token, cached=cached,
+                               return_logits=return_logits)

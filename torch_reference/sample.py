@@ -121,9 +121,7 @@ def generate(model, prompt_ids, max_new_tokens=100, *, temperature=1.0, top_k=0,
              return_logits=False):
     """flax_gpt.generate's twin, with the same arguments: generate after `prompt_ids` with
     the PyTorch `model` (put in eval mode). Returns a flax_gpt.core.generation.Generation."""
-    model.eval()
-    decoder = TorchDecoder(model, generation.Sampling(temperature, top_k, top_p))
-    return generation.run(decoder, prompt_ids, max_new_tokens, seq_len=model.config.seq_len,
-                          vocab_size=model.config.vocab_size, seed=seed, stop_token=stop_token,
-                          window_keep=window_keep, on_token=on_token, cached=cached,
-                          return_logits=return_logits)
+    return generation.generate(TorchDecoder, model, prompt_ids, max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, stop_token=stop_token,
+                               window_keep=window_keep, on_token=on_token, cached=cached,
+                               return_logits=return_logits)

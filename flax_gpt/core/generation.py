@@ -210,3 +210,13 @@ def run(decoder, prompt_ids, max_new_tokens, *, seq_len, vocab_size, seed=0, sto
             positions = positions + 1
     return Generation(prompts, out, [bool(d) for d in done], step + 1, slides, first_token_s,
                       time.perf_counter() - start - first_token_s, logits_log)
+
+
+def generate(decoder_class, model, prompt_ids, max_new_tokens, *, temperature, top_k, top_p,
+             **options):
+    """flax_gpt.generate and torch_reference.generate: `model` (either framework's GPT) put
+    in eval mode, its `decoder_class` built with these sampling settings, and `run`."""
+    model.eval()
+    decoder = decoder_class(model, Sampling(temperature, top_k, top_p))
+    return run(decoder, prompt_ids, max_new_tokens, seq_len=model.config.seq_len,
+               vocab_size=model.config.vocab_size, **options)
