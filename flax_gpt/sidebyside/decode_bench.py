@@ -31,6 +31,7 @@ A model whose weights fit in the CPU's last-level cache can beat it.
 """
 
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -228,6 +229,7 @@ def run(config, *, batch_sizes, contexts, new_tokens=16, variants=VARIANTS, skip
     report = {"config": config.to_dict(), "new_tokens": new_tokens, "rounds": rounds,
               "variants": variants, "memory_bandwidth_bytes_per_s": bandwidth,
               "matmul_params": matmul_params(config), "shapes": [], "complete": False,
+              "load_average": [list(os.getloadavg())],  # a shared machine's load, at the start and after each shape
               **environment(record, torch_device=device)}
     shapes = [(b, c) for c in contexts for b in batch_sizes]
     for b, c in shapes:
@@ -238,6 +240,7 @@ def run(config, *, batch_sizes, contexts, new_tokens=16, variants=VARIANTS, skip
                 r["bandwidth_fraction"] = r["achieved_bytes_per_s"] / bandwidth["best"]
                 r["bound_tokens_per_s"] = b * bandwidth["best"] / r["bytes_per_step"]
         shape["flax_over_torch"] = ratios(shape)
+        report["load_average"].append(list(os.getloadavg()))
         report["shapes"].append(shape)
         report["complete"] = len(report["shapes"]) == len(shapes)
         if json_path:
