@@ -521,6 +521,8 @@ def add_bench_decode(sub):
     p.add_argument("--no-pad-vocab", action="store_true",
                    help="keep the vocabulary as is (default: round it up to a multiple of 64)")
     p.add_argument("--device", default="cpu", help="PyTorch device (default cpu)")
+    p.add_argument("--torch-threads", type=_positive_int, default=None, metavar="N",
+                   help="PyTorch's intra-op threads (default: its own choice, one per core)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG chart")
     p.set_defaults(handler=run_bench_decode)
@@ -544,7 +546,8 @@ def run_bench_decode(args):
     r = decode_bench.run(config, batch_sizes=_sizes(args.batch_sizes, "--batch-sizes"),
                          contexts=contexts, new_tokens=args.new_tokens,
                          variants=_names(args.variants), skip=_names(args.skip), rounds=args.rounds,
-                         device=args.device, pad=not args.no_pad_vocab, json_path=args.json,
+                         device=args.device, pad=not args.no_pad_vocab,
+                         torch_threads=args.torch_threads, json_path=args.json,
                          on_shape=print_bench_decode)
     if args.json:
         print(f"wrote {args.json}")
@@ -557,7 +560,8 @@ def run_bench_decode(args):
 def print_bench_decode(report, shape):
     bw = report["memory_bandwidth_bytes_per_s"]
     print(f"batch {shape['batch_size']}, context {shape['context']} (+{shape['new_tokens']} new, "
-          f"seq_len {shape['seq_len']}); memory bandwidth {bw['best'] / 1e9:.1f} GB/s "
+          f"seq_len {shape['seq_len']}); PyTorch threads {report['torch_threads']}; memory "
+          f"bandwidth {bw['best'] / 1e9:.1f} GB/s "
           f"(numpy copy {bw['numpy'] / 1e9:.1f}, torch copy {bw['torch'] / 1e9:.1f})")
     rows = []
     for r in shape["results"]:

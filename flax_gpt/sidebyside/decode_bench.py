@@ -211,11 +211,17 @@ def ratios(shape, numerator="flax-jit-fp32", denominators=("torch-eager-fp32", "
 # ---- the whole benchmark ------------------------------------------------------------------
 
 def run(config, *, batch_sizes, contexts, new_tokens=16, variants=VARIANTS, skip=(), rounds=3,
-        device="cpu", pad=True, json_path=None, on_shape=None):
+        device="cpu", pad=True, torch_threads=None, json_path=None, on_shape=None):
     """`bench_shape` at every (batch size, context length), one after another; returns the
     report dict (rewritten to `json_path` after each shape, `complete` False until the end).
-    `on_shape(report, shape)` gets each shape's report when it is done."""
+    `torch_threads` sets PyTorch's intra-op threads (default: its own choice). `on_shape(report,
+    shape)` gets each shape's report when it is done."""
+    import torch
+
     from flax_gpt.sidebyside.pair import apply_precision, environment
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
 
     variants = select_variants(variants, skip, known=VARIANTS)
     if not batch_sizes or min(batch_sizes) < 1 or not contexts or min(contexts) < 1 or new_tokens < 1:
@@ -229,6 +235,7 @@ def run(config, *, batch_sizes, contexts, new_tokens=16, variants=VARIANTS, skip
     report = {"config": config.to_dict(), "new_tokens": new_tokens, "rounds": rounds,
               "variants": variants, "memory_bandwidth_bytes_per_s": bandwidth,
               "matmul_params": matmul_params(config), "shapes": [], "complete": False,
+              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "load_average": [list(os.getloadavg())],  # a shared machine's load, at the start and after each shape
               **environment(record, torch_device=device)}
     shapes = [(b, c) for c in contexts for b in batch_sizes]
