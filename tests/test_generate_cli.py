@@ -1,27 +1,38 @@
-"""`flax-gpt generate` in both frameworks, `decode-parity` and `bench-decode`, end to end."""
+"""`flax-gpt generate` in both frameworks, `decode-parity` and `bench-decode`, end to end.
+The commands run in this process (tests.conftest.run_cli_here), so that the Flax
+generations share their compiled steps."""
 
 import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 
 @pytest.fixture(scope="module")
-def run(shakespeare, tmp_path_factory):
-    """A tiny run (vocabulary 128 from the first 200 kB of tinyshakespeare), 6 steps."""
+def run(shakespeare, tmp_path_factory, worker_id):
+    """A tiny run (vocabulary 128 from the first 200 kB of tinyshakespeare), 6 steps, trained
+    once for all pytest-xdist workers: the first to take the lock trains it in the base
+    temporary folder they share, the others wait and read it."""
+    from filelock import FileLock
+
     from flax_gpt.prepare import prepare
 
-    folder = tmp_path_factory.mktemp("generate")
-    prepare([(shakespeare.name, shakespeare.read_bytes()[:200_000])], folder / "ds", max_vocab=128)
-    result = run_cli("train", "--preset", "tiny", "--data", folder / "ds", "--steps", "6",
-                     "--batch-size", "4", "--eval-every", "0", "--out", folder / "run")
-    assert result.returncode == 0, result.stderr
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # each worker's base folder sits in this session's folder
+        shared = shared.parent
+    folder = shared / "generate_cli_run"
+    with FileLock(str(shared / "generate_cli_run.lock")):
+        if not (folder / "run" / "weights.safetensors").is_file():
+            prepare([(shakespeare.name, shakespeare.read_bytes()[:200_000])], folder / "ds", max_vocab=128)
+            result = run_cli_here("train", "--preset", "tiny", "--data", folder / "ds", "--steps", "6",
+                                  "--batch-size", "4", "--eval-every", "0", "--out", folder / "run")
+            assert result.returncode == 0, result.stderr
     return folder / "run"
 
 
 def generated(run, *options):
-    result = run_cli("generate", "--run", run, "--prompt", "and the", "--max-new-tokens", "40", *options)
+    result = run_cli_here("generate", "--run", run, "--prompt", "and the", "--max-new-tokens", "40", *options)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -55,13 +66,13 @@ def test_stop_word_ends_the_text(run):
     (["--top-p", "0"], "top_p must be in (0, 1]"), (["--window-keep", "17"], "window_keep"),
     (["--stop", "zyzzyva"], "not in the vocabulary"), (["--top-k", "-2"], "top_k")])
 def test_bad_generate_options_are_one_line(run, options, message):
-    result = run_cli("generate", "--run", run, *options)
+    result = run_cli_here("generate", "--run", run, *options)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_decode_parity_command(run, tmp_path):
-    result = run_cli("decode-parity", "--run", run, "--prompt", "the king", "--prompt", "to be",
+    result = run_cli_here("decode-parity", "--run", run, "--prompt", "the king", "--prompt", "to be",
                      "--max-new-tokens", "24", "--json", tmp_path / "d.json")
     assert result.returncode == 0, result.stderr
     assert "float64: same tokens over 24 steps" in result.stdout
@@ -71,7 +82,7 @@ def test_decode_parity_command(run, tmp_path):
 
 
 def test_bench_decode_command(tmp_path):
-    result = run_cli("bench-decode", "--preset", "tiny", "--batch-sizes", "1,2", "--contexts", "6",
+    result = run_cli_here("bench-decode", "--preset", "tiny", "--batch-sizes", "1,2", "--contexts", "6",
                      "--new-tokens", "3", "--rounds", "2", "--variants", "flax-jit-fp32,torch-eager-fp32",
                      "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
     assert result.returncode == 0, result.stderr
@@ -86,5 +97,5 @@ def test_bench_decode_command(tmp_path):
             assert r["decode_tokens_per_s"] == pytest.approx(shape["batch_size"] / r["tpot_s"])
             assert 0 < r["bandwidth_fraction"] == pytest.approx(r["achieved_bytes_per_s"] / report["memory_bandwidth_bytes_per_s"]["best"])
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
-    bad = run_cli("bench-decode", "--variants", "flax-jit-fp64")
+    bad = run_cli_here("bench-decode", "--variants", "flax-jit-fp64")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "unknown variant" in bad.stderr
