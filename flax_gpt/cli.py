@@ -13,11 +13,35 @@ from flax_gpt.core.errors import FlaxGPTError
 EXIT_USAGE = 2
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other refusal (argparse's own
+    prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _refuse_together(args, flag, others, why):
+    """Refuse `flag` with any of `others` (argument names) given: the one would silently
+    override the other."""
+    given = [f"--{o.replace('_', '-')}" for o in others if getattr(args, o, None) not in (None, False)]
+    if given:
+        raise FlaxGPTError(f"{', '.join(given)} cannot be used with {flag}: {why}")
+
+
+def _check_output(path, what):
+    """Refuse an output file that cannot be written before the work, not after it."""
+    if path:
+        from flax_gpt.core.files import check_writable
+
+        check_writable(path, what)
 
 
 def print_table(header, rows):
@@ -38,12 +62,14 @@ def write_json(path, payload):
 # ---- prepare -------------------------------------------------------------------------
 
 def add_prepare(sub):
+    from flax_gpt.prepare import IMPLEMENTATIONS
+
     p = sub.add_parser(
-        "prepare", help="tokenize text with torchtext and write a dataset folder",
+        "prepare", help="tokenize text (basic_english) and write a dataset folder",
         description="Tokenize text with torchtext's basic_english, build the vocabulary on the "
                     "training split (specials <unk> <bos> <eos> = 0 1 2), and write a dataset "
                     "folder: vocab.txt, train.npy, val.npy and manifest.json. The same input "
-                    "and options give byte-identical output.")
+                    "and options give byte-identical output, with either implementation.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", action="append", type=Path, metavar="PATH",
                         help="a UTF-8 text file (repeat for several, read in order)")
@@ -58,6 +84,12 @@ def add_prepare(sub):
     p.add_argument("--errors", choices=["strict", "replace"], default="strict",
                    help="bytes that are not UTF-8: refuse with their offset (default) or read "
                         "them as U+FFFD")
+    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="torchtext",
+                   help="who tokenizes and builds the vocabulary: torchtext's own get_tokenizer "
+                        "and build_vocab_from_iterator (default; needs pip install "
+                        "'flax-gpt[torchtext]', Python 3.11), or builtin, the project's "
+                        "restatement of both (no torchtext; the same vocab.txt, train.npy and "
+                        "val.npy, held equal by the test suite)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(handler=run_prepare)
@@ -67,8 +99,9 @@ def run_prepare(args):
     from flax_gpt import experiments
 
     r = experiments.prepare(args.out, text_files=args.text_file, corpus=args.corpus,
-                            min_freq=args.min_freq, max_vocab=args.max_vocab,
-                            val_fraction=args.val_fraction, errors=args.errors, force=args.force)
+                            implementation=args.implementation, min_freq=args.min_freq,
+                            max_vocab=args.max_vocab, val_fraction=args.val_fraction,
+                            errors=args.errors, force=args.force)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2, sort_keys=True))
         return 0
@@ -77,7 +110,8 @@ def run_prepare(args):
     print(f"prepared {r.path} in {r.seconds:.2f} s from {mb:.2f} MB of text: "
           f"vocabulary {counts['vocab_size']:,}, train {counts['train_tokens']:,} tokens "
           f"({counts['train_lines']:,} lines), val {counts['val_tokens']:,} tokens "
-          f"({counts['val_lines']:,} lines), ids {manifest['dtype']}, {r.bytes_on_disk / 1e6:.2f} MB on disk")
+          f"({counts['val_lines']:,} lines), ids {manifest['dtype']}, {r.bytes_on_disk / 1e6:.2f} MB on disk"
+          f" ({manifest['implementation']})")
     return 0
 
 
@@ -87,8 +121,10 @@ def add_model_options(p, *, preset_default="tiny", attention_default="explicit")
     """--preset plus config overrides, shared by every command that builds a model."""
     from flax_gpt.core.config import ATTENTIONS, PRESETS
 
-    p.add_argument("--preset", choices=list(PRESETS), default=preset_default,
+    # default None, so that a preset given beside --weights is seen and refused
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help=f"model size (default {preset_default})")
+    p.set_defaults(preset_default=preset_default)
     for field in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff"):
         p.add_argument(f"--{field.replace('_', '-')}", type=_positive_int, default=None,
                        metavar="N", help=f"override the preset's {field}")
@@ -110,10 +146,23 @@ def model_config(args):
     before any work."""
     from flax_gpt.core.config import GPTConfig, fused_attention
 
-    fields = ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
-    config = GPTConfig.preset(args.preset, **{f: getattr(args, f) for f in fields})
+    config = GPTConfig.preset(args.preset or args.preset_default,
+                              **{f: getattr(args, f) for f in MODEL_FIELDS})
     fused_attention(args.attention, config)
     return config
+
+
+MODEL_FIELDS = ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
+
+
+def refuse_vocab_size_with_data(args):
+    """The vocabulary of a dataset sets the model's: --vocab-size means something only for
+    synthetic (or, in parity, random) tokens."""
+    synthetic = getattr(args, "synthetic", args.data is None)  # parity: random unless --data
+    if args.vocab_size is not None and not synthetic:
+        raise FlaxGPTError("--vocab-size cannot be used with a dataset (--data, or train's default "
+                           "tinyshakespeare): the dataset's vocabulary sets the model's; drop "
+                           "--vocab-size, or use --synthetic tokens")
 
 
 def add_parity(sub):
@@ -147,6 +196,11 @@ def add_parity(sub):
 
 
 def run_parity(args):
+    if args.weights:
+        _refuse_together(args, "--weights", ("preset", *MODEL_FIELDS),
+                         "the weights file carries the whole model config")
+    refuse_vocab_size_with_data(args)
+    _check_output(args.json, "--json")
     from flax_gpt.sidebyside import parity
 
     r = parity.run(None if args.weights else model_config(args), weights_path=args.weights,
@@ -194,10 +248,12 @@ def add_train_options(p):
     p.add_argument("--seed", type=int, default=d.seed, help="data order, init and dropout")
     add_precision_option(p, help="float64: parameters and compute in float64; highest: "
                          "float32; default: framework defaults; bf16: bf16 matmuls (default highest)")
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="evaluate every N steps and at the end (0: never)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: all)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="host sync and log every N steps")
-    p.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
+    p.add_argument("--device", default=None, help="the PyTorch trainer's device (cpu, cuda; "
+                   "default cpu)")
 
 
 def train_config(args):
@@ -232,6 +288,7 @@ def add_train(sub):
 
 
 def run_train(args):
+    refuse_vocab_size_with_data(args)
     from flax_gpt import experiments
 
     try:
@@ -271,6 +328,7 @@ def add_compare(sub):
 
 
 def run_compare(args):
+    refuse_vocab_size_with_data(args)
     from flax_gpt.sidebyside import compare
 
     r = compare.run(model_config(args), train_config(args), out=args.out, data=args.data,
@@ -299,7 +357,8 @@ def add_eval(sub):
                        description="Mean cross-entropy and perplexity of RUN's latest weights "
                                    "over every batch of a split (Flax).")
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="dataset folder (default: the run's)")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the run's; a run on "
+                   "synthetic tokens: its own random batches of the split)")
     p.add_argument("--split", choices=["train", "val"], default="val")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     add_precision_option(p, default=None, help="float64 or highest (default: float64 for a "
@@ -320,10 +379,12 @@ def run_eval(args):
 
 def add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a run's weights",
-                       description="Sample from RUN's latest weights with a jitted step of fixed "
-                                   "shape. The same --seed gives the same text.")
+                       description="Generate after --prompt from RUN's latest weights with a "
+                                   "key/value cache, in Flax or PyTorch, each token printed as it "
+                                   "is drawn. The same --seed gives the same text.")
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the run's)")
+    p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the "
+                   "run's; a run on synthetic tokens has none, and needs one)")
     p.add_argument("--prompt", default="", help="text to continue (basic_english tokens)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
@@ -331,6 +392,8 @@ def add_generate(sub):
     p.add_argument("--seed", type=int, default=0)
     add_precision_option(p, default=None, help="float64 or highest (default: float64 for a "
                          "float64 run, else highest)")
+    p.add_argument("--show-specials", action="store_true",
+                   help="print <bos>, <eos> as tokens (default: each <eos> ends a line)")
     p.add_argument("--json", action="store_true", help="print prompt, ids and text as JSON")
     add_generate_options(p)
     p.set_defaults(handler=run_generate)
@@ -362,7 +425,7 @@ def run_generate(args):
                              top_k=args.top_k, seed=args.seed, precision=args.precision,
                              framework=args.framework, top_p=args.top_p, stop=args.stop,
                              window_keep=args.window_keep, cached=not args.no_cache,
-                             on_text=None if args.json else stream)
+                             specials=args.show_specials, on_text=None if args.json else stream)
     if r.unknown_words:
         print(f"warning: not in the vocabulary, read as <unk>: {' '.join(r.unknown_words)}",
               file=sys.stderr)
@@ -449,6 +512,8 @@ def add_bench(sub):
 
 
 def run_bench(args):
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot")
     from flax_gpt.sidebyside import bench
 
     sizes = [args.batch_size]
@@ -584,7 +649,7 @@ def print_bench_decode(report, shape):
 # ---- entry point ---------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flax-gpt",
         description="A GPT-style model in JAX/Flax with a PyTorch twin that shares its weights. "
                     "Run 'flax-gpt COMMAND --help' for each command's options.")
@@ -607,6 +672,10 @@ def main(argv=None):
         return args.handler(args)
     except FlaxGPTError as e:
         print(f"flax-gpt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a full disk, a permission: the user's to fix, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"flax-gpt {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"flax-gpt {args.command}: interrupted", file=sys.stderr)

@@ -21,9 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flax_gpt.core import loop, runfolder
+from flax_gpt.core import loop, memory, runfolder
+from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import BOS, EOS, TokenDataset
 from flax_gpt.core.errors import CheckpointError, FlaxGPTError
+from flax_gpt.core.hparams import check_sampling
 from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
 
 FRAMEWORKS = ("flax", "torch")
@@ -42,33 +44,42 @@ class PrepareResult:
         return self.manifest
 
 
-def prepare(out, *, text_files=None, corpus=None, min_freq=1, max_vocab=None, val_fraction=0.1,
-            errors="strict", force=False):
+def prepare(out, *, text_files=None, corpus=None, implementation="torchtext", min_freq=1,
+            max_vocab=None, val_fraction=0.1, errors="strict", force=False):
     """Tokenize `text_files` (paths, read in order) or the public `corpus` into the dataset
-    folder `out` (see flax_gpt.prepare.prepare)."""
+    folder `out` with `implementation` (see flax_gpt.prepare.prepare)."""
     from flax_gpt import prepare as preparation
 
     start = time.perf_counter()
+    preparation.load_implementation(implementation)  # a missing torchtext is said before a download
     if corpus:
         sources = [(corpus, preparation.fetch_corpus(corpus))]
     else:
         sources = [(Path(path).name, preparation.read_text_file(path)) for path in text_files]
-    manifest = preparation.prepare(sources, out, min_freq=min_freq, max_vocab=max_vocab,
-                                   val_fraction=val_fraction, errors=errors, force=force)
+    manifest = preparation.prepare(sources, out, implementation=implementation, min_freq=min_freq,
+                                   max_vocab=max_vocab, val_fraction=val_fraction, errors=errors,
+                                   force=force)
     out = Path(out)
     return PrepareResult(out, manifest, time.perf_counter() - start,
                          sum(f.stat().st_size for f in out.iterdir()))
 
 
 def default_dataset():
-    """tinyshakespeare, prepared once into the cache (downloaded on first use)."""
+    """tinyshakespeare, prepared once into the cache (downloaded on first use).
+
+    Prepared by the builtin implementation (the files torchtext writes), so that the commands
+    that fall back on it (train, compare, parity without --data) run without torchtext too."""
     from flax_gpt import prepare as preparation
 
     folder = preparation.cache_dir() / "datasets" / "tinyshakespeare"
     if not (folder / "manifest.json").is_file():
+        corpus = preparation.fetch_corpus(
+            "tinyshakespeare",
+            offline=f"copy tinyshakespeare.txt to {preparation.corpus_path('tinyshakespeare')}, "
+                    f"or prepare any text with 'flax-gpt prepare --text-file PATH --out DIR' and "
+                    f"pass --data DIR")
         print(f"preparing tinyshakespeare into {folder}", file=sys.stderr)
-        preparation.prepare([("tinyshakespeare", preparation.fetch_corpus("tinyshakespeare"))],
-                            folder, force=True)
+        preparation.prepare([("tinyshakespeare", corpus)], folder, force=True, implementation="builtin")
     return folder
 
 
@@ -87,9 +98,9 @@ def make_stream(config, tc, *, data=None, synthetic=False):
     return config, stream
 
 
-def backend(framework, config, tc, tensors=None, device="cpu"):
+def backend(framework, config, tc, tensors=None, device=None):
     """The trainer of `framework` ("flax" or "torch") at `tc.precision`, from `tensors`
-    (canonical) or its own seeded init."""
+    (canonical) or its own seeded init; `device` is PyTorch's (default cpu)."""
     if framework == "flax":
         from flax_gpt import precision
         from flax_gpt.train import FlaxBackend
@@ -100,7 +111,61 @@ def backend(framework, config, tc, tensors=None, device="cpu"):
     from torch_reference.train import TorchBackend
 
     precision.apply(tc.precision)
-    return TorchBackend(config, tc, tensors, device=device)
+    return TorchBackend(config, tc, tensors, device=torch_device(device))
+
+
+def torch_device(name=None):
+    """The PyTorch device `name` (default cpu), refused clearly when this machine lacks it."""
+    import torch
+
+    try:
+        device = torch.device(name or "cpu")
+    except RuntimeError:
+        raise FlaxGPTError(f"--device {name!r} is not a PyTorch device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlaxGPTError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise FlaxGPTError(f"--device {name}: only cpu and cuda are supported")
+    return str(device)
+
+
+GPU_MEMORY = "the GPU's memory"
+HOST_MEMORY = "this machine's physical memory"
+
+
+def memory_limit(framework, device=None):
+    """(bytes or None, where) of the memory `framework` computes in: GPU_MEMORY on a GPU,
+    else HOST_MEMORY (frameworks sharing a place share its memory)."""
+    if framework == "flax":
+        import jax
+
+        d = jax.devices()[0]
+        if d.platform != "cpu":
+            return (d.memory_stats() or {}).get("bytes_limit"), GPU_MEMORY
+    elif torch_device(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory, GPU_MEMORY
+    return memory.physical_memory(), HOST_MEMORY
+
+
+def check_memory(config, batch_size, what, *, training, attention="explicit", places=(("flax", None),)):
+    """Refuse `config` (ConfigError, one line) where it cannot fit: one model in each of
+    `places` ((framework, torch device) pairs, all resident at once), on `batch_size` rows.
+    Before anything is built or compiled: otherwise the OOM killer ends the run, silently."""
+    needs = {}
+    for framework, device in places:
+        limit, where = memory_limit(framework, device)
+        # flash kernels (fused attention on a GPU) never hold the T x T scores
+        need = memory.estimate(config, batch_size, training=training,
+                               scores=not (where == GPU_MEMORY and attention == "fused"))
+        if where in needs:
+            need, limit = needs[where][0] + need, min(filter(None, (limit, needs[where][1])),
+                                                      default=None)
+        needs[where] = (need, limit)
+    for where, (need, limit) in needs.items():
+        memory.check(need, f"{what} (batch {batch_size} x seq_len {config.seq_len}, d_model "
+                           f"{config.d_model}, {config.n_layers} layers)", limit=limit, where=where)
 
 
 def tensorboard_writer(run):
@@ -109,7 +174,7 @@ def tensorboard_writer(run):
     except ImportError:
         raise CheckpointError("--tensorboard needs the tensorboard package: "
                               "pip install 'flax-gpt[tensorboard]'") from None
-    return SummaryWriter(str(Path(run) / "tensorboard"))
+    return SummaryWriter(str(Path(run) / runfolder.TENSORBOARD))
 
 
 @dataclass
@@ -132,13 +197,26 @@ class TrainResult:
                 "history": self.history}
 
 
-def train(framework, config, tc, *, out, data=None, synthetic=False, resume=False, device="cpu",
+def train(framework, config, tc, *, out, data=None, synthetic=False, resume=False, device=None,
           log_every=10, eval_every=100, eval_batches=20, checkpoint_every=0, keep=3,
           stop_at=None, tensorboard=False):
     """Train `config` with `tc` in `framework`, writing the run folder `out` (see
     flax_gpt.core.runfolder); on `data` (a dataset folder, default tinyshakespeare) or
-    `synthetic` tokens. Ctrl-C saves a checkpoint and raises KeyboardInterrupt."""
+    `synthetic` tokens. `device`: PyTorch's (torch only). Ctrl-C saves a checkpoint and
+    raises KeyboardInterrupt."""
+    if framework not in FRAMEWORKS:
+        raise FlaxGPTError(f"unknown framework {framework!r}: choose one of {', '.join(FRAMEWORKS)}")
+    if framework == "flax" and device is not None:
+        raise FlaxGPTError("--device sets the PyTorch trainer's device; the Flax trainer runs on "
+                           "JAX's default device (choose it with JAX_PLATFORMS=cpu or cuda)")
+    loop.check_options(tc.steps, log_every=log_every, eval_every=eval_every,
+                       eval_batches=eval_batches, checkpoint_every=checkpoint_every, keep=keep,
+                       stop_at=stop_at)
     config, stream = make_stream(config, tc, data=data, synthetic=synthetic)
+    runfolder.check_start(out, runfolder.run_record(framework, config, tc, stream), resume=resume,
+                          stop_at=stop_at)
+    check_memory(config, tc.batch_size, f"training {framework}", training=True,
+                 attention=tc.attention, places=[(framework, device)])
     trainer = backend(framework, config, tc, device=device)
     start = time.perf_counter()
     history = loop.train(trainer, stream, out, resume=resume, log_every=log_every,
@@ -150,32 +228,39 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
 
 # ---- eval and generate -------------------------------------------------------------------------
 
-def run_model(run, precision=None, framework="flax"):
-    """(model in eval mode, run record) of a run folder's latest weights, at `precision`
-    (default: float64 for a float64 run, else highest), with its framework set to it: the
-    Flax model, or with `framework` "torch" the PyTorch twin."""
-    record = runfolder.read_record(run)
-    precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
+def run_model(run, record, batch_size, what, precision=None, framework="flax"):
+    """The model (eval mode) of a run folder's latest weights, which must be of the run's
+    config (`record`), at `precision` (default: float64 for a float64 run, else highest) with
+    its framework set to it: the Flax model, or with `framework` "torch" the PyTorch twin;
+    refused before it is built when `what` (evaluating, generating) on `batch_size` rows
+    cannot fit in memory."""
     if framework == "torch":
-        import torch_reference
         from torch_reference import precision as precisions
+        from torch_reference.model import build
+    else:
+        from flax_gpt import precision as precisions
+        from flax_gpt.model import build
 
-        precisions.apply(precision)
-        return torch_reference.load(Path(run) / runfolder.WEIGHTS, precision=precision), record
-    import flax_gpt
-    from flax_gpt import precision as precisions
-
+    config = GPTConfig.from_dict(record["model"])
+    check_memory(config, batch_size, what, training=False, places=((framework, None),))
+    precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
     precisions.apply(precision)
-    return flax_gpt.load(Path(run) / runfolder.WEIGHTS, precision=precision), record
+    return build(config, runfolder.checkpoint_weights(run, config), precision=precision)
 
 
-def run_dataset(record, data=None):
-    """The dataset folder `data`, else the one the run trained on."""
-    if data:
-        return TokenDataset.load(data)
-    if record["data"].get("synthetic"):
-        raise FlaxGPTError("this run trained on synthetic tokens: pass --data for text")
-    return TokenDataset.load(record["data"]["path"])
+def run_batches(record, config, data, split, batch_size):
+    """Every batch of `split` of the dataset `data` or the run's own (see
+    runfolder.run_dataset). A run on synthetic tokens, without `data`, reads the first
+    SyntheticStream.EVAL_BATCHES batches of that split of its own stream (the seed it trained
+    with): with the run's batch size, the validation batches its training evaluated on with
+    --eval-batches 0."""
+    if not data and record["data"].get("synthetic"):
+        stream = SyntheticStream(config.vocab_size, batch_size, config.seq_len,
+                                 record["train"]["seed"])
+        return stream.eval_batches(0, split)
+    dataset = runfolder.run_dataset(record, data)
+    dataset.check_batches(split, batch_size, config.seq_len)
+    return dataset.batches(split, batch_size, config.seq_len)
 
 
 @dataclass
@@ -192,18 +277,19 @@ class EvalResult:
 
 def evaluate(run, *, data=None, split="val", batch_size=16, precision=None):
     """Mean cross-entropy and perplexity of `run`'s latest weights over every batch of a split
-    (Flax, eval mode, at `precision`: see run_model)."""
+    (Flax, eval mode: no dropout, at `precision`: see run_model). A synthetic run without
+    `data` is evaluated on its own stream's batches (see run_batches)."""
     from flax import nnx
 
     from flax_gpt.train import eval_loss
 
-    model, record = run_model(run, precision)
-    dataset = run_dataset(record, data)
-    if dataset.vocab_size != model.config.vocab_size:
-        raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens, the model {model.config.vocab_size}")
+    record = runfolder.read_record(run)
+    config = GPTConfig.from_dict(record["model"])
+    batches = run_batches(record, config, data, split, batch_size)
+    model = run_model(run, record, batch_size, "evaluating", precision)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss, ppl, n = loop.mean_loss(lambda x, y: float(eval_loss(graphdef, params, rest, x, y)),
-                                  dataset.batches(split, batch_size, model.config.seq_len))
+                                  batches)
     return EvalResult(str(run), split, n, loss, ppl)
 
 
@@ -222,48 +308,52 @@ class GenerateResult:
 
 def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, top_k=0, seed=0,
              precision=None, framework="flax", top_p=1.0, stop=None, window_keep=None,
-             cached=True, on_text=None):
+             cached=True, on_text=None, specials=False):
     """Sample `max_new_tokens` after `prompt` from `run`'s latest weights (temperature 0:
     greedy) at `precision` (see run_model), with the Flax model or, with `framework`
     "torch", the PyTorch twin: the same seed gives the same text in both wherever their
     probabilities agree. `stop`: a word that ends the text once drawn (e.g. "<eos>");
-    `window_keep`, `cached`: see flax_gpt.core.generation. `on_text(piece)` gets the
-    prompt's text, then each new token's text as it is drawn."""
-    if not temperature >= 0:
-        raise FlaxGPTError(f"--temperature must be >= 0, got {temperature}")
-    model, record = run_model(run, precision, framework)
-    dataset = run_dataset(record, data)
+    `window_keep`, `cached`: see flax_gpt.core.generation. The text ends a line at each
+    `<eos>` and drops `<bos>`; `specials` shows every token as it is. `on_text(piece)` gets
+    the prompt's text, then each new token's text as it is drawn, rendered alike."""
+    check_sampling(max_new_tokens, temperature, top_k, seed)
+    record = runfolder.read_record(run)
+    dataset = runfolder.run_dataset(record, data)
     if stop is not None and stop not in dataset.stoi:
         raise FlaxGPTError(f"stop word {stop!r} is not in the vocabulary")
+    model = run_model(run, record, 1, "generating", precision, framework)
     if framework == "torch":
         from torch_reference.sample import generate as sample
     else:
         from flax_gpt.sample import generate as sample
     prompt_ids = [BOS, *dataset.encode(prompt)]
-    stream = TextStream(dataset, on_text, prompt_ids) if on_text else None
+    stream = TextStream(dataset, on_text, prompt_ids, specials) if on_text else None
     out = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, seed=seed, stop_token=None if stop is None else dataset.stoi[stop],
                  window_keep=window_keep, cached=cached, on_token=stream)
     ids = out.ids[0]
-    text = dataset.decode(ids[1:]).replace(" <eos> <bos> ", "\n").replace("<eos> <bos>", "\n")
-    return GenerateResult(prompt, ids, text, dataset.unknown_words(prompt), framework, out.to_dict())
+    return GenerateResult(prompt, ids, dataset.render(ids[1:], specials=specials),
+                          dataset.unknown_words(prompt), framework, out.to_dict())
 
 
 class TextStream:
     """generate's on_token for one row: `on_text(piece)` with the prompt's text, then each
-    token's text as it comes: words after a space, <eos> as a line break, <bos> as nothing."""
+    token's text as it comes, as TokenDataset.render writes it: words after a space, <eos> as
+    a line break, <bos> as nothing; with `specials`, every token as a word."""
 
-    def __init__(self, dataset, on_text, prompt_ids):
-        self.dataset, self.on_text, self.line_start = dataset, on_text, True
-        for token in prompt_ids:
+    def __init__(self, dataset, on_text, prompt_ids, specials=False):
+        self.dataset, self.on_text, self.specials, self.line_start = dataset, on_text, specials, True
+        for token in prompt_ids[1:]:  # after the <bos> that render leaves out too
             self(0, [token])
 
     def __call__(self, step, tokens):
         token = tokens[0]
-        if token == EOS:
+        if token is None:
+            return
+        if token == EOS and not self.specials:
             self.on_text("\n")
             self.line_start = True
-        elif token != BOS and token is not None:
+        elif token != BOS or self.specials:
             self.on_text(("" if self.line_start else " ") + self.dataset.itos[token])
             self.line_start = False
 

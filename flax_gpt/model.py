@@ -306,17 +306,22 @@ def canonical(source, config=None):
     return weights.from_flax(config, jax.tree.map(np.asarray, nnx.to_pure_dict(source)))
 
 
-def load(path, *, precision=None, attention="explicit"):
-    """A ready model (eval mode) from a canonical weights file alone, at `precision` (one of
-    flax_gpt.core.precision.PRECISIONS; default: the file's own dtype). "float64" upcasts a
-    float32 file exactly and switches JAX's x64 mode on."""
+def load(path, *, precision=None, attention="explicit", allow_nonfinite=False):
+    """A ready model (eval mode) from a canonical weights file alone (NaN or Inf refused
+    unless `allow_nonfinite`), at `precision` (see `build`)."""
+    return build(*weights.load(path, allow_nonfinite=allow_nonfinite), precision=precision,
+                 attention=attention)
+
+
+def build(config, tensors, *, precision=None, attention="explicit"):
+    """A ready model (eval mode) of `config` holding the canonical `tensors`, at `precision`
+    (one of flax_gpt.core.precision.PRECISIONS; default: the tensors' own dtype). "float64"
+    upcasts float32 tensors exactly and switches JAX's x64 mode on."""
     from flax_gpt import precision as precisions
 
-    config, tensors = weights.load(path)
-    precision = precision or weights.precision_of(tensors)
-    if precisions.dtypes(precision)[0] == jnp.float64:
+    param_dtype, dtype = precisions.dtypes(precision or weights.precision_of(tensors))
+    if param_dtype == jnp.float64:
         jax.config.update("jax_enable_x64", True)
-    param_dtype, dtype = precisions.dtypes(precision)
     model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention=attention)
     set_canonical(model, tensors)
     model.eval()

@@ -3,6 +3,8 @@
 The whole step (forward, loss, gradients, clipping, AdamW update) is one `jax.jit` with the
 parameters and optimizer state donated on accelerators (see `donated`), so XLA updates them
 in place; the model object is split once (`nnx.split`) and never walked again in the loop.
+Dropout masks come from a key the caller derives from (seed, step), so the step carries no
+random state from one call to the next.
 """
 
 import functools
@@ -12,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as save_bytes
 
 from flax_gpt import precision
 from flax_gpt.core import runfolder, weights
 from flax_gpt.core.errors import CheckpointError
+from flax_gpt.core.files import atomic_file
 from flax_gpt.core.hparams import learning_rates
 from flax_gpt.model import GPT, canonical, cross_entropy, set_canonical
 
@@ -42,40 +46,75 @@ def optimizer(tc):
     return adamw
 
 
+# The first jaxlib measured free of the CPU donation fault (see donated); 0.7.1 has it.
+CPU_DONATION_FIXED_IN = (0, 10, 2)
+
+
 def donated():
-    """Buffers the train step donates: parameters and optimizer state, except on CPU.
+    """Buffers the train step donates: parameters and optimizer state, except on CPU with a
+    jaxlib older than CPU_DONATION_FIXED_IN.
 
-    On CPU (jax 0.7.1), donating them gave wrong results from the second step on whenever
-    gradient clipping was active: on the `small` preset the loss of step 1 came out 9.3226
-    instead of 9.2924 (PyTorch, and this step undonated), with parameters after step 0
-    bit-identical. scripts/donation_bug.py reproduces it. CPU memory is not the constraint
-    donation relieves, so CPU runs go without it.
+    On CPU (jaxlib 0.7.1), a step whose donated parameters are the outputs of the previous
+    donated step computes a wrong loss and update, though those parameters read back
+    bit-identical to the undonated run's (copied into fresh buffers first, they give the
+    right result). Seen with gradient clipping on and d_model 256, with 1 to 4 layers and
+    vocabularies of 64 to 2048, grad_accum 1 or 2; not without clipping, nor at d_model 128
+    or on `tiny`. On the `small` preset (vocabulary 2048) the loss of step 1 came out
+    7.641478 instead of 7.638402 (PyTorch, and this step undonated). jaxlib 0.10.2 gives
+    the undonated result. scripts/donation_bug.py reproduces it; tests/test_train.py
+    test_cpu_donation holds donated() to what the installed jaxlib does.
     """
-    return () if jax.default_backend() == "cpu" else (0, 1)
+    import jaxlib
+
+    if jax.default_backend() == "cpu" and jaxlib.version.__version_info__ < CPU_DONATION_FIXED_IN:
+        return ()
+    return (0, 1)
 
 
-def make_train_step(graphdef, tx, *, grad_accum=1, dropout=False):
-    """A jitted `step(params, opt_state, rest, x, y, key) -> (params, opt_state, metrics)`.
+def reseed_dropout(model, key):
+    """Restart every random stream `model` holds from `key`: its dropout layers' streams, the
+    only ones a GPT keeps (its initialisers draw once and keep nothing).
+
+    Each nnx.Dropout forks its stream at construction from `rngs["dropout"]`, which is the
+    `default` stream when the caller's nnx.Rngs has no `dropout` one (nnx.Rngs(seed), as
+    every builder here passes), so the streams are reseeded under the name they carry.
+    """
+    tags = {s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)}
+    nnx.reseed(model, **dict.fromkeys(tags, key))
+
+
+def make_train_step(graphdef, tx, *, donate=None):
+    """A jitted `step(params, opt_state, rest, x, y, key) -> (params, opt_state, metrics)`,
+    donating the arguments `donate` (default: `donated()`).
 
     `x`, `y`: int32 `(grad_accum, B, T)`. Gradients of loss / grad_accum are summed over the
-    micro-batches, as PyTorch's repeated `backward()` accumulates them. `key` reseeds dropout.
+    micro-batches in order, as PyTorch's repeated `backward()` accumulates them, by a
+    `lax.scan`: one compiled forward and backward whatever grad_accum. Micro-batch i draws
+    its dropout masks from `jax.random.split(key, grad_accum)[i]`, so the step is a pure
+    function of its arguments (no random state is carried from one step to the next).
     """
 
-    def loss_fn(params, rest, x, y, key):
-        model = nnx.merge(graphdef, params, rest)
-        if dropout:
-            nnx.reseed(model, dropout=key)
-        return cross_entropy(model(x), y) / grad_accum
-
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    @functools.partial(jax.jit, donate_argnums=donated())
+    @functools.partial(jax.jit, donate_argnums=donated() if donate is None else donate)
     def step(params, opt_state, rest, x, y, key):
-        keys = jax.random.split(key, grad_accum)
-        loss, grads = grad_fn(params, rest, x[0], y[0], keys[0])
-        for i in range(1, grad_accum):  # unrolled: grad_accum is small and static
-            loss_i, grads_i = grad_fn(params, rest, x[i], y[i], keys[i])
-            loss, grads = loss + loss_i, jax.tree.map(jnp.add, grads, grads_i)
+        grad_accum = x.shape[0]
+
+        def loss_fn(params, x, y, key):
+            # copy=True: Variables of this trace level; nnx refuses to reseed or advance the
+            # dropout streams in `rest`'s own, which belong to the jit trace outside
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            reseed_dropout(model, key)
+            return cross_entropy(model(x), y) / grad_accum
+
+        grad_fn = jax.value_and_grad(loss_fn)
+
+        def accumulate(total, micro):
+            # total + this micro-batch's share, in order: PyTorch's p.grad += on each backward
+            return jax.tree.map(jnp.add, total, grad_fn(params, *micro)), None
+
+        micro = (x, y, jax.random.split(key, grad_accum))
+        # 0 + g == g: starting the sum at zero (in the dtypes the step computes) changes no value
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, *(m[0] for m in micro)))
+        (loss, grads), _ = jax.lax.scan(accumulate, zero, micro)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -108,8 +147,7 @@ class FlaxBackend:
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.tx = optimizer(tc)
         self.opt_state = self.tx.init(self.params)
-        self._step = make_train_step(self.graphdef, self.tx, grad_accum=tc.grad_accum,
-                                     dropout=bool(config.dropout))
+        self._step = make_train_step(self.graphdef, self.tx)
         self.key = jax.random.key(tc.seed)
         self.lrs = learning_rates(tc)
 
@@ -134,8 +172,11 @@ class FlaxBackend:
     def save(self, folder):
         weights.save(folder / runfolder.WEIGHTS, self.config, self.canonical())
         leaves = jax.tree_util.tree_leaves_with_path(self.opt_state)
-        save_file({jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
-                  str(folder / OPTIMIZER))
+        # through atomic_file, not safetensors' save_file: that one creates its files 0600,
+        # and every file of a run folder gets the same (umask) mode
+        with atomic_file(folder / OPTIMIZER) as f:
+            f.write(save_bytes({jax.tree_util.keystr(path): np.asarray(leaf)
+                                for path, leaf in leaves}))
 
     def load(self, folder):
         tensors = runfolder.checkpoint_weights(folder, self.config)

@@ -13,6 +13,7 @@ def test_parity_command_passes_and_writes_json(tmp_path):
                      "--attention", "fused", "--json", tmp_path / "parity.json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all within tolerance" in result.stdout
+    assert "step 5/5" in result.stderr  # not minutes of silence: progress, as plain lines
     report = json.loads((tmp_path / "parity.json").read_text())
     assert report["passed"] and report["precision"] == "highest" and report["attention"] == "fused"
     assert report["jax_default_matmul_precision"] == "highest"

@@ -62,10 +62,11 @@ def test_frameworks_and_reference_agree_in_float64(float64, tmp_path, name):
             np.testing.assert_allclose(mine, theirs.numpy(), rtol=0, atol=REFERENCE_LOGITS_ATOL)
         np.testing.assert_allclose(loss, r_loss, rtol=0, atol=F64.loss)
         largest = max(float(g.abs().max()) for g in r_grads.values())
+        assert largest > 0, "no gradient to compare"
         for n, g in r_grads.items():
-            # the key bias's gradient is exactly 0 (rounding noise): judged against the largest
-            scale = largest if tolerances.is_inert(n) else float(g.abs().max())
-            assert scale > 0, n
+            # the key bias's gradient is exactly 0 (rounding noise), and with seq_len 1 so are
+            # q's and k's (softmax over one key is 1): those are judged against the largest
+            scale = largest if tolerances.is_inert(n) else float(g.abs().max()) or largest
             np.testing.assert_allclose(grads[n], g.numpy(), rtol=0,
                                        atol=REFERENCE_GRAD_RTOL * scale, err_msg=n)
 

@@ -8,7 +8,7 @@ from flax_gpt.sidebyside.parity import parity_batches
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.sidebyside.tolerances import MIN_KEPT_SHARE, TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL
-from flax_gpt.prepare import prepare
+from tests.datasets import prepare_dataset
 
 STEPS = 50
 LR = 3e-3  # these tiny models take it, and visibly learn in 50 steps
@@ -17,7 +17,7 @@ LR = 3e-3  # these tiny models take it, and visibly learn in 50 steps
 @pytest.fixture(scope="module")
 def dataset(shakespeare, tmp_path_factory):
     out = tmp_path_factory.mktemp("parity") / "ds"
-    prepare([(shakespeare.name, shakespeare.read_bytes())], out, max_vocab=512)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes())], out, max_vocab=512)
     return TokenDataset.load(out)
 
 

@@ -86,7 +86,8 @@ def edited(tensors, **changes):
     (lambda t: edited(t, pred__bias=None), "missing tensor 'pred.bias'"),
     (lambda t: {**t, "extra.weight": np.zeros(2, np.float32)}, "unexpected tensor 'extra.weight'"),
     (lambda t: edited(t, pred__bias=np.zeros(3, np.float32)), r"'pred.bias' has shape \[3\]"),
-    (lambda t: edited(t, pred__bias=t["pred.bias"].astype(np.float64)), "'pred.bias' is float64"),
+    (lambda t: edited(t, pred__bias=t["pred.bias"].astype(np.float16)), "'pred.bias' is float16"),
+    (lambda t: edited(t, pred__bias=t["pred.bias"].astype(np.float64)), "tensors mix dtypes"),
 ])
 def test_bad_tensors_are_named(tmp_path, change, message):
     config = CONFIGS["tiny"]

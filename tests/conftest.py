@@ -7,12 +7,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+WORDS = ("the king queen lord speak hear me my thy good night day love death sword crown "
+         "england france war peace").split()
 
-def run_cli(*args, env=None):
-    """Run `python -m flax_gpt ARGS` in a subprocess; return the CompletedProcess."""
+
+def text(lines, seed):
+    """`lines` lines of random WORDS, seeded: a corpus for tests that need no real text."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return "".join(" ".join(rng.choice(WORDS, rng.integers(3, 10))) + " .\n" for _ in range(lines))
+
+
+def run_cli(*args, env=None, cwd=None):
+    """Run `python -m flax_gpt ARGS` in a subprocess (in the repository, or `cwd` with the
+    repository on the path); return the CompletedProcess."""
+    env = {**os.environ, **(env or {})}
+    if cwd is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "flax_gpt", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          cwd=REPO, timeout=600)
+                          capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=600)
 
 
 def run_cli_here(*args):
@@ -43,3 +57,52 @@ def run_cli_here(*args):
         torch.backends.cudnn.allow_tf32 = saved[3]
         torch.set_num_threads(saved[4])
     return subprocess.CompletedProcess(args, returncode, stdout.getvalue(), stderr.getvalue())
+
+
+class FakeBackend:
+    """core.loop's backend interface with no framework, for fast tests of the loop and the run
+    folder: the loss of step s is 1 / s (NaN at step `nan_at`), the weights fixed random
+    tensors, which turn NaN from step `bad_weights_at` on."""
+
+    name = "flax"  # its run folders read as the Flax trainer's
+
+    def __init__(self, config, tc, *, nan_at=None, bad_weights_at=None):
+        import numpy as np
+
+        from flax_gpt.core.weights import canonical_shapes
+
+        self.config, self.tc, self.nan_at, self.bad_weights_at = config, tc, nan_at, bad_weights_at
+        rng = np.random.default_rng(0)
+        self.tensors = {name: rng.standard_normal(shape).astype(np.float32)
+                        for name, shape in canonical_shapes(config).items()}
+        self.steps = []
+
+    def step(self, index, x, y):
+        self.steps.append(index)
+        if self.bad_weights_at and index + 1 >= self.bad_weights_at:
+            self.tensors = {k: v * float("nan") for k, v in self.tensors.items()}
+        return {"loss": float("nan") if index + 1 == self.nan_at else 1.0 / (index + 1),
+                "grad_norm": 1.0}
+
+    @staticmethod
+    def fetch(metrics):
+        return dict(metrics)
+
+    def lr(self, index):
+        return 1e-3
+
+    def eval_loss(self, x, y):
+        return 2.0
+
+    def canonical(self):
+        return self.tensors
+
+    def save(self, folder):
+        from flax_gpt.core import runfolder, weights
+
+        weights.save(folder / runfolder.WEIGHTS, self.config, self.tensors)
+
+    def load(self, folder):
+        from flax_gpt.core import runfolder
+
+        self.tensors = runfolder.checkpoint_weights(folder, self.config)

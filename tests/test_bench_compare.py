@@ -7,6 +7,7 @@ import numpy as np
 from flax_gpt.sidebyside import bench
 from flax_gpt.core.config import GPTConfig
 from tests.conftest import run_cli
+from tests.datasets import prepare_dataset
 
 
 def test_matmul_params_are_the_linear_layers():
@@ -76,9 +77,8 @@ def test_bench_unknown_variant_is_one_line():
 
 
 def test_compare_command(tmp_path, shakespeare):
-    from flax_gpt.prepare import prepare
-
-    prepare([(shakespeare.name, shakespeare.read_bytes()[:100_000])], tmp_path / "ds", max_vocab=96)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes()[:100_000])], tmp_path / "ds",
+                    max_vocab=96)
     result = run_cli("compare", "--data", tmp_path / "ds", "--preset", "tiny", "--steps", "4",
                      "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2",
                      "--noise-floor", "--out", tmp_path / "r")
@@ -106,3 +106,25 @@ def test_nudged_moves_every_weight_one_ulp():
     for name, t in tensors.items():
         assert moved[name].dtype == np.float32 and (moved[name] > t).all()
         np.testing.assert_array_equal(np.nextafter(moved[name], np.float32(-np.inf)), t)
+
+
+def test_compare_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch):
+    """The Flax run finished, the PyTorch one diverged: no report, and no half-made folder
+    that would refuse the same command ("already exists")."""
+    import pytest
+
+    from flax_gpt import experiments
+    from flax_gpt.core.errors import DivergedError
+    from flax_gpt.core.hparams import TrainConfig
+    from flax_gpt.sidebyside import compare
+    from tests.conftest import FakeBackend
+
+    monkeypatch.setattr(experiments, "backend", lambda framework, config, tc, tensors, device:
+                        FakeBackend(config, tc, nan_at=2 if framework == "torch" else None))
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(DivergedError, match="step 2"):
+            compare.run(GPTConfig.preset("tiny"), TrainConfig(steps=3, batch_size=2), out=out,
+                        synthetic=True, eval_every=0)
+        assert not out.exists() or list(out.iterdir()) == []

@@ -1,6 +1,9 @@
-"""The data pipeline: torchtext equivalence, batch layout, determinism and every bad input."""
+"""The data pipeline: the builtin vocabulary, batch layout, determinism and every bad input
+(equivalence with torchtext: tests/test_torchtext.py)."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,10 @@ from flax_gpt import prepare
 from flax_gpt.core import data
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import DatasetError
-from tests.conftest import run_cli
+from flax_gpt.core.files import sha256_bytes, sha256_file
+from tests import datasets
+from tests.conftest import REPO, run_cli
+from tests.datasets import prepare_dataset
 
 
 def write(tmp_path, name, payload):
@@ -20,65 +26,92 @@ def write(tmp_path, name, payload):
 
 def make(tmp_path, text, name="ds", **options):
     out = tmp_path / name
-    prepare.prepare([("text.txt", text.encode("utf-8"))], out, **options)
+    prepare_dataset([("text.txt", text.encode("utf-8"))], out, **options)
     return TokenDataset.load(out)
 
 
-# ---- equivalence with torchtext ---------------------------------------------------------
+# ---- the builtin vocabulary (torchtext's rules, worked by hand) ------------------------------
 
-def test_vocab_and_ids_equal_direct_torchtext(shakespeare, shakespeare_dataset):
-    from torchtext.data.utils import get_tokenizer
-    from torchtext.vocab import build_vocab_from_iterator
-
-    tokenizer = get_tokenizer("basic_english")
-    lines = [t for t in map(tokenizer, shakespeare.read_text("utf-8").splitlines()) if t]
-    n_val = round(len(lines) * 0.1)
-    train, val = lines[:-n_val], lines[-n_val:]
-    vocab = build_vocab_from_iterator(train, specials=["<unk>", "<bos>", "<eos>"])
-    vocab.set_default_index(vocab["<unk>"])
-
-    ds = TokenDataset.load(shakespeare_dataset)
-    assert ds.itos == vocab.get_itos()
-    assert ds.itos[:3] == ["<unk>", "<bos>", "<eos>"]
-    for split, split_lines in (("train", train), ("val", val)):
-        expected = [i for tokens in split_lines for i in [1, *vocab(tokens), 2]]
-        np.testing.assert_array_equal(ds.split(split), np.asarray(expected))
-    assert ds.train.dtype == np.uint16
-    assert (ds.val == data.UNK).any(), "validation words unseen in training must map to <unk>"
+SPECIALS = list(data.SPECIALS)
 
 
-def test_min_freq_and_max_vocab_match_torchtext(tmp_path):
-    from torchtext.vocab import build_vocab_from_iterator
+def test_build_vocab_ranks_by_count_then_code_point():
+    assert data.build_vocab([["c", "a", "c"], ["b", "b", "c"]]) == SPECIALS + ["c", "b", "a"]
+    assert data.build_vocab([["b", "a", "B", "\u00e9", "z"]]) == SPECIALS + ["B", "a", "b", "z", "\u00e9"]
 
+
+def test_build_vocab_max_tokens_counts_specials_and_cuts_before_dropping_them():
+    lines = [["a", "a", "a", "d", "d", "b", "c"]]
+    assert data.build_vocab(lines, max_tokens=5) == SPECIALS + ["a", "d"]
+    assert data.build_vocab(lines, min_freq=2) == SPECIALS + ["a", "d"]
+    assert data.build_vocab(lines, min_freq=3, max_tokens=5) == SPECIALS + ["a"]
+    # A word spelled like a special takes a place in the cut and is then dropped, as in
+    # torchtext 0.18: the vocabulary comes out shorter than max_tokens.
+    assert data.build_vocab([["<unk>", "<unk>", "a", "b"]], max_tokens=5) == SPECIALS + ["a"]
+    assert data.build_vocab([["<unk>", "<unk>", "a", "b"]]) == SPECIALS + ["a", "b"]
+    with pytest.raises(ValueError, match="no room"):
+        data.build_vocab(lines, max_tokens=3)
+
+
+def test_min_freq_and_max_vocab_in_prepare(tmp_path):
     text = "a a a b b c d d d d e\nf g a b\nlast line\n"
     ds = make(tmp_path, text, min_freq=2, max_vocab=5, val_fraction=0.34)
-    train = [data.basic_english(line) for line in text.splitlines()[:2]]
-    vocab = build_vocab_from_iterator(train, min_freq=2, specials=list(data.SPECIALS),
-                                      max_tokens=5)
-    assert ds.itos == vocab.get_itos() == ["<unk>", "<bos>", "<eos>", "a", "d"]  # tie: alphabetical
+    assert ds.itos == SPECIALS + ["a", "d"]  # a and d tie at 4 (a first); b (3) is cut
+    assert ds.decode(ds.train[:6]) == "<bos> a a a <unk> <unk>"
 
 
-def test_basic_english_restatement_equals_torchtext(shakespeare):
-    from torchtext.data.utils import get_tokenizer
+def test_builtin_writes_the_golden_files_on_every_stack():
+    """builtin's files for a fixed text have the checksums torchtext's have (tests/
+    test_torchtext.py holds torchtext to the same numbers): folders prepared on either stack,
+    with either implementation, are interchangeable."""
+    files, manifest = prepare.build(datasets.golden_sources(), implementation="builtin",
+                                    **datasets.GOLDEN_OPTIONS)
+    assert {name: sha256_bytes(payload) for name, payload in files.items()} == {
+        **datasets.GOLDEN_SHA256, "manifest.json": datasets.GOLDEN_BUILTIN_MANIFEST_SHA256}, (
+        "builtin, numpy's .npy bytes or english_like_text changed: if on purpose, record the "
+        "checksums again from torchtext (tests/datasets.py)")
+    assert manifest["implementation"] == "builtin" and manifest["torchtext_version"] is None
 
-    tokenizer = get_tokenizer("basic_english")
-    lines = shakespeare.read_text("utf-8").splitlines()[:5000] + [
-        "Don't \"quote\" me; a:b (c) d! e? f.g <br />h,i  \tJ", "", "   ", "ÉTÉ café NAÏVE"]
-    for line in lines:
-        assert data.basic_english(line) == tokenizer(line), line
+
+def test_missing_torchtext_is_one_line_that_says_how_to_get_it(tmp_path):
+    """As on a stack without torchtext: the default fails before any work, saying what to
+    install and that --implementation builtin needs nothing."""
+    write(tmp_path, "good.txt", "a b c\nd e\n")
+    code = ("import sys; sys.modules['torchtext'] = None\n"  # any import of it now fails
+            "from flax_gpt.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = ["prepare", "--text-file", tmp_path / "good.txt", "--out", tmp_path / "out"]
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "pip install 'flax-gpt[torchtext]' in a Python 3.11 environment" in lines[0]
+    assert "--implementation builtin" in lines[0]
+    assert not (tmp_path / "out").exists()
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args),
+                             "--implementation", "builtin", "--val-fraction", "0.5"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert TokenDataset.load(tmp_path / "out").manifest["implementation"] == "builtin"
+
+
+def test_unknown_implementation_is_refused(tmp_path):
+    with pytest.raises(DatasetError, match="unknown implementation 'spacy'"):
+        prepare.prepare([("t.txt", b"a b\nc d\n")], tmp_path / "out", implementation="spacy")
+    assert not (tmp_path / "out").exists()
 
 
 # ---- text <-> ids -------------------------------------------------------------------------
 
-def test_encode_decode_round_trip(shakespeare_dataset):
+def test_encode_decode_round_trip(shakespeare, shakespeare_dataset):
     ds = TokenDataset.load(shakespeare_dataset)
-    text = "First Citizen: Before we proceed any further, hear me speak."
+    text = " ".join(shakespeare.read_text("utf-8").splitlines()[:3])  # "First Citizen: ..."
     ids = ds.encode(text)
-    assert data.UNK not in ids
+    assert data.UNK not in ids and len(ids) > 5
     assert ds.decode(ids) == " ".join(data.basic_english(text))
     assert ds.encode(ds.decode(ids)) == ids
-    assert ds.encode("hear me\nspeak", bos_eos=True) == [
-        1, ds.stoi["hear"], ds.stoi["me"], 2, 1, ds.stoi["speak"], 2]
+    assert ds.encode("the king\nspeak", bos_eos=True) == [
+        1, ds.stoi["the"], ds.stoi["king"], 2, 1, ds.stoi["speak"], 2]
 
 
 def test_unknown_words_encode_as_unk(shakespeare_dataset):
@@ -159,7 +192,7 @@ def test_id_dtype_is_smallest_that_fits():
 
 def test_prepare_twice_is_byte_identical(shakespeare, shakespeare_dataset, tmp_path):
     out = tmp_path / "again"
-    prepare.prepare([(shakespeare.name, shakespeare.read_bytes())], out)
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes())], out)
     names = sorted(p.name for p in shakespeare_dataset.iterdir())
     assert names == sorted(p.name for p in out.iterdir()) == [
         "manifest.json", "train.npy", "val.npy", "vocab.txt"]
@@ -167,16 +200,20 @@ def test_prepare_twice_is_byte_identical(shakespeare, shakespeare_dataset, tmp_p
         assert (out / name).read_bytes() == (shakespeare_dataset / name).read_bytes(), name
 
 
-def test_manifest_records_sources_options_and_counts(shakespeare_dataset):
+def test_manifest_records_sources_options_and_counts(shakespeare, shakespeare_dataset):
     manifest = json.loads((shakespeare_dataset / "manifest.json").read_text())
     assert manifest["sources"] == [{
-        "name": "tinyshakespeare.txt", "bytes": 1115394,
-        "sha256": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"}]
+        "name": shakespeare.name, "bytes": shakespeare.stat().st_size,
+        "sha256": sha256_file(shakespeare)}]
     assert manifest["tokenizer"] == "basic_english"
     assert manifest["specials"] == ["<unk>", "<bos>", "<eos>"]
     assert manifest["options"] == {"min_freq": 1, "max_vocab": None, "val_fraction": 0.1,
                                    "errors": "strict"}
-    assert manifest["torchtext_version"].startswith("0.18.0")
+    assert manifest["implementation"] == datasets.implementation()
+    if datasets.implementation() == "torchtext":
+        assert manifest["torchtext_version"].startswith("0.18.0")
+    else:
+        assert manifest["torchtext_version"] is None
     ds = TokenDataset.load(shakespeare_dataset)
     assert manifest["counts"]["vocab_size"] == ds.vocab_size
     assert manifest["counts"]["train_tokens"] == len(ds.train)
@@ -197,13 +234,13 @@ def test_split_is_by_lines_from_the_end(tmp_path):
 ])
 def test_bad_text_is_refused(tmp_path, payload, message):
     with pytest.raises(DatasetError, match=message):
-        prepare.prepare([("t.txt", payload)], tmp_path / "out")
+        prepare_dataset([("t.txt", payload)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == [], "no temporary folder may be left behind"
 
 
 def test_errors_replace_reads_bad_bytes(tmp_path):
-    prepare.prepare([("t.txt", b"fine\nthen \xff bad\nmore\n")], tmp_path / "out",
+    prepare_dataset([("t.txt", b"fine\nthen \xff bad\nmore\n")], tmp_path / "out",
                     errors="replace", val_fraction=0.3)
     ds = TokenDataset.load(tmp_path / "out")
     assert "\ufffd" in ds.itos
@@ -220,7 +257,7 @@ def test_errors_replace_reads_bad_bytes(tmp_path):
 ])
 def test_bad_options_are_refused(tmp_path, options, message):
     with pytest.raises(DatasetError, match=message):
-        prepare.prepare([("t.txt", b"a b\nc d\n")], tmp_path / "out", **options)
+        prepare_dataset([("t.txt", b"a b\nc d\n")], tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
 
 
@@ -278,6 +315,45 @@ def test_missing_dataset_folder(tmp_path):
         TokenDataset.load(tmp_path / "nope")
 
 
+# ---- the corpus fixture: the real corpus, or a stand-in outside CI ------------------------------
+
+@pytest.mark.parametrize("value,is_ci", [(None, False), ("", False), ("false", False), ("0", False),
+                                         ("true", True), ("1", True)])
+def test_ci_is_read_from_the_environment(monkeypatch, value, is_ci):
+    if value is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", value)
+    assert datasets.ci() is is_ci
+
+
+def test_present_corpus_is_used_even_in_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    corpus = write(tmp_path, "corpus.txt", "some text\n")
+    assert datasets.corpus_or_stand_in(corpus, tmp_path) == corpus
+
+
+def test_missing_corpus_in_ci_fails_loudly(tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="absent.txt is missing and CI is set"):
+        datasets.corpus_or_stand_in(tmp_path / "absent.txt", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_corpus_elsewhere_is_a_stand_in_like_it(tmp_path, monkeypatch):
+    """The stand-in must serve every test that reads the corpus: a uint16 vocabulary,
+    validation words unseen in training, the words tests encode."""
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.warns(UserWarning, match="absent.txt not found: the tests that read it use"):
+        stand_in = datasets.corpus_or_stand_in(tmp_path / "absent.txt", tmp_path)
+    text = stand_in.read_text("ascii")
+    assert text == datasets.english_like_text() and len(text) > 1_000_000
+    prepare.prepare([(stand_in.name, text.encode())], tmp_path / "ds", implementation="builtin")
+    ds = TokenDataset.load(tmp_path / "ds")
+    assert ds.train.dtype == np.uint16 and (ds.val == data.UNK).any()
+    assert data.UNK not in ds.encode("the king hear me speak")
+
+
 # ---- corpus download -------------------------------------------------------------------------
 
 @pytest.fixture
@@ -311,11 +387,18 @@ def test_corpus_without_network_says_pass_text_file(corpus_env):
 
 # ---- the CLI, through a subprocess -----------------------------------------------------------
 
-def test_cli_prepare(shakespeare, tmp_path):
-    result = run_cli("prepare", "--text-file", shakespeare, "--out", tmp_path / "ds")
+def test_cli_prepare_builtin_writes_the_stacks_files(shakespeare, shakespeare_dataset, tmp_path):
+    """--implementation builtin on any stack; on the torchtext stack the fixture's folder is
+    torchtext's, so this holds the two equal through the command line too."""
+    result = run_cli("prepare", "--text-file", shakespeare, "--out", tmp_path / "ds",
+                     "--implementation", "builtin")
     assert result.returncode == 0, result.stderr
-    assert "vocabulary 11,548" in result.stdout and " s from 1.12 MB" in result.stdout
-    assert TokenDataset.load(tmp_path / "ds").vocab_size == 11548
+    expected = TokenDataset.load(shakespeare_dataset)
+    mb = shakespeare.stat().st_size / 1e6
+    assert f"vocabulary {expected.vocab_size:,}" in result.stdout
+    assert f" s from {mb:.2f} MB" in result.stdout and result.stdout.strip().endswith("(builtin)")
+    for name in ("vocab.txt", "train.npy", "val.npy"):
+        assert (tmp_path / "ds" / name).read_bytes() == (shakespeare_dataset / name).read_bytes()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -334,7 +417,7 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
     args = [str(tmp_path / a) if a.endswith(".txt") or a == "exists" else a for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out")]
-    result = run_cli("prepare", *args)
+    result = run_cli("prepare", *args, "--implementation", datasets.implementation())
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli_here
+from tests.datasets import prepare_dataset
 
 
 @pytest.fixture(scope="module")
@@ -16,15 +17,14 @@ def run(shakespeare, tmp_path_factory, worker_id):
     temporary folder they share, the others wait and read it."""
     from filelock import FileLock
 
-    from flax_gpt.prepare import prepare
-
     shared = tmp_path_factory.getbasetemp()
     if worker_id != "master":  # each worker's base folder sits in this session's folder
         shared = shared.parent
     folder = shared / "generate_cli_run"
     with FileLock(str(shared / "generate_cli_run.lock")):
         if not (folder / "run" / "weights.safetensors").is_file():
-            prepare([(shakespeare.name, shakespeare.read_bytes()[:200_000])], folder / "ds", max_vocab=128)
+            prepare_dataset([(shakespeare.name, shakespeare.read_bytes()[:200_000])], folder / "ds",
+                            max_vocab=128)
             result = run_cli_here("train", "--preset", "tiny", "--data", folder / "ds", "--steps", "6",
                                   "--batch-size", "4", "--eval-every", "0", "--out", folder / "run")
             assert result.returncode == 0, result.stderr

@@ -61,3 +61,21 @@ def test_core_cli_and_packages_load_no_framework():
 
 def test_torch_reference_loads_no_jax():
     assert loaded_after("import torch_reference.model, torch_reference.train") == {"torch"}
+
+
+# torchtext loads only with torch 2.3 and is an optional extra: the rest must run without it.
+TORCHTEXT_IMPORTERS = {"flax_gpt/prepare.py", "tests/test_torchtext.py"}
+PROJECT_FOLDERS = ("flax_gpt", "torch_reference", "tests", "parity_tests", "scripts")  # not a .venv
+
+
+def test_only_prepare_and_its_equivalence_tests_import_torchtext():
+    project = [REPO / "conftest.py", *(p for folder in PROJECT_FOLDERS for p in sources(folder))]
+    importers = {str(path.relative_to(REPO)) for path in project
+                 if any(m.split(".")[0] == "torchtext" for m in imported_modules(path))}
+    assert importers == TORCHTEXT_IMPORTERS
+
+
+def test_prepare_loads_torchtext_only_when_asked():
+    build = ("flax_gpt.prepare.build([('t', b'a b\\nc d\\n')], implementation='builtin', "
+             "val_fraction=0.5)")
+    assert "torchtext" not in loaded_after(f"import flax_gpt.prepare, tests.datasets; {build}")

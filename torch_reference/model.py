@@ -275,15 +275,20 @@ def canonical(model):
     return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
 
 
-def load(path, *, precision=None, attention="explicit", device="cpu"):
-    """A ready model (eval mode) from a canonical weights file alone, at `precision` (one of
-    flax_gpt.core.precision.PRECISIONS; default: the file's own dtype). "float64" upcasts a
-    float32 file exactly."""
+def load(path, *, precision=None, attention="explicit", device="cpu", allow_nonfinite=False):
+    """A ready model (eval mode) from a canonical weights file alone (NaN or Inf refused
+    unless `allow_nonfinite`), at `precision` (see `build`)."""
+    return build(*weights.load(path, allow_nonfinite=allow_nonfinite), precision=precision,
+                 attention=attention, device=device)
+
+
+def build(config, tensors, *, precision=None, attention="explicit", device="cpu"):
+    """A ready model (eval mode) of `config` holding the canonical `tensors` on `device`, at
+    `precision` (one of flax_gpt.core.precision.PRECISIONS; default: the tensors' own
+    dtype). "float64" upcasts float32 tensors exactly."""
     from torch_reference import precision as precisions
 
-    config, tensors = weights.load(path)
-    model = GPT(config, attention=attention,
-                dtype=precisions.dtype(precision or weights.precision_of(tensors)))
+    model = GPT(config, attention=attention, dtype=precisions.dtype(precision or weights.precision_of(tensors)))
     set_canonical(model, tensors)
     return model.to(device).eval()
 

@@ -5,6 +5,8 @@ Framework-free: imports neither jax nor torch, so both model files share it as-i
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +15,34 @@ from flax_gpt.core.errors import FlaxGPTError
 
 
 class ConfigError(FlaxGPTError, ValueError):
-    """A config whose fields cannot build a model."""
+    """A config or setting whose value cannot be used."""
+
+
+def check_number(name, value, *, low=None, high=None, low_open=False, high_open=False,
+                 integer=False):
+    """`value` if it is a finite number (an int where `integer`) within [low, high] (an open
+    end where `low_open` / `high_open`); else a ConfigError naming `name`.
+
+    argparse's float() accepts "nan" and "inf", and NaN compares False with everything, so a
+    range test alone lets it through: finiteness is checked first, for every setting.
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {_number(low)}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {_number(high)}"
+        raise ConfigError(f"{name} must be {' and '.join(x for x in (lo, hi) if x)}, "
+                          f"got {_number(value)}")
+    return value
+
+
+def _number(x):
+    return str(x) if isinstance(x, numbers.Integral) else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -33,17 +62,13 @@ class GPTConfig:
         if self.d_ff == 0:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
         for name in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config {name} must be a positive integer, got {value!r}")
+            check_number(f"config {name}", getattr(self, name), low=1, integer=True)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}: "
                 f"each head takes d_model // n_heads rows")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
+        check_number("layer_norm_eps", self.layer_norm_eps, low=0, low_open=True)
 
     @property
     def head_dim(self):
@@ -73,7 +98,7 @@ class GPTConfig:
     def from_json(cls, text):
         try:
             fields = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"config is not valid JSON: {e}") from None
         if not isinstance(fields, dict):
             raise ConfigError("config JSON must be an object")

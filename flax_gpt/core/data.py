@@ -1,6 +1,7 @@
 """A prepared dataset folder, loaded and batched without torchtext, jax or torch.
 
-`flax-gpt prepare` (flax_gpt/prepare.py, the one module that imports torchtext) writes:
+`flax-gpt prepare` (flax_gpt/prepare.py, the one module that imports torchtext, and only
+with its default --implementation torchtext) writes:
 
     vocab.txt       one token per line, in id order (tokens never contain whitespace)
     train.npy       training token ids, smallest unsigned dtype that fits the vocabulary
@@ -14,6 +15,7 @@ Batches follow SPEC.md: the token stream is cut into rows of `seq_len` tokens, `
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ SPECIALS = ("<unk>", "<bos>", "<eos>")
 UNK, BOS, EOS = 0, 1, 2
 IGNORE_INDEX = -100
 
-_BASIC_ENGLISH = [  # torchtext's basic_english rules, for encode() without torchtext
+_BASIC_ENGLISH = [  # torchtext 0.18's basic_english rules, for prepare and encode() without it
     (re.compile(r"\'"), " '  "),
     (re.compile(r"\""), ""),
     (re.compile(r"\."), " . "),
@@ -49,12 +51,34 @@ _BASIC_ENGLISH = [  # torchtext's basic_english rules, for encode() without torc
 def basic_english(line):
     """torchtext's `basic_english` tokenizer, restated so that loading needs no torchtext.
 
-    tests/test_data.py checks it against torchtext's own on a whole corpus.
+    tests/test_torchtext.py holds it equal to torchtext's own on a whole corpus and on
+    fuzzed text.
     """
     line = line.lower()
     for pattern, replacement in _BASIC_ENGLISH:
         line = pattern.sub(replacement, line)
     return line.split()
+
+
+def build_vocab(token_lines, *, min_freq=1, specials=SPECIALS, max_tokens=None):
+    """torchtext 0.18's `build_vocab_from_iterator(..., special_first=True)` restated: the
+    vocabulary (id -> token) it builds from `token_lines` (lists of tokens).
+
+    The specials come first; then the words by descending count, ties in Python's string
+    order (code points), as torchtext sorts them. Its quirks are kept so that both give the
+    same files (tests/test_torchtext.py holds them equal): `max_tokens` cuts the ranked words
+    to `max_tokens - len(specials)` *before* words spelled like a special are dropped and
+    before `min_freq` applies, so either can leave the vocabulary shorter than `max_tokens`.
+    """
+    if max_tokens is not None and max_tokens <= len(specials):
+        raise ValueError(f"max_tokens {max_tokens} leaves no room beside {len(specials)} specials")
+    counts = Counter()
+    for tokens in token_lines:
+        counts.update(tokens)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    if max_tokens is not None:
+        ranked = ranked[: max_tokens - len(specials)]
+    return [*specials, *(token for token, n in ranked if n >= min_freq and token not in specials)]
 
 
 def id_dtype(vocab_size):
@@ -98,6 +122,9 @@ class TokenDataset:
     def load(cls, path):
         """Open a folder written by `flax-gpt prepare`; raise DatasetError if it is damaged."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise DatasetError(f"{path} is a file, not a dataset folder: pass the folder "
+                               f"'flax-gpt prepare --out' wrote")
         if not path.is_dir():
             raise DatasetError(f"dataset folder {path} does not exist: run 'flax-gpt prepare' first")
         manifest = _read_manifest(path)
@@ -142,6 +169,21 @@ class TokenDataset:
         """Tokens joined by spaces (basic_english drops the original spacing)."""
         return " ".join(self.itos[int(i)] for i in ids)
 
+    def render(self, ids, *, specials=False):
+        """Text for a reader: each `<eos>` ends a line and `<bos>` is dropped, as they were
+        added to mark the lines of the text; with `specials`, every token as is (`decode`).
+        `<unk>` stays either way: it stands for a word."""
+        if specials:
+            return self.decode(ids)
+        lines, words = [], []
+        for i in map(int, ids):
+            if i == EOS:
+                lines.append(" ".join(words))
+                words = []
+            elif i != BOS:
+                words.append(self.itos[i])
+        return "\n".join([*lines, " ".join(words)]).rstrip("\n")
+
     # ---- batches -------------------------------------------------------------------
 
     def split(self, name):
@@ -153,6 +195,17 @@ class TokenDataset:
         rows = _rows(self.split(split), seq_len, split)
         return len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
 
+    def check_batches(self, split, batch_size, seq_len):
+        """Raise DatasetError unless `split` gives at least one full batch."""
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
+        rows = len(_rows(self.split(split), seq_len, split))
+        if rows < batch_size:
+            raise DatasetError(
+                f"the {split} split has {rows} rows of {seq_len} tokens, fewer than "
+                f"batch_size {batch_size}: use a smaller --batch-size or --seq-len, or more text"
+            )
+
     def batches(self, split, batch_size, seq_len, *, shuffle=False, seed=0, epoch=0,
                 start=0, drop_last=True):
         """Yield one pass of numpy `(x, y)` int32 batches of shape `(batch_size, seq_len)`.
@@ -161,18 +214,15 @@ class TokenDataset:
         dropped). With `shuffle`, row order is a permutation drawn from `(seed, epoch)`, so a
         run can be resumed exactly from `(epoch, start)`, `start` being a batch index.
         """
-        if batch_size < 1:
+        if drop_last:
+            self.check_batches(split, batch_size, seq_len)
+        elif batch_size < 1:
             raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
         rows = _rows(self.split(split), seq_len, split)
         order = np.arange(len(rows))
         if shuffle:
             order = np.random.default_rng([seed, epoch]).permutation(len(rows))
         stop = len(rows) - len(rows) % batch_size if drop_last else len(rows)
-        if stop == 0:
-            raise DatasetError(
-                f"the {split} split has {len(rows)} rows of {seq_len} tokens, fewer than "
-                f"batch_size {batch_size}: use a smaller --batch-size or --seq-len"
-            )
         for begin in range(start * batch_size, stop, batch_size):
             yield make_batch(rows[order[begin:begin + batch_size]])
 
@@ -203,7 +253,9 @@ def _read_manifest(path):
                 f"{FORMAT_VERSION}; prepare it again"
             )
         for key in ("vocab", *SPLITS):
-            manifest["files"][key]["name"], manifest["files"][key]["sha256"]
+            for field_name in ("name", "sha256"):
+                if not isinstance(manifest["files"][key][field_name], str):
+                    raise TypeError(f"files.{key}.{field_name} is not a string")
         for key in ("vocab_size", "train_tokens", "val_tokens"):
             int(manifest["counts"][key])
     except (KeyError, TypeError, ValueError) as e:
@@ -225,7 +277,12 @@ def _read_checked(file, sha256):
 
 
 def _read_vocab(file, sha256):
-    text = _read_checked(file, sha256).decode("utf-8")
+    payload = _read_checked(file, sha256)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{file}: byte {e.start} is not valid UTF-8 (prepare writes UTF-8); "
+                           f"prepare the dataset again") from None
     return text.split("\n")[:-1]
 
 

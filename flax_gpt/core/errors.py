@@ -15,3 +15,15 @@ class WeightsError(FlaxGPTError):
 
 class CheckpointError(FlaxGPTError):
     """A run folder or checkpoint cannot be resumed or read."""
+
+
+class NonFiniteError(WeightsError):
+    """A tensor holds NaN or Inf where finite weights are required."""
+
+
+class DivergedError(FlaxGPTError):
+    """Training produced a non-finite loss, gradient norm or weights; the run stopped."""
+
+
+class DependencyError(FlaxGPTError):
+    """An optional package a command needs is not installed (or does not load)."""

@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from flax_gpt.core.errors import FlaxGPTError
+
 
 def _umask_mode(path, full):
     """Give a mkstemp/mkdtemp name the mode a plain open()/mkdir() would (they use 0600/0700)."""
@@ -58,6 +60,19 @@ def atomic_dir(path, force=False):
         raise
 
 
+def check_writable(path, what="output"):
+    """Refuse (FlaxGPTError, one line) an output file that cannot be written, before the work
+    that produces it: a folder, or a place with no writable folder above it."""
+    path = Path(path)
+    if path.is_dir():
+        raise FlaxGPTError(f"{what} {path} is a folder: name a file")
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise FlaxGPTError(f"cannot write {what} {path}: {above} is not a writable folder")
+
+
 def write_json(path, payload):
     """`payload` as indented, key-sorted JSON, atomically; the parent folder is created."""
     path = Path(path)
@@ -79,6 +94,7 @@ def save_figure(fig, path, dpi=110):
     """Write a matplotlib figure as PNG, atomically, and close it."""
     import matplotlib.pyplot as plt
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=dpi)
     plt.close(fig)

@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flax_gpt.core.config import ConfigError, check_attention
-from flax_gpt.core.precision import PRECISIONS, param_dtype_name
+from flax_gpt.core import precision
+from flax_gpt.core.config import check_attention, check_number
+
+# Seeds feed numpy, torch.manual_seed and jax.random.key alike; all three take this range.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -32,20 +35,40 @@ class TrainConfig:
     attention: str = "explicit"  # one of config.ATTENTIONS
 
     def __post_init__(self):
+        # Every field, finite and in range: a NaN learning rate or clip would otherwise train
+        # to NaN weights and exit 0.
         for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.lr <= 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps and grad_clip must be >= 0 and lr > 0")
+            check_number(name, getattr(self, name), low=1, integer=True)
+        check_number("warmup_steps", self.warmup_steps, low=0, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("beta1", self.beta1, low=0, high=1, high_open=True)
+        check_number("beta2", self.beta2, low=0, high=1, high_open=True)
+        check_number("eps", self.eps, low=0, low_open=True)
+        check_number("grad_clip", self.grad_clip, low=0)
+        check_seed(self.seed)
+        precision.check(self.precision)
         check_attention(self.attention)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def check_seed(seed, name="seed"):
+    return check_number(name, seed, low=0, high=SEED_LIMIT, high_open=True, integer=True)
+
+
+def check_sampling(max_new_tokens, temperature, top_k, seed):
+    """Refuse a sampling setting of `generate` out of range (ConfigError)."""
+    check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
+    # NaN or Inf would divide the logits into NaN and sample garbage without a word
+    check_number("temperature", temperature, low=0)
+    check_number("top_k", top_k, low=0, integer=True)
+    check_seed(seed)
 
 
 def learning_rates(tc):
@@ -64,4 +87,4 @@ def learning_rates(tc):
         else:
             progress = min((step - tc.warmup_steps) / decay_steps, 1.0)
             lrs[step] = floor + 0.5 * (tc.lr - floor) * (1.0 + math.cos(math.pi * progress))
-    return lrs.astype(param_dtype_name(tc.precision))
+    return lrs.astype(precision.param_dtype_name(tc.precision))

@@ -13,12 +13,14 @@ This module says what each name means; flax_gpt.precision and torch_reference.pr
 their framework from it.
 """
 
+from flax_gpt.core.config import ConfigError
+
 PRECISIONS = ("float64", "highest", "default", "bf16")
 
 
 def check(name):
     if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}")
     return name
 
 

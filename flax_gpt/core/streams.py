@@ -45,17 +45,26 @@ class DatasetStream:
 
 
 class SyntheticStream:
-    """Uniform random tokens: for benchmarks and machines without a prepared dataset."""
+    """Uniform random tokens: for benchmarks and machines without a prepared dataset.
+
+    Batch k of a split is drawn from numpy seed [seed, split, k] (train 0, val 1): the splits
+    are drawn from different seeds, each part of them a non-negative integer, as numpy
+    requires."""
+
+    SPLITS = ("train", "val")
+    EVAL_BATCHES = 8  # a synthetic split never ends: what "all of it" (n = 0) reads
 
     def __init__(self, vocab_size, batch_size, seq_len, seed):
         self.vocab_size, self.batch_size, self.seq_len, self.seed = vocab_size, batch_size, seq_len, seed
         self.reference = {"synthetic": True, "vocab_size": vocab_size}
 
-    def batch(self, k):
-        return synthetic_batch(self.vocab_size, self.batch_size, self.seq_len, [self.seed, k])
+    def batch(self, k, split="train"):
+        return synthetic_batch(self.vocab_size, self.batch_size, self.seq_len,
+                               [self.seed, self.SPLITS.index(split), k])
 
-    def eval_batches(self, n):
-        return [self.batch(-1 - i) for i in range(n or 8)]
+    def eval_batches(self, n, split="val"):
+        """The first n batches of `split` (EVAL_BATCHES when n is 0)."""
+        return [self.batch(k, split) for k in range(n or self.EVAL_BATCHES)]
 
 
 def manifest_sha256(dataset):
@@ -75,3 +84,6 @@ def check_stream(stream, config):
     if stream.seq_len > config.seq_len:
         raise DatasetError(f"batches of {stream.seq_len} tokens exceed the model's seq_len "
                            f"{config.seq_len}")
+    if isinstance(stream, DatasetStream):  # both splits now, not at the first evaluation
+        for split in ("train", "val"):
+            stream.dataset.check_batches(split, stream.batch_size, stream.seq_len)

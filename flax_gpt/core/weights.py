@@ -21,7 +21,7 @@ from safetensors.numpy import load as load_bytes
 from safetensors.numpy import save as save_bytes
 
 from flax_gpt.core.config import ConfigError, GPTConfig
-from flax_gpt.core.errors import WeightsError
+from flax_gpt.core.errors import NonFiniteError, WeightsError
 from flax_gpt.core.files import atomic_file
 
 DTYPES = (np.float32, np.float64)  # float32 is the interchange; float64 a float64 run's own
@@ -79,10 +79,21 @@ def precision_of(tensors):
     return "float64" if next(iter(tensors.values())).dtype == np.float64 else "highest"
 
 
-def save(path, config, tensors):
-    """Write canonical `tensors` (name -> float32 or float64 numpy) and `config` to `path`,
-    atomically."""
+def check_finite(tensors):
+    """Raise NonFiniteError naming the first tensor that holds NaN or Inf."""
+    for name, tensor in tensors.items():
+        if not np.isfinite(tensor).all():
+            n = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))
+            raise NonFiniteError(f"tensor {name!r} holds {n} NaN or Inf value(s)")
+
+
+def save(path, config, tensors, *, allow_nonfinite=False):
+    """Write canonical `tensors` (name -> float32 or float64 numpy) and `config` to `path`, atomically.
+    Tensors holding NaN or Inf are refused unless `allow_nonfinite`: such a file would load
+    into a model that only ever answers NaN."""
     check(config, tensors)
+    if not allow_nonfinite:
+        check_finite(tensors)
     shapes = canonical_shapes(config)
     ordered = {name: np.ascontiguousarray(tensors[name]) for name in shapes}
     # One metadata key only: safetensors keeps metadata in a hash map, so the order of two
@@ -95,8 +106,9 @@ def save(path, config, tensors):
         raise WeightsError(f"cannot write weights {path}: {e.strerror}") from None
 
 
-def load(path):
-    """Read a canonical weights file: `(config, tensors)`, checked against each other."""
+def load(path, *, allow_nonfinite=False):
+    """Read a canonical weights file: `(config, tensors)`, checked against each other. A
+    tensor holding NaN or Inf is refused (NonFiniteError) unless `allow_nonfinite`."""
     try:
         with open(path, "rb") as f:
             payload = f.read()
@@ -121,15 +133,27 @@ def load(path):
         check(config, tensors)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
+    if not allow_nonfinite:
+        try:
+            check_finite(tensors)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{path}: {e}: the weights are unusable (a diverged run?)") from None
     return config, tensors
 
 
 def _metadata(payload):
-    """The safetensors header's __metadata__ (the numpy loader does not return it)."""
+    """The safetensors header's __metadata__ (the numpy loader does not return it), as a dict
+    of strings; ValueError for a header of any other shape."""
     n = int.from_bytes(payload[:8], "little")
     if len(payload) < 8 + n:
         raise ValueError("header is longer than the file")
-    return json.loads(payload[8:8 + n]).get("__metadata__", {})
+    header = json.loads(payload[8:8 + n])
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ is not an object of strings")
+    return metadata
 
 
 # ---- Flax <-> canonical -----------------------------------------------------------------

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flax_gpt import experiments
+from flax_gpt.core.config import check_attention, check_number
 from flax_gpt.core.errors import FlaxGPTError
-from flax_gpt.core.files import save_figure, write_json
+from flax_gpt.core.files import check_writable, save_figure, write_json
 from flax_gpt.core.hparams import TrainConfig
 from flax_gpt.core.streams import synthetic_batch
 
@@ -180,9 +182,9 @@ def flax_variant(name, config, tensors, tc, x, y):
         key = jax.random.key(0)
         train_step = make_train_step(graphdef, tx)
 
-        def step(i):
+        def step(i):  # dropout masks from (0, i), as the trainer draws them from (seed, step)
             state["params"], state["opt"], metrics = train_step(
-                state["params"], state["opt"], rest, x, y, key)
+                state["params"], state["opt"], rest, x, y, jax.random.fold_in(key, i))
             box["loss"] = metrics["loss"]
             return box["loss"]
 
@@ -351,7 +353,11 @@ def select_variants(variants, skip=(), known=VARIANTS):
     if unknown:
         raise FlaxGPTError(f"unknown variant(s) {', '.join(unknown)}: choose from "
                            f"{', '.join(known)}")
-    return [v for v in dict.fromkeys(variants) if v not in set(skip)]
+    chosen = [v for v in dict.fromkeys(variants) if v not in set(skip)]
+    if not chosen:
+        raise FlaxGPTError(f"no variant to run (--variants {','.join(variants) or 'is empty'}, "
+                           f"--skip {','.join(skip) or 'none'}): choose from {', '.join(known)}")
+    return chosen
 
 
 @dataclass
@@ -382,12 +388,23 @@ def run(config, *, batch_sizes, variants=VARIANTS, skip=(), warmup=10, steps=20,
     variants = select_variants(variants, skip)
     if not batch_sizes or min(batch_sizes) < 1:
         raise FlaxGPTError(f"batch sizes must be positive integers, got {batch_sizes}")
+    check_number("warmup", warmup, low=0, integer=True)
+    check_number("steps", steps, low=1, integer=True)
+    check_number("rounds", rounds, low=1, integer=True)
+    check_attention(attention)
+    if json_path:
+        check_writable(json_path, "--json")
     if pad:
         config = config.replace(vocab_size=pad_vocab(config.vocab_size))
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = experiments.torch_device(device)
+    # every variant stays built (weights, optimizer state, compiled step) until the last round
+    experiments.check_memory(config, max(batch_sizes), "benchmarking " + ", ".join(variants),
+                             training=True, attention=attention,
+                             places=[(kind(v)[0], device) for v in variants])
     result = BenchResult(list(batch_sizes))
 
     def save(partial=None):

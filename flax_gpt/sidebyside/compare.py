@@ -3,6 +3,7 @@ batches, and (optionally) PyTorch against itself from weights one ulp away, the 
 under the gap.
 """
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -53,10 +54,32 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
     `out`/report.json (per-step losses, differences, val losses, tokens/s, versions, device,
     precision) and `out`/loss.png. Returns a CompareResult."""
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FlaxGPTError(f"report folder {out} already exists: choose another --out")
+    loop.check_options(tc.steps, log_every=log_every, eval_every=eval_every,
+                       eval_batches=eval_batches)
+    device = experiments.torch_device(device)
     record = apply_precision(tc.precision)
     config, stream = experiments.make_stream(config, tc, data=data, synthetic=synthetic)
-    if out.exists() and any(out.iterdir()):
-        raise FlaxGPTError(f"report folder {out} already exists: choose another --out")
+    for framework, place in (("flax", None), ("torch", device)):  # one after the other
+        experiments.check_memory(config, tc.batch_size, f"training {framework}", training=True,
+                                 attention=tc.attention, places=[(framework, place)])
+    existed = out.exists()  # and is empty
+    try:
+        return _compare(config, tc, out, stream, record, noise_floor, device, log_every,
+                        eval_every, eval_batches)
+    except BaseException:
+        # no report, nothing to resume: what was written would only block the same command
+        if existed:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _compare(config, tc, out, stream, record, noise_floor, device, log_every, eval_every,
+             eval_batches):
     tensors = random_weights(config, tc.seed)
     runs = [("flax", "flax", tensors), ("torch", "torch", tensors)]
     if noise_floor:

@@ -12,16 +12,16 @@ probabilities agree.
 """
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 import flax_gpt
 import torch_reference
 from flax_gpt.core import runfolder
+from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import BOS
 from flax_gpt.core.errors import FlaxGPTError
-from flax_gpt.sidebyside.pair import apply_precision, environment
+from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment
 
 # Precisions both models run as loaded; bf16 would need PyTorch's autocast around every step.
 PRECISIONS = ("float64", "highest", "default")
@@ -104,16 +104,14 @@ def run(run_folder, prompts=("",), *, data=None, max_new_tokens=200, precision="
     their generations after each of `prompts` (text, after <bos>; a batch) with the options
     of flax_gpt.generate (see compare_generation). The vocabulary is the run's dataset, or
     the dataset folder `data`."""
-    from flax_gpt import experiments
-
     if precision not in PRECISIONS:
         raise FlaxGPTError(f"decode parity runs at {', '.join(PRECISIONS)}, not {precision!r}")
     record = runfolder.read_record(run_folder)
-    dataset = experiments.run_dataset(record, data)
-    weights_path = Path(run_folder) / runfolder.WEIGHTS
+    dataset = runfolder.run_dataset(record, data)
+    config = GPTConfig.from_dict(record["model"])
+    tensors = runfolder.checkpoint_weights(run_folder, config)
     environment_record = apply_precision(precision)
-    fm = flax_gpt.load(weights_path, precision=precision)
-    tm = torch_reference.load(weights_path, precision=precision)
+    fm, tm = build_pair(config, tensors, precision)
     if dataset.vocab_size != fm.config.vocab_size:
         raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens, the model {fm.config.vocab_size}")
     prompt_ids = [[BOS, *dataset.encode(p)] for p in prompts]

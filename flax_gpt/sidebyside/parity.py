@@ -14,11 +14,14 @@ import numpy as np
 import torch
 from flax import nnx
 
+from flax_gpt import experiments
 from flax_gpt import model as flax_model
 from flax_gpt.core import weights
+from flax_gpt.core.config import check_number
 from flax_gpt.core.data import IGNORE_INDEX, TokenDataset
 from flax_gpt.core.errors import FlaxGPTError
-from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.core.hparams import TrainConfig, check_seed
+from flax_gpt.core.loop import Progress
 from flax_gpt.core.progress import print_progress
 from flax_gpt.core.streams import synthetic_batch
 from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment, random_weights
@@ -69,7 +72,7 @@ def torch_outputs(tm, ids, labels, precision_name="highest"):
     loss.backward()
     grads = {name: _numpy(p.grad) for name, p in tm.named_parameters()}
     hidden = {"embed": _numpy(hidden["embed"]), "layers": [_numpy(h) for h in hidden["layers"]]}
-    return float(loss), _numpy(logits), hidden, grads
+    return loss.item(), _numpy(logits), hidden, grads
 
 
 def torch_relu_inputs(tm, ids):
@@ -252,10 +255,11 @@ def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     tx = optimizer(tc)
     opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx, grad_accum=tc.grad_accum, dropout=bool(config.dropout))
+    step = make_train_step(graphdef, tx)
     torch_step = TrainStep(tm, tc, device=torch_device)
     key = jax.random.key(tc.seed)
     f_losses, t_losses, kept = [], [], []
+    shown = Progress(len(batches))  # a bar on a terminal, plain lines in a log
     for i, (x, y) in enumerate(batches):
         if tc.precision == "highest":
             current = nnx.merge(graphdef, params, rest)
@@ -266,6 +270,8 @@ def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
                                           jax.random.fold_in(key, i))
         f_losses.append(metrics["loss"])
         t_losses.append(torch_step(i, *(torch.from_numpy(a).long().to(torch_device) for a in (x, y)))["loss"])
+        shown.update(i + 1)
+    shown.close()
     return (np.asarray(jax.device_get(f_losses), np.float64),
             np.asarray([float(t) for t in t_losses]), flax_model.canonical(params, config),
             torch_model.canonical(tm), kept)
@@ -415,6 +421,16 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
     `config`; batches from the dataset folder `data` or random tokens. PyTorch runs on
     `torch_device` (default: cuda when available). Returns a ParityResult.
     """
+    if (config is None) == (weights_path is None):
+        raise FlaxGPTError("parity takes a model config or a weights file (which carries its "
+                           "config), not both or neither")
+    check_number("train_steps", train_steps, low=0, integer=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_seed(seed)
+    # every setting checked before anything is built: an --lr of NaN must not wait for the
+    # forward comparison to be refused
+    tc = default_train_config(precision, attention).replace(
+        steps=max(train_steps, 1), batch_size=batch_size, seed=seed, lr=lr)
     torch_device = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = TokenDataset.load(data) if data else None
     if weights_path:
@@ -423,14 +439,17 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
             raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens but the weights' "
                                f"vocabulary is {config.vocab_size}: use the dataset they were "
                                f"trained on")
-    else:
-        if dataset:
-            config = config.replace(vocab_size=dataset.vocab_size)
+    elif dataset:
+        config = config.replace(vocab_size=dataset.vocab_size)
+    if dataset:
+        dataset.check_batches("train", batch_size, config.seq_len)
+    # both models train at once: the Flax one where JAX computes, the PyTorch one on the CPU
+    experiments.check_memory(config, batch_size, "parity", training=True, attention=attention,
+                             places=[("flax", None), ("torch", torch_device)])
+    if not weights_path:
         tensors = random_weights(config, seed)
     batches = parity_batches(config, dataset, batch_size, config.seq_len, max(train_steps, 1), seed)
     x, y = batches[0]
-    tc = default_train_config(precision, attention).replace(
-        steps=max(train_steps, 1), batch_size=batch_size, seed=seed, lr=lr)
     truth = train_truth_losses = None
     if precision != "float64":
         progress("float64 truth: forward and backward")

@@ -1,0 +1,106 @@
+"""How much memory a model config needs, and a clear refusal of what cannot fit.
+
+Framework-free. Without it, `--seq-len 100000` (or a weights file whose config says so) is
+killed by the kernel's OOM killer part-way through, with nothing printed: the attention scores
+alone are batch x heads x seq_len x seq_len floats per layer.
+
+The estimate counts the large buffers and nothing else, so it errs low: a config refused here
+cannot run, and one accepted may still be tight. float32 throughout (bf16 runs keep float32
+master weights, and their bf16 activations are counted as float32: still an upper bound on
+those, against a lower bound on everything the estimate leaves out).
+"""
+
+import os
+from dataclasses import dataclass
+
+from flax_gpt.core.config import ConfigError
+
+FLOAT32 = 4
+
+
+def parameter_count(config):
+    """The number of canonical parameters (weights.canonical_shapes, counted without listing
+    them: a config of a million layers must be refused, not enumerated)."""
+    d, f, v = config.d_model, config.d_ff, config.vocab_size
+    per_layer = 4 * (d * d + d) + 2 * 2 * d + (f * d + f) + (d * f + d)
+    return v * d + config.n_layers * per_layer + v * d + v
+
+
+HELD = ("weights", "gradients and AdamW moments")  # for as long as the model lives
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes by part; `total` is their sum. `a + b`: two models held at once and computing
+    one at a time (parity's pair, bench's variants), so their weights and optimizer state
+    add up while only the larger of their step-time buffers is counted."""
+
+    parts: dict
+
+    @property
+    def total(self):
+        return sum(self.parts.values())
+
+    def _transient(self):
+        return sum(n for name, n in self.parts.items() if name not in HELD)
+
+    def __add__(self, other):
+        larger = max(self, other, key=Estimate._transient)
+        parts = {name: n for name, n in larger.parts.items() if name not in HELD}
+        for name in HELD:
+            held = self.parts.get(name, 0) + other.parts.get(name, 0)
+            if held:
+                parts[name] = held
+        return Estimate(parts)
+
+
+def estimate(config, batch_size, *, training, scores=True):
+    """The memory one model of `config` needs on `batch_size` rows of `config.seq_len` tokens.
+
+    training: weights, gradients and AdamW's two moments (4 copies of the parameters), and
+    every layer's activations kept for the backward pass. Otherwise (eval, generate): the
+    weights and one layer's activations at a time. `scores`: whether the attention scores
+    and probabilities (batch x heads x seq_len x seq_len, per layer) are materialized; fused
+    attention on an accelerator (flash kernels) does not keep them.
+    """
+    b, t, d, f = batch_size, config.seq_len, config.d_model, config.d_ff
+    layers = config.n_layers if training else 1
+    params = parameter_count(config) * FLOAT32
+    parts = {"weights": params}
+    if training:
+        parts["gradients and AdamW moments"] = 3 * params
+    # per layer: input, q, k, v, attention output, projection, two residual sums and two
+    # LayerNorm outputs (10 of B x T x d), fc1 output and its ReLU (2 of B x T x d_ff)
+    parts["activations"] = layers * b * t * (10 * d + 2 * f) * FLOAT32
+    if scores:
+        # scores and their softmax, both kept for the backward pass
+        parts["attention scores"] = layers * 2 * b * config.n_heads * t * t * FLOAT32
+    parts["logits"] = 2 * b * t * config.vocab_size * FLOAT32  # logits and log-softmax
+    return Estimate(parts)
+
+
+def physical_memory():
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human(n):
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def check(need, what, limit, where):
+    """Refuse (ConfigError, one line) when the Estimate `need` exceeds `limit` bytes of
+    `where` (no check where the limit is unknown). `what` names the work."""
+    if limit is None or need.total <= limit:
+        return need
+    largest = max(need.parts, key=need.parts.get)
+    raise ConfigError(
+        f"{what} needs at least {human(need.total)} of memory ({largest} alone "
+        f"{human(need.parts[largest])}), more than the {human(limit)} of {where}: use a smaller "
+        f"--seq-len or --batch-size, or a smaller model")

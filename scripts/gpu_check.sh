@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The project's checks on one accelerator, in one command, from a plain checkout:
+#
+#   scripts/gpu_check.sh [--out DIR]            # on a GPU machine
+#   scripts/gpu_check.sh --device cpu --out DIR # the smoke mode: the same commands, tiny shapes
+#
+# It needs a Python with torch, jax and flax already installed (nothing is installed, nothing
+# is downloaded, torchtext is not needed): the checkout is put on PYTHONPATH. It runs
+#   1. parity at highest, default (TF32 on a GPU) and bf16, for `tiny` and `gpt2-124m`
+#      (the smoke mode: `tiny` only), and float64 for `tiny`;
+#   2. fused attention against explicit, through parity at highest for both presets;
+#   3. a short `compare` of the two trainers on synthetic tokens, judged against PyTorch's own
+#      noise floor (`small`; smoke: `tiny`);
+#   4. `bench --preset gpt2-124m` with every variant (smoke: `tiny`, torch.compile left out:
+#      it compiles for minutes on a CPU);
+# and writes every JSON and PNG into DIR (default benchmarks/results/gpu_check), then prints a
+# summary, one line per file. The exit status is 1 if any check failed, after all have run.
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+device=cuda
+out="$repo/benchmarks/results/gpu_check"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) device=${2:-}; shift 2 ;;
+    --out) out=${2:-}; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1': pass --device cuda|cpu and --out DIR" >&2; exit 2 ;;
+  esac
+done
+case "$device" in
+  cuda|cpu) ;;
+  *) echo "gpu_check.sh: --device must be cuda or cpu, got '$device'" >&2; exit 2 ;;
+esac
+[ -n "$out" ] || { echo "gpu_check.sh: --out needs a folder" >&2; exit 2; }
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$device" = cpu ]; then
+  export JAX_PLATFORMS=cpu  # JAX's device follows the PyTorch one
+  presets=(tiny); compare_preset=tiny; train_steps=1; compare_steps=2
+  bench=(--preset tiny --batch-size 2 --warmup 1 --steps 1 --rounds 1
+         --skip torch-compile-fp32,torch-compile-bf16)
+else
+  python - <<'EOF' || exit 2
+import sys
+
+import jax
+import torch
+
+problems = [f"{name} sees no GPU" for name, ok in
+            (("torch", torch.cuda.is_available()), ("jax", jax.default_backend() == "gpu")) if not ok]
+if problems:
+    sys.exit(f"gpu_check.sh: {' and '.join(problems)}: run with --device cpu for the smoke mode")
+EOF
+  presets=(tiny gpt2-124m); compare_preset=small; train_steps=50; big_steps=10
+  compare_steps=200
+  bench=(--preset gpt2-124m)
+fi
+
+mkdir -p "$out" || exit 2
+failed=()
+check() {  # check NAME COMMAND...: run one flax-gpt command, keep going if it fails
+  local name=$1; shift
+  echo "== $name: flax-gpt $*"
+  python -m flax_gpt "$@" || failed+=("$name")
+}
+
+for preset in "${presets[@]}"; do
+  steps=$([ "$preset" = tiny ] && echo "$train_steps" || echo "$big_steps")
+  for precision in highest default bf16; do
+    check "parity-$preset-$precision" parity --preset "$preset" --precision "$precision" \
+      --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_$precision.json"
+  done
+  check "parity-$preset-fused" parity --preset "$preset" --attention fused --precision highest \
+    --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_fused.json"
+done
+check parity-tiny-float64 parity --preset tiny --precision float64 --train-steps "$train_steps" \
+  --torch-device "$device" --json "$out/parity_tiny_float64.json"
+check "compare-$compare_preset" compare --preset "$compare_preset" --synthetic \
+  --steps "$compare_steps" --eval-every 0 --noise-floor --device "$device" \
+  --out "$out/compare_$compare_preset"
+check "bench-${bench[1]}" bench "${bench[@]}" --device "$device" \
+  --json "$out/bench_${bench[1]}.json" --plot "$out/bench_${bench[1]}.png"
+
+python - "$out" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+print(f"\nsummary ({sys.argv[1]}):")
+for path in sorted(Path(sys.argv[1]).rglob("*.json")):
+    d = json.loads(path.read_text())
+    if "rows" in d:  # parity
+        failed = [r["quantity"] for r in d["rows"] if r.get("passed") is False]
+        line = "passed" if d["passed"] else f"FAILED: {', '.join(failed)}"
+        print(f"  {path.name}: {d['precision']} on {d['jax_device']} / {d['torch_device']}: {line}")
+    elif "results" in d:  # bench
+        rates = ", ".join(f"{r['variant']} {r['tokens_per_s']:,.0f} tok/s ({r['mfu']:.0%} MFU)"
+                          for r in d["results"])
+        print(f"  {path.name}: {rates}")
+    elif "frameworks" in d:  # compare
+        verdict = {True: "within", False: "NOT within", None: "not judged"}[
+            d.get("judgement", {}).get("passed")]
+        print(f"  {path.relative_to(sys.argv[1])}: max |loss diff| {d['max_abs_loss_diff']:.2e} "
+              f"over {d['steps']} steps, {verdict} the noise floor")
+EOF
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi
+echo "every check passed"

@@ -1,0 +1,199 @@
+"""Bad input across every subcommand, as a new user types it: each is refused with exit 2 and
+one line on stderr that says what is wrong (no traceback), before any work, leaving nothing
+behind that blocks a retry. The run folder used here is written by a framework-free backend
+(tests.conftest.FakeBackend), so no case compiles anything.
+"""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from flax_gpt.core import loop, runfolder, weights
+from flax_gpt.core.config import GPTConfig
+from flax_gpt.core.data import TokenDataset
+from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.core.streams import DatasetStream
+from tests.conftest import FakeBackend, run_cli, text
+from tests.datasets import implementation, prepare_dataset
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Datasets, a run folder and weights files, good and bad, copied into each case."""
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "text.txt").write_text(text(400, 0))
+    (ws / "other.txt").write_text(text(300, 1))
+    prepare_dataset([("text.txt", (ws / "text.txt").read_bytes())], ws / "ds")
+    prepare_dataset([("tiny.txt", b"one two\nthree\n")], ws / "dstiny", val_fraction=0.5)
+    bad = shutil.copytree(ws / "ds", ws / "dsbadvocab")  # a vocabulary that is not UTF-8
+    vocab = (bad / "vocab.txt").read_bytes().replace(b"\nthe\n", b"\nth\xff\n", 1)
+    (bad / "vocab.txt").write_bytes(vocab)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["vocab"]["sha256"] = hashlib.sha256(vocab).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+
+    dataset = TokenDataset.load(ws / "ds")
+    config = GPTConfig.preset("tiny", vocab_size=dataset.vocab_size)
+    tc = TrainConfig(steps=2, batch_size=4)
+    loop.train(FakeBackend(config, tc), DatasetStream(dataset, 4, config.seq_len, 0), ws / "run",
+               progress="off")
+    shutil.copytree(ws / "run", ws / "runempty")
+    (ws / "runempty" / runfolder.CONFIG).write_text("{}")
+
+    config_, tensors = weights.load(ws / "run" / runfolder.WEIGHTS)
+    nan = {**tensors, "pred.bias": np.full_like(tensors["pred.bias"], np.nan)}
+    save_file(nan, str(ws / "nan.safetensors"), metadata={"config": config_.to_json()})
+    weights.save(ws / "seq100k.safetensors", config_.replace(seq_len=100_000), tensors)
+    header = b"[1, 2, 3]"  # a header that is JSON, but a list
+    (ws / "list.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return ws
+
+
+T = "--preset tiny --synthetic --steps 2 --batch-size 2 --eval-every 0".split()
+RUN = "--preset tiny --data {w}/ds --steps 2 --batch-size 4 --eval-every 0".split()
+NEW = ["--out", "{w}/new"]
+
+
+def use_weights(name):
+    return lambda w: shutil.copy(w / name, w / "run" / runfolder.WEIGHTS)
+
+
+def reprepare(w):
+    prepare_dataset([("other.txt", (w / "other.txt").read_bytes())], w / "ds", force=True)
+
+
+PREP = ["--implementation", implementation()]  # the stack's own, so that the option is judged
+
+# (id, arguments ({w}: the workspace), a fragment of the one stderr line, setup or None)
+CASES = [
+    ("prepare-out-is-a-file", ["prepare", *PREP, "--text-file", "{w}/text.txt", "--out",
+                               "{w}/text.txt", "--force"], "is a file", None),
+    ("prepare-min-freq-leaves-no-word", ["prepare", *PREP, "--text-file", "{w}/text.txt", *NEW,
+                                         "--min-freq", "100000"], "leaves no word", None),
+    ("prepare-not-an-int", ["prepare", *PREP, "--text-file", "{w}/text.txt", *NEW,
+                            "--min-freq", "x"], "invalid int value", None),
+    ("parity-lr-nan", ["parity", "--lr", "nan", "--train-steps", "2"], "lr must be a finite", None),
+    ("parity-seed-negative", ["parity", "--seed", "-1"], "seed must be >= 0", None),
+    ("parity-batch-size-0", ["parity", "--batch-size", "0"], "must be at least 1", None),
+    ("parity-weights-with-d-model", ["parity", "--weights", "{w}/run/weights.safetensors",
+                                     "--d-model", "64"], "--d-model cannot be used with --weights",
+     None),
+    ("parity-weights-with-preset", ["parity", "--weights", "{w}/run/weights.safetensors",
+                                    "--preset", "small"], "--preset cannot be used with --weights",
+     None),
+    ("parity-vocab-size-with-data", ["parity", "--data", "{w}/ds", "--vocab-size", "100"],
+     "--vocab-size cannot be used with a dataset", None),
+    ("parity-weights-nan", ["parity", "--weights", "{w}/nan.safetensors"], "NaN or Inf", None),
+    ("parity-weights-header-list", ["parity", "--weights", "{w}/list.safetensors"],
+     "not a readable safetensors file", None),
+    ("parity-weights-seq-len-100k", ["parity", "--weights", "{w}/seq100k.safetensors"],
+     "attention scores alone", None),
+    ("parity-seq-len-100k", ["parity", "--seq-len", "100000"], "attention scores alone", None),
+    ("parity-json-is-a-folder", ["parity", "--json", "{w}/ds"], "is a folder", None),
+    ("train-lr-nan", ["train", *T, *NEW, "--lr", "nan"], "lr must be a finite number", None),
+    ("train-lr-inf", ["train", *T, *NEW, "--lr", "inf"], "lr must be a finite number", None),
+    ("train-lr-not-a-number", ["train", *T, *NEW, "--lr", "fast"], "invalid float value", None),
+    ("train-grad-clip-nan", ["train", *T, *NEW, "--grad-clip", "nan"], "grad_clip must be a finite",
+     None),
+    ("train-min-lr-ratio-negative", ["train", *T, *NEW, "--min-lr-ratio", "-1"],
+     "min_lr_ratio must be >= 0 and <= 1", None),
+    ("train-weight-decay-negative", ["train", *T, *NEW, "--weight-decay", "-5"],
+     "weight_decay must be >= 0", None),
+    ("train-eval-batches-negative", ["train", *T, *NEW, "--eval-batches", "-1"],
+     "eval_batches must be >= 0", None),
+    ("train-eval-every-negative", ["train", *T, *NEW, "--eval-every", "-1"],
+     "eval_every must be >= 0", None),
+    ("train-checkpoint-every-negative", ["train", *T, *NEW, "--checkpoint-every", "-1"],
+     "checkpoint_every must be >= 0", None),
+    ("train-seed-negative", ["train", *T, *NEW, "--seed", "-1"], "seed must be >= 0", None),
+    ("train-stop-at-past-steps", ["train", *T, *NEW, "--stop-at", "5"], "stop_at must be", None),
+    ("train-dropout-nan", ["train", *T, *NEW, "--dropout", "nan"], "dropout must be a finite", None),
+    ("train-seq-len-100k", ["train", *T, *NEW, "--seq-len", "100000"], "attention scores alone",
+     None),
+    ("train-vocab-size-with-data", ["train", *RUN, *NEW, "--vocab-size", "100"],
+     "--vocab-size cannot be used with a dataset", None),
+    ("train-device-with-flax", ["train", *T, *NEW, "--device", "cuda"],
+     "--device sets the PyTorch trainer's device", None),
+    ("train-torch-device-bogus", ["train", "--framework", "torch", *T, *NEW, "--device", "bogus"],
+     "not a PyTorch device", None),
+    ("train-val-split-too-small", ["train", "--preset", "tiny", "--data", "{w}/ds", "--steps", "2",
+                                   "--batch-size", "32", *NEW], "the val split has", None),
+    ("train-data-vocab-not-utf8", ["train", "--preset", "tiny", "--data", "{w}/dsbadvocab", *NEW],
+     "is not valid UTF-8", None),
+    ("train-out-is-a-file", ["train", *T, "--out", "{w}/text.txt"], "is a file", None),
+    ("train-data-is-a-file", ["train", "--preset", "tiny", "--data", "{w}/text.txt", *NEW],
+     "is a file, not a dataset folder", None),
+    ("train-missing-out", ["train", "--preset", "tiny"], "the following arguments are required",
+     None),
+    ("train-resume-other-steps", ["train", *RUN, "--steps", "4", "--out", "{w}/run", "--resume"],
+     "started with --steps 2, not 4", None),
+    ("train-resume-config-empty", ["train", *RUN, "--out", "{w}/runempty", "--resume"],
+     "has no 'framework' entry", None),
+    ("compare-lr-nan", ["compare", *T, *NEW, "--lr", "nan"], "lr must be a finite number", None),
+    ("compare-out-is-a-file", ["compare", *T, "--out", "{w}/text.txt"], "already exists", None),
+    ("compare-eval-batches-negative", ["compare", *T, *NEW, "--eval-batches", "-1"],
+     "eval_batches must be >= 0", None),
+    ("eval-config-empty", ["eval", "--run", "{w}/runempty"], "has no 'framework' entry", None),
+    ("eval-data-vocab-not-utf8", ["eval", "--run", "{w}/run", "--data", "{w}/dsbadvocab"],
+     "is not valid UTF-8", None),
+    ("eval-data-other-vocabulary", ["eval", "--run", "{w}/run", "--data", "{w}/dstiny"],
+     "another vocabulary", None),
+    ("eval-batch-too-big", ["eval", "--run", "{w}/run", "--batch-size", "100000"],
+     "fewer than batch_size", None),
+    ("eval-weights-nan", ["eval", "--run", "{w}/run"], "NaN or Inf", use_weights("nan.safetensors")),
+    ("eval-data-prepared-again", ["eval", "--run", "{w}/run"], "has changed since", reprepare),
+    ("generate-top-k-negative", ["generate", "--run", "{w}/run", "--top-k", "-1"],
+     "top_k must be >= 0", None),
+    ("generate-temperature-nan", ["generate", "--run", "{w}/run", "--temperature", "nan"],
+     "temperature must be a finite", None),
+    ("generate-temperature-inf", ["generate", "--run", "{w}/run", "--temperature", "inf"],
+     "temperature must be a finite", None),
+    ("generate-seed-negative", ["generate", "--run", "{w}/run", "--seed", "-1"], "seed must be",
+     None),
+    ("generate-config-empty", ["generate", "--run", "{w}/runempty"], "has no 'framework' entry",
+     None),
+    ("generate-data-other-vocabulary", ["generate", "--run", "{w}/run", "--data", "{w}/dstiny"],
+     "another vocabulary", None),
+    ("generate-weights-of-another-config", ["generate", "--run", "{w}/run"],
+     "holds a model of config", use_weights("seq100k.safetensors")),
+    ("generate-data-prepared-again", ["generate", "--run", "{w}/run"], "has changed since",
+     reprepare),
+    ("bench-variants-empty", ["bench", "--preset", "tiny", "--variants", "", "--json", "{w}/b.json",
+                              "--plot", "{w}/b.png"], "no variant to run", None),
+    ("bench-skip-all", ["bench", "--variants", "flax-jit-fp32", "--skip", "flax-jit-fp32"],
+     "no variant to run", None),
+    ("bench-warmup-negative", ["bench", "--preset", "tiny", "--warmup", "-1"], "warmup must be >= 0",
+     None),
+    ("bench-seq-len-100k", ["bench", "--preset", "tiny", "--seq-len", "100000"],
+     "attention scores alone", None),
+    ("bench-json-is-a-folder", ["bench", "--preset", "tiny", "--json", "{w}/ds"], "is a folder",
+     None),
+]
+
+
+def files(root):
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.name != runfolder.LOCK}
+
+
+@pytest.mark.parametrize("args,message,setup", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(workspace, tmp_path, args, message, setup):
+    w = shutil.copytree(workspace, tmp_path / "w")
+    for run in ("run", "runempty"):  # the copy's own dataset (the record holds a resolved path)
+        record = json.loads((w / run / runfolder.CONFIG).read_text())
+        if "data" in record:
+            record["data"]["path"] = str(w / "ds")
+            (w / run / runfolder.CONFIG).write_text(json.dumps(record))
+    if setup:
+        setup(w)
+    before = {p: (w / p).read_bytes() for p in files(w) if (w / p).is_file()}
+    result = run_cli(*[a.replace("{w}", str(w)) for a in args])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in lines[0], lines[0]
+    after = {p: (w / p).read_bytes() for p in files(w) if (w / p).is_file()}
+    assert after == before, "a refusal changed or left files"
