@@ -50,6 +50,18 @@ def test_both_frameworks_generate_the_same_text(run):
     assert uncached["ids"] == record["ids"]
 
 
+def test_streamed_text_is_the_returned_text(run):
+    """What generate prints token by token is the text it returns: line ends for <eos> and
+    no <bos>, or with --show-specials every token as it is."""
+    for options in ([], ["--show-specials"]):
+        sampled = ["--temperature", "1.5", "--seed", "2", *options]
+        streamed = generated(run, *sampled)
+        record = json.loads(generated(run, *sampled, "--json"))
+        assert streamed.rstrip("\n") == record["text"]
+        specials = ("<eos>" in record["text"], "<bos>" in record["text"])
+        assert specials == ((True, True) if options else (False, False)), specials
+
+
 def test_stop_word_ends_the_text(run):
     from flax_gpt.core.data import TokenDataset
 
