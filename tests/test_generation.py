@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from flax_gpt.core import generation
+from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.generation import GenerationError, Sampling
 
 
@@ -119,9 +120,9 @@ def test_loop_stops_rows_and_streams():
 
 @pytest.mark.parametrize("options,message", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_token=100), "stop_token"),
-    (dict(window_keep=7), "window_keep")])
+    (dict(window_keep=7), "window_keep"), (dict(seed=-1), "seed")])
 def test_loop_refusals(options, message):
     options = {"max_new_tokens": 5, **options}
-    with pytest.raises(GenerationError, match=message):
+    with pytest.raises(FlaxGPTError, match=message):
         generation.run(WindowLengths(6), [[1]], options.pop("max_new_tokens"), seq_len=6,
                        vocab_size=100, **options)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flax_gpt.core.errors import FlaxGPTError
+from flax_gpt.core.hparams import check_seed
 
 
 class GenerationError(FlaxGPTError, ValueError):
@@ -156,6 +157,7 @@ def run(decoder, prompt_ids, max_new_tokens, *, seq_len, vocab_size, seed=0, sto
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if stop_token is not None and not 0 <= stop_token < vocab_size:
         raise GenerationError(f"stop_token {stop_token} is outside the vocabulary 0..{vocab_size - 1}")
+    check_seed(seed)  # numpy's generator would take some bad seeds and fail on others
     keep = check_window_keep(window_keep, seq_len)
     prompts = prompt_rows(prompt_ids, vocab_size)
     texts = [list(p) for p in prompts]  # everything each row's model has seen or drawn
