@@ -6,7 +6,7 @@ section says which module holds what.
 """
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "load", "save"]
+__all__ = ["GPT", "GPTConfig", "generate", "load", "save"]
 
 
 def __getattr__(name):
@@ -14,6 +14,10 @@ def __getattr__(name):
         from flax_gpt import model
 
         return getattr(model, name)
+    if name == "generate":
+        from flax_gpt.sample import generate
+
+        return generate
     if name == "GPTConfig":
         from flax_gpt.core.config import GPTConfig
 

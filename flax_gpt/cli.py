@@ -399,8 +399,9 @@ def run_eval(args):
 
 def add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a run's weights",
-                       description="Sample from RUN's latest weights with a jitted step of fixed "
-                                   "shape. The same --seed gives the same text.")
+                       description="Generate after --prompt from RUN's latest weights with a "
+                                   "key/value cache, in Flax or PyTorch, each token printed as it "
+                                   "is drawn. The same --seed gives the same text.")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the "
                    "run's; a run on synthetic tokens has none, and needs one)")
@@ -414,21 +415,86 @@ def add_generate(sub):
     p.add_argument("--show-specials", action="store_true",
                    help="print <bos>, <eos> as tokens (default: each <eos> ends a line)")
     p.add_argument("--json", action="store_true", help="print prompt, ids and text as JSON")
+    add_generate_options(p)
     p.set_defaults(handler=run_generate)
+
+
+# -- issue 15: cached generation in both frameworks (options beside the ones above)
+def add_generate_options(p):
+    p.add_argument("--framework", choices=["flax", "torch"], default="flax",
+                   help="sample with the Flax model or its PyTorch twin: the same --seed gives "
+                        "the same text wherever their probabilities agree (default flax)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the likeliest tokens holding this share of the mass (default 1: all)")
+    p.add_argument("--stop", metavar="WORD", help="end the text once this word is drawn (e.g. '<eos>')")
+    p.add_argument("--window-keep", type=int, default=None, metavar="N",
+                   help="tokens kept when the text outgrows the context and the window slides "
+                        "(default seq_len // 2)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole window at every token (the uncached reference)")
 
 
 def run_generate(args):
     from flax_gpt import experiments
 
+    def stream(piece):
+        print(piece, end="", flush=True)
+
     r = experiments.generate(args.run, prompt=args.prompt, data=args.data,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed, precision=args.precision,
-                             specials=args.show_specials)
+                             framework=args.framework, top_p=args.top_p, stop=args.stop,
+                             window_keep=args.window_keep, cached=not args.no_cache,
+                             specials=args.show_specials, on_text=None if args.json else stream)
     if r.unknown_words:
         print(f"warning: not in the vocabulary, read as <unk>: {' '.join(r.unknown_words)}",
               file=sys.stderr)
-    print(json.dumps(r.to_dict()) if args.json else r.text)
+    print(json.dumps(r.to_dict()) if args.json else "")
     return 0
+
+
+def add_decode_parity(sub):
+    p = sub.add_parser(
+        "decode-parity", help="generate with both frameworks from a run's weights, step by step",
+        description="Load RUN's latest weights into Flax and PyTorch at one precision and "
+                    "generate after each --prompt with both (cached decode, same sampling "
+                    "settings and seed). Reports the first step whose tokens differ, the first "
+                    "near tie (top two logits within twice the frameworks' difference), and the "
+                    "largest logits difference while the texts are the same. Exit 1 if the "
+                    "tokens differ.")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the run's)")
+    p.add_argument("--prompt", action="append", help="text to continue (repeat for a batch; default: none)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window-keep", type=int, default=None, metavar="N")
+    p.add_argument("--precision", choices=["float64", "highest", "default"], default="float64")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the comparison as JSON")
+    p.set_defaults(handler=run_decode_parity)
+
+
+def run_decode_parity(args):
+    from flax_gpt.sidebyside import decoding
+
+    r = decoding.run(args.run, args.prompt or [""], data=args.data,
+                     max_new_tokens=args.max_new_tokens, precision=args.precision,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     seed=args.seed, window_keep=args.window_keep)
+    c = r.comparison
+    for b, prompt in enumerate(r.prompts):
+        print(f"[{b}] {prompt!r} -> {r.texts['flax'][b]}")
+    steps = len(c.step_logits_diff)
+    print(f"{r.precision}: {'same tokens' if c.agree else f'tokens differ from step {c.first_mismatch}'}"
+          f" over {steps} steps ({c.slides} window slides); max |logits flax - torch| "
+          f"{c.max_logits_diff:.2e} while the texts were the same; smallest top-two gap "
+          f"{min(c.step_top2_gap):.2e}; first near tie: "
+          f"{'none' if c.first_near_tie is None else f'step {c.first_near_tie}'}")
+    if args.json:
+        write_json(args.json, r.to_dict())
+    return 0 if c.agree else 1
 
 
 # ---- bench ------------------------------------------------------------------------------------
@@ -525,6 +591,92 @@ def print_bench(report):
           f"Device {report['device']}.")
 
 
+def add_bench_decode(sub):
+    from flax_gpt.sidebyside.decode_bench import VARIANTS
+
+    p = sub.add_parser(
+        "bench-decode", help="time prefill and decode of every variant, cached and uncached",
+        description="Time generation (greedy) of Flax jax.jit fp32 and bf16, PyTorch eager fp32 "
+                    "and bf16 autocast, and torch.compile fp32 and bf16, at each batch size and "
+                    "context length (prompt tokens; the model's seq_len is context + "
+                    "--new-tokens): prefill tokens/s, time to first token, time per output "
+                    "token and decode tokens/s, with the key/value cache and without it "
+                    "(the window recomputed per token); and the bytes a decode step must read "
+                    "against the machine's memory bandwidth, measured on the spot.")
+    add_model_options(p, preset_default="small")
+    p.add_argument("--batch-sizes", default="1,8", metavar="A,B,...", help="default 1,8")
+    p.add_argument("--contexts", default=None, metavar="A,B,...",
+                   help="prompt lengths (default: half the preset's seq_len)")
+    p.add_argument("--new-tokens", type=_positive_int, default=16,
+                   help="decode steps timed per round, cached and uncached (default 16)")
+    p.add_argument("--rounds", type=_positive_int, default=3,
+                   help="rounds, the variants taking turns within each (default 3)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+    p.add_argument("--no-pad-vocab", action="store_true",
+                   help="keep the vocabulary as is (default: round it up to a multiple of 64)")
+    p.add_argument("--device", default="cpu", help="PyTorch device (default cpu)")
+    p.add_argument("--torch-threads", type=_positive_int, default=None, metavar="N",
+                   help="PyTorch's intra-op threads (default: its own choice, one per core)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG chart")
+    p.set_defaults(handler=run_bench_decode)
+
+
+def _sizes(text, option):
+    try:
+        sizes = [int(v) for v in _names(text)]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise FlaxGPTError(f"{option} takes positive integers A,B,..., got {text!r}")
+    return sizes
+
+
+def run_bench_decode(args):
+    from flax_gpt.sidebyside import decode_bench
+
+    config = model_config(args)
+    contexts = _sizes(args.contexts, "--contexts") if args.contexts else [max(1, config.seq_len // 2)]
+    r = decode_bench.run(config, batch_sizes=_sizes(args.batch_sizes, "--batch-sizes"),
+                         contexts=contexts, new_tokens=args.new_tokens,
+                         variants=_names(args.variants), skip=_names(args.skip), rounds=args.rounds,
+                         device=args.device, pad=not args.no_pad_vocab,
+                         torch_threads=args.torch_threads, json_path=args.json,
+                         on_shape=print_bench_decode)
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.plot:
+        decode_bench.plot(args.plot, r)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def print_bench_decode(report, shape):
+    bw = report["memory_bandwidth_bytes_per_s"]
+    print(f"batch {shape['batch_size']}, context {shape['context']} (+{shape['new_tokens']} new, "
+          f"seq_len {shape['seq_len']}); PyTorch threads {report['torch_threads']}; memory "
+          f"bandwidth {bw['best'] / 1e9:.1f} GB/s "
+          f"(numpy copy {bw['numpy'] / 1e9:.1f}, torch copy {bw['torch'] / 1e9:.1f})")
+    rows = []
+    for r in shape["results"]:
+        if "skipped" in r:
+            rows.append([r["variant"], "skipped: " + r["skipped"]] + [""] * 10)
+            continue
+        rows.append([r["variant"], f"{r['compile_s']:.1f}", f"{1e3 * r['ttft_s']:.1f}",
+                     f"{r['prefill_tokens_per_s']:,.0f}", f"{1e3 * r['tpot_s']:.2f}",
+                     f"{r['decode_tokens_per_s']:,.0f}", f"{1e3 * r['uncached_tpot_s']:.2f}",
+                     f"{r['uncached_tokens_per_s']:,.0f}", f"{r['cache_speedup']:.1f}x",
+                     f"{r['speedup']:.2f}x", f"{r['achieved_bytes_per_s'] / 1e9:.1f}",
+                     f"{100 * r['bandwidth_fraction']:.0f}%"])
+    print_table(["variant", "compile s", "TTFT ms", "prefill tok/s", "TPOT ms", "decode tok/s",
+                 "uncached TPOT ms", "uncached tok/s", "cache gain", f"speed / {shape['speedup_of']}",
+                 "GB/s", "of bandwidth"], rows)
+    for name, ratio in shape["flax_over_torch"].items():
+        print(f"decode {name}: {ratio:.2f}x")
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 def build_parser():
@@ -541,7 +693,8 @@ def build_parser():
     return parser
 
 
-COMMANDS = [add_prepare, add_parity, add_train, add_compare, add_eval, add_generate, add_bench]
+COMMANDS = [add_prepare, add_parity, add_train, add_compare, add_eval, add_generate, add_bench,
+            add_decode_parity, add_bench_decode]
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flax_gpt.core import loop, memory, runfolder
 from flax_gpt.core.config import GPTConfig
-from flax_gpt.core.data import BOS, TokenDataset
+from flax_gpt.core.data import BOS, EOS, TokenDataset
 from flax_gpt.core.errors import CheckpointError, FlaxGPTError
 from flax_gpt.core.hparams import check_sampling
 from flax_gpt.core.sharding import MeshError
@@ -270,16 +270,21 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
 
 # ---- eval and generate -------------------------------------------------------------------------
 
-def run_model(run, record, batch_size, what, precision=None):
-    """The Flax model (eval mode) of a run folder's latest weights, which must be of the run's
+def run_model(run, record, batch_size, what, precision=None, framework="flax"):
+    """The model (eval mode) of a run folder's latest weights, which must be of the run's
     config (`record`), at `precision` (default: float64 for a float64 run, else highest) with
-    JAX set to it; refused before it is built when `what` (evaluating, generating) on
-    `batch_size` rows cannot fit in memory."""
-    from flax_gpt import precision as precisions
-    from flax_gpt.model import build
+    its framework set to it: the Flax model, or with `framework` "torch" the PyTorch twin;
+    refused before it is built when `what` (evaluating, generating) on `batch_size` rows
+    cannot fit in memory."""
+    if framework == "torch":
+        from torch_reference import precision as precisions
+        from torch_reference.model import build
+    else:
+        from flax_gpt import precision as precisions
+        from flax_gpt.model import build
 
     config = GPTConfig.from_dict(record["model"])
-    check_memory(config, batch_size, what, training=False)
+    check_memory(config, batch_size, what, training=False, places=((framework, None),))
     precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
     precisions.apply(precision)
     return build(config, runfolder.checkpoint_weights(run, config), precision=precision)
@@ -336,26 +341,62 @@ class GenerateResult:
     ids: list  # the prompt's ids (after <bos>) and the new ones
     text: str
     unknown_words: list  # prompt words read as <unk>
+    framework: str = "flax"
+    generation: dict = None  # flax_gpt.core.generation.Generation.to_dict(): timings, stop, slides
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
 def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, top_k=0, seed=0,
-             precision=None, specials=False):
+             precision=None, framework="flax", top_p=1.0, stop=None, window_keep=None,
+             cached=True, on_text=None, specials=False):
     """Sample `max_new_tokens` after `prompt` from `run`'s latest weights (temperature 0:
-    greedy) at `precision` (see run_model). The same seed gives the same text. The text ends
-    a line at each `<eos>` and drops `<bos>`; `specials` shows every token as it is."""
+    greedy) at `precision` (see run_model), with the Flax model or, with `framework`
+    "torch", the PyTorch twin: the same seed gives the same text in both wherever their
+    probabilities agree. `stop`: a word that ends the text once drawn (e.g. "<eos>");
+    `window_keep`, `cached`: see flax_gpt.core.generation. The text ends a line at each
+    `<eos>` and drops `<bos>`; `specials` shows every token as it is. `on_text(piece)` gets
+    the prompt's text, then each new token's text as it is drawn, rendered alike."""
     check_sampling(max_new_tokens, temperature, top_k, seed)
     record = runfolder.read_record(run)
     dataset = runfolder.run_dataset(record, data)
-    model = run_model(run, record, 1, "generating", precision)
-
-    from flax_gpt.sample import generate as sample
-
-    ids = sample(model, [BOS, *dataset.encode(prompt)], max_new_tokens, temperature=temperature,
-                 top_k=top_k, seed=seed)
+    if stop is not None and stop not in dataset.stoi:
+        raise FlaxGPTError(f"stop word {stop!r} is not in the vocabulary")
+    model = run_model(run, record, 1, "generating", precision, framework)
+    if framework == "torch":
+        from torch_reference.sample import generate as sample
+    else:
+        from flax_gpt.sample import generate as sample
+    prompt_ids = [BOS, *dataset.encode(prompt)]
+    stream = TextStream(dataset, on_text, prompt_ids, specials) if on_text else None
+    out = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed, stop_token=None if stop is None else dataset.stoi[stop],
+                 window_keep=window_keep, cached=cached, on_token=stream)
+    ids = out.ids[0]
     return GenerateResult(prompt, ids, dataset.render(ids[1:], specials=specials),
-                          dataset.unknown_words(prompt))
+                          dataset.unknown_words(prompt), framework, out.to_dict())
+
+
+class TextStream:
+    """generate's on_token for one row: `on_text(piece)` with the prompt's text, then each
+    token's text as it comes, as TokenDataset.render writes it: words after a space, <eos> as
+    a line break, <bos> as nothing; with `specials`, every token as a word."""
+
+    def __init__(self, dataset, on_text, prompt_ids, specials=False):
+        self.dataset, self.on_text, self.specials, self.line_start = dataset, on_text, specials, True
+        for token in prompt_ids[1:]:  # after the <bos> that render leaves out too
+            self(0, [token])
+
+    def __call__(self, step, tokens):
+        token = tokens[0]
+        if token is None:
+            return
+        if token == EOS and not self.specials:
+            self.on_text("\n")
+            self.line_start = True
+        elif token != BOS or self.specials:
+            self.on_text(("" if self.line_start else " ") + self.dataset.itos[token])
+            self.line_start = False
 
 

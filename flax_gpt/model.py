@@ -2,16 +2,24 @@
 
 Attribute names are the canonical weight names (flax_gpt/weights.py maps the leaves:
 Linear kernel = weight.T, LayerNorm scale = weight, Embed embedding = weight).
-Read top to bottom: Embedding, MaskedMultiHeadAttention, FeedForward, DecoderLayer, Decoder,
-GPT, then loss and load/save.
+Read top to bottom: LayerCache, Embedding, MaskedMultiHeadAttention, FeedForward,
+DecoderLayer, Decoder, GPT, then loss and load/save.
 
 `param_dtype` is the parameters' dtype (float32, or float64 for the float64 tier) and
 `dtype` the matmul compute dtype. With bfloat16 the parameters stay float32 and only the
 Linear layers run in bf16, as under torch.autocast: the residual stream, LayerNorm, softmax
 and loss stay float32 (at least: in float64 everything is float64).
+
+Inference: `GPT.prefill(ids, lengths)` encodes right-padded prompts and returns each row's
+next-token logits and a key/value cache of fixed shape, (B, seq_len, H, dk) per layer;
+`GPT.decode(token, cache, position)` adds one token per row at its own position and returns
+the next logits and the cache, updated functionally. Both are pure functions of their
+inputs, jit-able over `nnx.split` state, and one compiled decode step serves every token
+(flax_gpt.sample runs them; flax_gpt.core.generation says what the window is).
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +43,14 @@ class Buffer(nnx.Variable):
     """A constant that is neither trained nor saved (PyTorch: a non-persistent buffer)."""
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values, (B, seq_len, H, dk) each: row b's token at position p in
+    [b, p]. Rows past a row's last position hold stale values that the mask never shows."""
+
+    k: jax.Array
+    v: jax.Array
+
+
 class Embedding(nnx.Module):
     """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
 
@@ -45,9 +61,11 @@ class Embedding(nnx.Module):
         self.positional = Buffer(jnp.asarray(table))
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, ids):
-        T = ids.shape[1]
-        x = self.token(ids) + self.positional[:T]  # (B, T, d)
+    def __call__(self, ids, positions=None):
+        """ids (B, T); `positions` (B, T): each token's row of the positional table (default
+        0..T-1 in every row)."""
+        table = self.positional[:ids.shape[1]] if positions is None else self.positional[positions]
+        x = self.token(ids) + table  # (B, T, d)
         return self.dropout(x)
 
 
@@ -81,29 +99,59 @@ class MaskedMultiHeadAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(config.dropout, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, return_kv=False):
+        """x (B, T, d) at positions 0..T-1; with `return_kv`, also this layer's keys and
+        values (B, T, H, dk), for a prefill."""
+        B, T, d = x.shape
+        q, k, v = self.heads(x)  # (B, T, H, dk) each
+        if self.fused:
+            y = self.fused_attention(q, k, v)  # (B, T, H, dk)
+        else:
+            y = self.masked_softmax(q, k, v, self.causal_mask[:T, :T])
+        y = self.dropout(self.out(y.reshape(B, T, d)))  # (B, T, d): heads concatenated
+        return (y, LayerCache(k, v)) if return_kv else y
+
+    def decode(self, x, cache, position):
+        """x (B, 1, d): each row's token at `position` (B,). Writes its key and value into
+        `cache` at that position and attends over keys 0..position of its own row. Returns
+        (y (B, 1, d), the new cache)."""
+        B, _, d = x.shape
+        q, k, v = self.heads(x)  # (B, 1, H, dk) each
+        rows = jnp.arange(B)
+        cache = LayerCache(cache.k.at[rows, position].set(k[:, 0]),
+                           cache.v.at[rows, position].set(v[:, 0]))  # (B, S, H, dk)
+        S = cache.k.shape[1]
+        visible = jnp.arange(S)[None, :] <= position[:, None]  # (B, S)
+        mask = visible[:, None, None, :]  # (B, 1, 1, S): over heads and the one query
+        if self.fused:
+            y = self.fused_attention(q, cache.k, cache.v, mask)  # (B, 1, H, dk)
+        else:
+            y = self.masked_softmax(q, cache.k, cache.v, mask)
+        return self.dropout(self.out(y.reshape(B, 1, d))), cache  # (B, 1, d)
+
+    def heads(self, x):
+        """q, k, v of x (B, T, d), each split into heads: (B, T, H, dk)."""
         B, T, d = x.shape
         H, dk = self.n_heads, d // self.n_heads
+        return tuple(t.reshape(B, T, H, dk) for t in (self.q(x), self.k(x), self.v(x)))  # (B, T, H, dk)
 
-        def heads(t):
-            return t.reshape(B, T, H, dk)  # (B, T, H, dk)
+    @staticmethod
+    def fused_attention(q, k, v, mask=None):
+        """jax.nn.dot_product_attention on (B, T, H, dk) arrays (softmax in float32 inside,
+        for bf16 inputs too): causal without `mask`, else `mask` as in masked_softmax."""
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
 
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        if self.fused:  # softmax in float32 inside, for bf16 inputs too
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, dk)
-        else:
-            y = self.masked_softmax(q, k, v)
-        return self.dropout(self.out(y.reshape(B, T, d)))  # (B, T, d): heads concatenated
-
-    def masked_softmax(self, q, k, v):
-        T, dk = q.shape[1], q.shape[3]
+    def masked_softmax(self, q, k, v, mask):
+        """SPEC.md's attention: q (B, Tq, H, dk) over k, v (B, Tk, H, dk); `mask` (True: seen)
+        broadcasts to (B, H, Tq, Tk)."""
+        dk = q.shape[3]
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, dk)
-        scores = q @ k.swapaxes(-2, -1) / math.sqrt(dk)  # (B, H, T, T)
-        scores = jnp.where(self.causal_mask[:T, :T], scores, MASK_FILL)
+        scores = q @ k.swapaxes(-2, -1) / math.sqrt(dk)  # (B, H, Tq, Tk)
+        scores = jnp.where(mask, scores, MASK_FILL)
         # softmax in float32 (at least) even for bf16 matmuls, as torch.autocast does
         probs = jax.nn.softmax(scores.astype(at_least_float32(scores.dtype)), axis=-1)
         attn = self.attn_dropout(probs.astype(v.dtype))
-        return (attn @ v).transpose(0, 2, 1, 3)  # (B, H, T, dk) -> (B, T, H, dk)
+        return (attn @ v).transpose(0, 2, 1, 3)  # (B, H, Tq, dk) -> (B, Tq, H, dk)
 
 
 class FeedForward(nnx.Module):
@@ -135,7 +183,19 @@ class DecoderLayer(nnx.Module):
         self.layer_norm2 = layer_norm(config, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
-        x = self.layer_norm1(x + self.mhma(x))
+        return self.residuals(x, self.mhma(x))
+
+    def prefill(self, x):
+        """(output, this layer's LayerCache of x's T tokens, (B, T, H, dk))."""
+        y, kv = self.mhma(x, return_kv=True)
+        return self.residuals(x, y), kv
+
+    def decode(self, x, cache, position):
+        y, cache = self.mhma.decode(x, cache, position)
+        return self.residuals(x, y), cache
+
+    def residuals(self, x, attended):
+        x = self.layer_norm1(x + attended)
         x = self.layer_norm2(x + self.ffn(x))
         return x
 
@@ -152,6 +212,20 @@ class Decoder(nnx.Module):
             x = layer(x)
             hidden.append(x)
         return (x, hidden) if return_hidden else x
+
+    def prefill(self, x):
+        kvs = []
+        for layer in self.layers:
+            x, kv = layer.prefill(x)
+            kvs.append(kv)
+        return x, kvs
+
+    def decode(self, x, cache, position):
+        new = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, layer_cache, position)
+            new.append(layer_cache)
+        return x, tuple(new)
 
 
 class GPT(nnx.Module):
@@ -175,6 +249,28 @@ class GPT(nnx.Module):
         h, hidden = self.decoder(x, return_hidden=True)
         logits = self.pred(h)
         return (logits, {"embed": x, "layers": hidden}) if return_hidden else logits
+
+    def prefill(self, ids, lengths):
+        """Encode right-padded prompts: ids (B, T), T <= seq_len, row b's prompt in
+        ids[b, :lengths[b]] at positions 0..lengths[b]-1 (what follows is ignored). Returns
+        (logits (B, vocab) of each row's last token, cache: a LayerCache per layer of
+        (B, seq_len, H, dk), the prompt's keys and values in rows 0..T-1)."""
+        B, T = ids.shape
+        if T > self.config.seq_len:
+            raise ValueError(f"prompt of {T} tokens exceeds seq_len {self.config.seq_len}")
+        h, kvs = self.decoder.prefill(self.embed(ids))  # (B, T, d)
+        room = ((0, 0), (0, self.config.seq_len - T), (0, 0), (0, 0))
+        cache = tuple(LayerCache(jnp.pad(kv.k, room), jnp.pad(kv.v, room)) for kv in kvs)  # (B, S, H, dk)
+        last = h[jnp.arange(B), lengths - 1]  # (B, d)
+        return self.pred(last), cache
+
+    def decode(self, token, cache, position):
+        """One token per row: token (B,) at `position` (B,) (its row of the positional table,
+        < seq_len; keys 0..position-1 of the row already in `cache`). Returns (logits
+        (B, vocab) for the next token, the cache with this token's keys and values added)."""
+        x = self.embed(token[:, None], position[:, None])  # (B, 1, d)
+        h, cache = self.decoder.decode(x, cache, position)  # (B, 1, d)
+        return self.pred(h[:, 0]), cache
 
 
 def cross_entropy(logits, labels):

@@ -3,10 +3,14 @@
 Importing the package does not import torch; the model loads on first use.
 """
 
-__all__ = ["GPT", "load", "save"]
+__all__ = ["GPT", "generate", "load", "save"]
 
 
 def __getattr__(name):
+    if name == "generate":
+        from torch_reference.sample import generate
+
+        return generate
     if name in __all__:
         from torch_reference import model
 

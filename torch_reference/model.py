@@ -1,11 +1,19 @@
 """The PyTorch reference GPT of SPEC.md. Mirrors flax_gpt/model.py class by class.
 
 Module names are the canonical weight names, so `state_dict()` *is* the canonical tensor set.
-Read top to bottom: Embedding, MaskedMultiHeadAttention, FeedForward, DecoderLayer, Decoder,
-GPT, then loss and load/save.
+Read top to bottom: LayerCache, Embedding, MaskedMultiHeadAttention, FeedForward,
+DecoderLayer, Decoder, GPT, then loss and load/save.
+
+Inference, as in flax_gpt/model.py: `GPT.prefill(ids, lengths)` returns each row's
+next-token logits and a key/value cache of fixed shape, (B, seq_len, H, dk) per layer;
+`GPT.decode(token, cache, position)` adds one token per row at its own position and returns
+the next logits and the cache. Unlike the Flax model, decode writes into the cache's tensors
+in place (and returns them): PyTorch has no buffer donation, and a copy per token would cost
+as much as reading the cache.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +33,14 @@ def at_least_float32(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values, (B, seq_len, H, dk) each: row b's token at position p in
+    [b, p]. Rows past a row's last position hold stale values that the mask never shows."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
 class Embedding(nn.Module):
     """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
 
@@ -36,9 +52,11 @@ class Embedding(nn.Module):
         self.register_buffer("positional", positional, persistent=False)  # not in the weights
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, ids):
-        T = ids.shape[1]
-        x = self.token(ids) + self.positional[:T]  # (B, T, d)
+    def forward(self, ids, positions=None):
+        """ids (B, T); `positions` (B, T): each token's row of the positional table (default
+        0..T-1 in every row)."""
+        table = self.positional[:ids.shape[1]] if positions is None else self.positional[positions]
+        x = self.token(ids) + table  # (B, T, d)
         return self.dropout(x)
 
 
@@ -58,28 +76,59 @@ class MaskedMultiHeadAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, *, return_kv=False):
+        """x (B, T, d) at positions 0..T-1; with `return_kv`, also this layer's keys and
+        values (B, T, H, dk), for a prefill."""
+        B, T, d = x.shape
+        q, k, v = self.heads(x)  # (B, T, H, dk) each
+        if self.fused:
+            y = self.fused_attention(q, k, v)
+        else:
+            y = self.masked_softmax(q, k, v, self.causal_mask[:T, :T])
+        y = self.dropout(self.out(y.reshape(B, T, d)))  # (B, T, d): heads concatenated
+        return (y, LayerCache(k, v)) if return_kv else y
+
+    def decode(self, x, cache, position):
+        """x (B, 1, d): each row's token at `position` (B,). Writes its key and value into
+        `cache` at that position (in place) and attends over keys 0..position of its own
+        row. Returns (y (B, 1, d), the cache)."""
+        B, _, d = x.shape
+        q, k, v = self.heads(x)  # (B, 1, H, dk) each
+        rows = torch.arange(B, device=x.device)
+        cache.k[rows, position] = k[:, 0].to(cache.k.dtype)  # (B, S, H, dk)
+        cache.v[rows, position] = v[:, 0].to(cache.v.dtype)
+        S = cache.k.shape[1]
+        visible = torch.arange(S, device=x.device)[None, :] <= position[:, None]  # (B, S)
+        mask = visible[:, None, None, :]  # (B, 1, 1, S): over heads and the one query
+        if self.fused:
+            y = self.fused_attention(q, cache.k, cache.v, mask)  # (B, 1, H, dk)
+        else:
+            y = self.masked_softmax(q, cache.k, cache.v, mask)
+        return self.dropout(self.out(y.reshape(B, 1, d))), cache  # (B, 1, d)
+
+    def heads(self, x):
+        """q, k, v of x (B, T, d), each split into heads: (B, T, H, dk)."""
         B, T, d = x.shape
         H, dk = self.n_heads, d // self.n_heads
+        return tuple(t.view(B, T, H, dk) for t in (self.q(x), self.k(x), self.v(x)))  # (B, T, H, dk)
 
-        def heads(t):
-            return t.view(B, T, H, dk)  # (B, T, H, dk)
+    @staticmethod
+    def fused_attention(q, k, v, mask=None):
+        """F.scaled_dot_product_attention on (B, T, H, dk) tensors (it takes (B, H, T, dk)):
+        causal without `mask`, else `mask` as in masked_softmax."""
+        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                           attn_mask=mask, is_causal=mask is None)
+        return y.transpose(1, 2)  # (B, H, Tq, dk) -> (B, Tq, H, dk)
 
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        if self.fused:  # takes (B, H, T, dk)
-            y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
-            y = y.transpose(1, 2)  # (B, H, T, dk) -> (B, T, H, dk)
-        else:
-            y = self.masked_softmax(q, k, v)
-        return self.dropout(self.out(y.reshape(B, T, d)))  # (B, T, d): heads concatenated
-
-    def masked_softmax(self, q, k, v):
-        T, dk = q.shape[1], q.shape[3]
+    def masked_softmax(self, q, k, v, mask):
+        """SPEC.md's attention: q (B, Tq, H, dk) over k, v (B, Tk, H, dk); `mask` (True: seen)
+        broadcasts to (B, H, Tq, Tk)."""
+        dk = q.shape[3]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, dk)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(dk)  # (B, H, T, T)
-        scores = scores.masked_fill(~self.causal_mask[:T, :T], MASK_FILL)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(dk)  # (B, H, Tq, Tk)
+        scores = scores.masked_fill(~mask, MASK_FILL)
         attn = self.attn_dropout(torch.softmax(scores, dim=-1))  # autocast: float32 softmax
-        return (attn @ v).transpose(1, 2)  # (B, H, T, dk) -> (B, T, H, dk)
+        return (attn @ v).transpose(1, 2)  # (B, H, Tq, dk) -> (B, Tq, H, dk)
 
 
 class FeedForward(nn.Module):
@@ -106,7 +155,19 @@ class DecoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, x):
-        x = self.layer_norm1(x + self.mhma(x))
+        return self.residuals(x, self.mhma(x))
+
+    def prefill(self, x):
+        """(output, this layer's LayerCache of x's T tokens, (B, T, H, dk))."""
+        y, kv = self.mhma(x, return_kv=True)
+        return self.residuals(x, y), kv
+
+    def decode(self, x, cache, position):
+        y, cache = self.mhma.decode(x, cache, position)
+        return self.residuals(x, y), cache
+
+    def residuals(self, x, attended):
+        x = self.layer_norm1(x + attended)
         x = self.layer_norm2(x + self.ffn(x))
         return x
 
@@ -122,6 +183,20 @@ class Decoder(nn.Module):
             x = layer(x)
             hidden.append(x)
         return (x, hidden) if return_hidden else x
+
+    def prefill(self, x):
+        kvs = []
+        for layer in self.layers:
+            x, kv = layer.prefill(x)
+            kvs.append(kv)
+        return x, kvs
+
+    def decode(self, x, cache, position):
+        new = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, layer_cache, position)
+            new.append(layer_cache)
+        return x, tuple(new)
 
 
 class GPT(nn.Module):
@@ -156,6 +231,29 @@ class GPT(nn.Module):
         logits = self.pred(h)
         return (logits, {"embed": x, "layers": hidden}) if return_hidden else logits
 
+    def prefill(self, ids, lengths):
+        """Encode right-padded prompts: ids (B, T), T <= seq_len, row b's prompt in
+        ids[b, :lengths[b]] at positions 0..lengths[b]-1 (what follows is ignored). Returns
+        (logits (B, vocab) of each row's last token, cache: a LayerCache per layer of
+        (B, seq_len, H, dk), the prompt's keys and values in rows 0..T-1)."""
+        B, T = ids.shape
+        if T > self.config.seq_len:
+            raise ValueError(f"prompt of {T} tokens exceeds seq_len {self.config.seq_len}")
+        h, kvs = self.decoder.prefill(self.embed(ids))  # (B, T, d)
+        room = (0, 0, 0, 0, 0, self.config.seq_len - T)  # F.pad: last dimension first
+        cache = tuple(LayerCache(F.pad(kv.k, room), F.pad(kv.v, room)) for kv in kvs)  # (B, S, H, dk)
+        last = h[torch.arange(B, device=h.device), lengths - 1]  # (B, d)
+        return self.pred(last), cache
+
+    def decode(self, token, cache, position):
+        """One token per row: token (B,) at `position` (B,) (its row of the positional table,
+        < seq_len; keys 0..position-1 of the row already in `cache`). Returns (logits
+        (B, vocab) for the next token, the cache with this token's keys and values added,
+        in place)."""
+        x = self.embed(token[:, None], position[:, None])  # (B, 1, d)
+        h, cache = self.decoder.decode(x, cache, position)  # (B, 1, d)
+        return self.pred(h[:, 0]), cache
+
 
 def cross_entropy(logits, labels):
     """Mean cross-entropy over labels != -100 (nn.CrossEntropyLoss(ignore_index=-100))."""
@@ -179,13 +277,18 @@ def canonical(model):
 
 def load(path, *, precision=None, attention="explicit", device="cpu", allow_nonfinite=False):
     """A ready model (eval mode) from a canonical weights file alone (NaN or Inf refused
-    unless `allow_nonfinite`), at `precision` (one of flax_gpt.core.precision.PRECISIONS;
-    default: the file's own dtype). "float64" upcasts a float32 file exactly."""
+    unless `allow_nonfinite`), at `precision` (see `build`)."""
+    return build(*weights.load(path, allow_nonfinite=allow_nonfinite), precision=precision,
+                 attention=attention, device=device)
+
+
+def build(config, tensors, *, precision=None, attention="explicit", device="cpu"):
+    """A ready model (eval mode) of `config` holding the canonical `tensors` on `device`, at
+    `precision` (one of flax_gpt.core.precision.PRECISIONS; default: the tensors' own
+    dtype). "float64" upcasts float32 tensors exactly."""
     from torch_reference import precision as precisions
 
-    config, tensors = weights.load(path, allow_nonfinite=allow_nonfinite)
-    model = GPT(config, attention=attention,
-                dtype=precisions.dtype(precision or weights.precision_of(tensors)))
+    model = GPT(config, attention=attention, dtype=precisions.dtype(precision or weights.precision_of(tensors)))
     set_canonical(model, tensors)
     return model.to(device).eval()
 

@@ -385,17 +385,17 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     return report(rounds)
 
 
-def select_variants(variants, skip=()):
-    """The variants to run, each once and in order: `variants` less `skip`; an unknown name is
-    refused."""
-    unknown = sorted((set(variants) | set(skip)) - set(VARIANTS))
+def select_variants(variants, skip=(), known=VARIANTS):
+    """The variants to run, each once and in order: `variants` less `skip`; a name not in
+    `known` is refused."""
+    unknown = sorted((set(variants) | set(skip)) - set(known))
     if unknown:
         raise FlaxGPTError(f"unknown variant(s) {', '.join(unknown)}: choose from "
-                           f"{', '.join(VARIANTS)}")
+                           f"{', '.join(known)}")
     chosen = [v for v in dict.fromkeys(variants) if v not in set(skip)]
     if not chosen:
         raise FlaxGPTError(f"no variant to run (--variants {','.join(variants) or 'is empty'}, "
-                           f"--skip {','.join(skip) or 'none'}): choose from {', '.join(VARIANTS)}")
+                           f"--skip {','.join(skip) or 'none'}): choose from {', '.join(known)}")
     return chosen
 
 

@@ -1,0 +1,224 @@
+"""Inference in both frameworks: cached decode held to the full forward of the same tokens at
+every step (ragged prompts, across window slides), Flax against PyTorch token for token
+(greedy and sampled), and the inverse-CDF sampling rule itself."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import flax_gpt
+import torch_reference
+from flax_gpt import sample as flax_sample
+from flax_gpt.core import generation
+from flax_gpt.core.hparams import TrainConfig
+from flax_gpt.sidebyside import decoding, pair
+from flax_gpt.sidebyside.tolerances import DIRECT
+from flax_gpt.train import FlaxBackend
+from parity_tests.conftest import CONFIGS, tensors_for
+from torch_reference import sample as torch_sample
+
+GENERATE = {"flax": flax_gpt.generate, "torch": torch_reference.generate}
+FRAMEWORKS = list(GENERATE)
+# A trained model is confident: the top two logits of a greedy step stay this far apart.
+TRAINED_TOP2_GAP = 0.1
+
+
+@pytest.fixture(params=["highest", "float64"])
+def precision(request):
+    """float32 `highest` or float64 (JAX's x64 mode) for this test; `highest` after it."""
+    pair.apply_precision(request.param)
+    yield request.param
+    pair.apply_precision("highest")
+
+
+def ragged_prompts(config, seed=0):
+    """Three prompts: one token, about half the window, and longer than the window."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, config.vocab_size, n).tolist()
+            for n in (1, config.seq_len // 2 + 1, config.seq_len + 3)]
+
+
+@nnx.jit
+def flax_forward(model, ids):
+    return model(ids)
+
+
+def last_logits(framework, model, texts):
+    """(len(texts), V): each text's last-token logits from the plain forward of the text
+    (all texts in one batch, right-padded)."""
+    ids = generation.pad(texts, max(map(len, texts)))
+    if framework == "flax":
+        logits = np.asarray(flax_forward(model, jnp.asarray(ids)))
+    else:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(ids).long()).numpy()
+    return logits[np.arange(len(texts)), [len(t) - 1 for t in texts]]
+
+
+def reference_logits(framework, model, prompts, tokens, keep=None):
+    """(steps, B, V): at each step, the full forward of each row's window of its prompt and
+    the tokens drawn before that step (the uncached reference of flax_gpt.core.generation)."""
+    S = model.config.seq_len
+    keep = generation.check_window_keep(keep, S)
+    steps = len(tokens[0])
+    texts = [generation.window(p + t[:s], S, keep) for s in range(steps) for p, t in zip(prompts, tokens)]
+    return last_logits(framework, model, texts).reshape(steps, len(prompts), -1)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_cached_decode_is_the_full_forward_at_every_step(config_name, framework, precision):
+    config = CONFIGS[config_name]
+    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for(config_name), precision)))[framework]
+    prompts = ragged_prompts(config)
+    n = 2 * config.seq_len + 2
+    out = GENERATE[framework](model, prompts, n, temperature=0, return_logits=True)
+    assert out.slides >= 2 and [len(t) for t in out.tokens] == [n] * 3
+    assert out.logits[0].dtype == (np.float64 if precision == "float64" else np.float32)
+    np.testing.assert_allclose(np.stack(out.logits), reference_logits(framework, model, prompts, out.tokens),
+                               rtol=0, atol=DIRECT[precision].layers)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("keep,attention", [(1, "explicit"), (16, "explicit"), (None, "fused")])
+def test_window_keep_and_fused_attention(framework, keep, attention):
+    """keep 1 (the shortest re-encoding), keep = seq_len (re-encode at every step past the
+    window) and fused attention in prefill and decode."""
+    config = CONFIGS["tiny"]
+    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for("tiny"), attention=attention)))[framework]
+    prompts = ragged_prompts(config, seed=1)
+    out = GENERATE[framework](model, prompts, 40, temperature=0, window_keep=keep, return_logits=True)
+    assert out.slides >= 2
+    np.testing.assert_allclose(np.stack(out.logits),
+                               reference_logits(framework, model, prompts, out.tokens, keep),
+                               rtol=0, atol=DIRECT["highest"].layers)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_uncached_generation_draws_the_same_tokens(framework):
+    config = CONFIGS["d36-3heads"]
+    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for("d36-3heads"))))[framework]
+    options = dict(temperature=0.9, top_k=30, top_p=0.95, seed=4)
+    cached = GENERATE[framework](model, ragged_prompts(config), 30, **options)
+    uncached = GENERATE[framework](model, ragged_prompts(config), 30, cached=False, **options)
+    assert cached.tokens == uncached.tokens and cached.slides == uncached.slides >= 2
+
+
+def counting_batch(config, batch_size, seed):
+    """(1, B, T) ids and labels of rows that count up by 1, 2 or 3 from a random start, mod
+    vocab_size: the next token follows from the last two."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, config.vocab_size, (batch_size, 1))
+    stride = rng.integers(1, 4, (batch_size, 1))
+    rows = (start + stride * np.arange(config.seq_len + 1)) % config.vocab_size
+    return rows[None, :, :-1].astype(np.int32), rows[None, :, 1:].astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny():
+    """Canonical tensors of the tiny preset after 300 AdamW steps on counting rows: a model
+    with confident, structured next-token distributions, unlike a random init."""
+    config = CONFIGS["tiny"]
+    tc = TrainConfig(steps=300, batch_size=16, lr=1e-2, warmup_steps=20)
+    backend = FlaxBackend(config, tc, tensors_for("tiny"))
+    for i in range(tc.steps):
+        backend.step(i, *counting_batch(config, tc.batch_size, seed=i))
+    return backend.canonical()
+
+
+COUNTING_PROMPTS = [[5, 6, 7, 8], [1, 3], [60, 63, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 41, 44, 47]]
+
+
+def test_flax_and_torch_greedy_agree(trained_tiny):
+    """float64: the same tokens, logits within 1e-12 at every step. float32: the same tokens
+    up to the first near tie (top two logits within twice the frameworks' difference), and
+    the trained model leaves none in these 60 steps. One test for both precisions, so that
+    the trained weights are trained once (a module fixture is built once per xdist worker)."""
+    for precision_name in ("float64", "highest"):
+        pair.apply_precision(precision_name)
+        try:
+            fm, tm = pair.build_pair(CONFIGS["tiny"], trained_tiny, precision_name)
+            c = decoding.compare_generation(fm, tm, COUNTING_PROMPTS, 60, temperature=0)
+        finally:
+            pair.apply_precision("highest")
+        assert c.first_near_tie is None and c.agree, (precision_name, c.first_near_tie, c.first_mismatch)
+        assert c.slides >= 3 and len(c.step_logits_diff) == 60
+        assert c.max_logits_diff <= DIRECT[precision_name].layers, precision_name
+        assert min(c.step_top2_gap) > TRAINED_TOP2_GAP  # trained: no step is close to a tie
+        assert c.flax[0][:4] == [9, 10, 11, 12]  # it learned to count
+
+
+def test_float32_tokens_part_only_at_a_near_tie(config_name):
+    """Random weights give flat logits and near ties: wherever greedy tokens part, a near
+    tie came first (or at that step)."""
+    config = CONFIGS[config_name]
+    fm, tm = pair.build_pair(config, tensors_for(config_name))
+    c = decoding.compare_generation(fm, tm, ragged_prompts(config), 2 * config.seq_len + 2, temperature=0)
+    if not c.agree:
+        assert c.first_near_tie is not None and c.first_near_tie <= c.first_mismatch
+    assert c.max_logits_diff <= DIRECT["highest"].layers
+
+
+def test_sampling_with_one_seed_gives_the_same_tokens_in_both(precision):
+    config = CONFIGS["d36-3heads"]
+    fm, tm = pair.build_pair(config, tensors_for("d36-3heads"), precision)
+    options = dict(temperature=1.3, top_k=50, top_p=0.95, seed=7)
+    c = decoding.compare_generation(fm, tm, ragged_prompts(config), 30, **options)
+    assert c.agree and c.slides >= 2, c.first_mismatch
+    other = flax_gpt.generate(fm, ragged_prompts(config), 30, **{**options, "seed": 8})
+    assert other.tokens != c.flax  # the seed matters
+
+
+SAMPLER = {"flax": (flax_sample.sample_tokens, jnp.asarray), "torch": (torch_sample.sample_tokens, torch.tensor)}
+# ids 0..3 with probabilities .2 .5 .1 .2: sorted 1, 0, 3, 2 (the tie by id), CDF .5 .7 .9 1
+PROBS = [0.2, 0.5, 0.1, 0.2]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("u,temperature,top_k,top_p,expected", [
+    (0.0, 1, 4, 1.0, 1), (0.48, 1, 4, 1.0, 1), (0.52, 1, 4, 1.0, 0), (0.69, 1, 4, 1.0, 0),
+    (0.71, 1, 4, 1.0, 3), (0.89, 1, 4, 1.0, 3), (0.95, 1, 4, 1.0, 2), (0.9999999, 1, 4, 1.0, 2),
+    (0.70, 1, 2, 1.0, 1), (0.72, 1, 2, 1.0, 0),  # top-k 2: 5/7, 2/7
+    (0.99, 1, 4, 0.5, 1),  # top-p .5: the likeliest alone holds it
+    (0.72, 1, 4, 0.6, 0), (0.99, 1, 4, 0.6, 0),  # top-p .6: ids 1, 0
+    (0.80, 1, 4, 0.75, 3), (0.99, 1, 4, 0.75, 3),  # top-p .75: ids 1, 0, 3 (CDF .56 .78 1)
+    (0.99, 1, 2, 0.75, 0),  # top-k before top-p
+    (0.80, 0.5, 4, 1.0, 0), (0.90, 0.5, 4, 1.0, 3),  # T .5: p^2, CDF .735 .853 .971 1
+])
+def test_inverse_cdf_sampling(framework, u, temperature, top_k, top_p, expected):
+    sample, tensor = SAMPLER[framework]
+    logits = tensor(np.log([PROBS, PROBS]).astype(np.float32))
+    tokens = sample(logits, tensor(np.array([u, u], np.float32)), temperature, top_k, top_p)
+    assert np.asarray(tokens).tolist() == [expected, expected]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_greedy_takes_the_first_of_tied_logits(framework):
+    pick = {"flax": flax_sample.pick, "torch": torch_sample.pick}[framework]
+    tensor = SAMPLER[framework][1]
+    logits = tensor(np.array([[1.0, 3.0, 3.0, 2.0], [5.0, 0.0, 5.0, 5.0]], np.float32))
+    assert np.asarray(pick(logits, None, None, True)).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_stop_token_and_streaming(framework):
+    """A row stops after its stop token; the others go on; on_token sees every step's
+    tokens as they come, None for stopped rows; the result matches what was streamed."""
+    config = CONFIGS["tiny"]
+    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for("tiny"))))[framework]
+    prompts = ragged_prompts(config, seed=3)
+    free = GENERATE[framework](model, prompts, 20, temperature=0)
+    stop = free.tokens[1][4]  # row 1's fifth token
+    seen = []
+    out = GENERATE[framework](model, prompts, 20, temperature=0, stop_token=stop,
+                              on_token=lambda step, tokens: seen.append((step, tokens)))
+    row = free.tokens[1].index(stop) + 1
+    assert out.tokens[1] == free.tokens[1][:row] and out.stopped[1]
+    assert [s for s, _ in seen] == list(range(out.steps))
+    streamed = [[t[b] for _, t in seen if t[b] is not None] for b in range(3)]
+    assert streamed == out.tokens
+    assert all(t[1] is None for _, t in seen[row:])
+    for b in (0, 2):  # unaffected unless they drew the stop token themselves
+        cut = free.tokens[b].index(stop) + 1 if stop in free.tokens[b] else 20
+        assert out.tokens[b] == free.tokens[b][:cut]
