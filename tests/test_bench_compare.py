@@ -119,8 +119,10 @@ def test_compare_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch):
     from flax_gpt.sidebyside import compare
     from tests.conftest import FakeBackend
 
-    monkeypatch.setattr(experiments, "backend", lambda framework, config, tc, tensors, device:
-                        FakeBackend(config, tc, nan_at=2 if framework == "torch" else None))
+    def backend(framework, config, tc, tensors, device, mesh=None):
+        return FakeBackend(config, tc, nan_at=2 if framework == "torch" else None)
+
+    monkeypatch.setattr(experiments, "backend", backend)
     for out in (tmp_path / "new", tmp_path / "empty"):
         if out.name == "empty":
             out.mkdir()
