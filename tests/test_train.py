@@ -17,7 +17,7 @@ from flax_gpt.core.streams import SyntheticStream, step_batch
 from flax_gpt.experiments import backend as make_backend
 from flax_gpt.sidebyside.pair import apply_precision
 from flax_gpt.sidebyside.tolerances import LOSS_ATOL
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_many
 from tests.datasets import prepare_dataset
 
 apply_precision("highest")
@@ -272,18 +272,28 @@ def test_cli_train_generate_eval(small_data, tmp_path):
 def test_every_subcommand_runs_on_synthetic_tokens(tmp_path):
     """No dataset anywhere: train (both frameworks, with dropout), eval and generate on those
     runs, compare, parity and bench, each through the CLI (prepare makes data, so it is the
-    one subcommand left out)."""
+    one subcommand left out), one after another in one process (run_cli_many)."""
     tiny = ["--preset", "tiny", "--synthetic", "--steps", "2", "--batch-size", "4",
             "--eval-batches", "0", "--dropout", "0.1"]
+    commands = []
     for framework in FRAMEWORKS:
-        result = run_cli("train", *tiny, "--framework", framework, "--out", tmp_path / framework)
+        commands += [["train", *tiny, "--framework", framework, "--out", tmp_path / framework],
+                     ["eval", "--run", tmp_path / framework, "--batch-size", "4", "--json"]]
+    commands += [
+        ["generate", "--run", tmp_path / "flax", "--max-new-tokens", "4"],
+        ["compare", *tiny, "--out", tmp_path / "compare"],
+        ["parity", "--preset", "tiny", "--train-steps", "2"],
+        ["bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "0", "--steps", "1",
+         "--dropout", "0.1", "--attention", "explicit", "--variants",
+         "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32", "--json", tmp_path / "bench.json"],
+    ]
+    *runs, gen, compare, parity, bench = run_cli_many(*commands)
+    for framework, (result, ev) in zip(FRAMEWORKS, zip(runs[::2], runs[1::2])):
         assert result.returncode == 0, result.stderr
         assert "2 steps" in result.stdout and "val loss" in result.stdout
-
         # eval reads the run's own validation batches, in eval mode: the final evaluation's
         val = [json.loads(line) for line in (tmp_path / framework / runfolder.METRICS).read_text()
                .splitlines() if "val_loss" in line][-1]["val_loss"]
-        ev = run_cli("eval", "--run", tmp_path / framework, "--batch-size", "4", "--json")
         assert ev.returncode == 0, ev.stderr
         loss = json.loads(ev.stdout)["loss"]
         if framework == "flax":  # the same jitted eval_loss on the same weights and batches
@@ -291,22 +301,15 @@ def test_every_subcommand_runs_on_synthetic_tokens(tmp_path):
         else:
             assert abs(loss - val) <= LOSS_ATOL
 
-    gen = run_cli("generate", "--run", tmp_path / "flax", "--max-new-tokens", "4")
     assert gen.returncode == 2 and len(gen.stderr.strip().splitlines()) == 1
     assert "synthetic tokens, which have no text: pass --data" in gen.stderr
 
-    compare = run_cli("compare", *tiny, "--out", tmp_path / "compare")
     assert compare.returncode == 0, compare.stderr
     report = json.loads((tmp_path / "compare" / "report.json").read_text())
     assert [len(f["loss"]) for f in report["frameworks"].values()] == [2, 2]
 
-    parity = run_cli("parity", "--preset", "tiny", "--train-steps", "2")
     assert parity.returncode == 0, parity.stdout + parity.stderr
 
-    bench = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "0",
-                    "--steps", "1", "--dropout", "0.1", "--attention", "explicit",
-                    "--variants", "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32",
-                    "--json", tmp_path / "bench.json")
     assert bench.returncode == 0, bench.stderr
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r.get("skipped") for r in results] == [None] * 3  # a failing variant is "skipped"
