@@ -11,8 +11,9 @@
 #   2. fused attention against explicit, through parity at highest for both presets;
 #   3. a short `compare` of the two trainers on synthetic tokens, judged against PyTorch's own
 #      noise floor (`small`; smoke: `tiny`);
-#   4. `bench --preset gpt2-124m` with every variant (smoke: `tiny`, torch.compile left out:
-#      it compiles for minutes on a CPU);
+#   4. `bench --preset gpt2-124m` with every variant (smoke: `tiny`, without torch.compile,
+#      which compiles for minutes on a CPU, and PyTorch bf16, which a CPU without native
+#      bf16 ran for over 5 minutes on `tiny`);
 # and writes every JSON and PNG into DIR (default benchmarks/results/gpu_check), then prints a
 # summary, one line per file. The exit status is 1 if any check failed, after all have run.
 set -uo pipefail
@@ -38,7 +39,7 @@ if [ "$device" = cpu ]; then
   export JAX_PLATFORMS=cpu  # JAX's device follows the PyTorch one
   presets=(tiny); compare_preset=tiny; train_steps=1; compare_steps=2
   bench=(--preset tiny --batch-size 2 --warmup 1 --steps 1 --rounds 1
-         --skip torch-compile-fp32,torch-compile-bf16)
+         --variants flax-jit-fp32,flax-jit-bf16,flax-nnx-jit-fp32,torch-eager-fp32)
 else
   python - <<'EOF' || exit 2
 import sys

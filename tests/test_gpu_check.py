@@ -39,8 +39,7 @@ def test_smoke_mode_runs_every_check_and_summarises(tmp_path):
         assert f"  {name}: " in result.stdout and "passed" in result.stdout
     bench = json.loads((out / "bench_tiny.json").read_text())
     variants = {r["variant"] for r in bench["results"]}
-    assert variants == {"flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32", "torch-eager-fp32",
-                        "torch-eager-bf16"}  # every variant but torch.compile's
+    assert variants == {"flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32", "torch-eager-fp32"}
     assert (out / "bench_tiny.png").stat().st_size > 0
     report = json.loads((out / "compare_tiny" / "report.json").read_text())
     assert report["steps"] == 2 and report["judgement"]["passed"] is not None
