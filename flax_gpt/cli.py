@@ -380,7 +380,8 @@ def add_eval(sub):
     p.add_argument("--data", type=Path, help="dataset folder (default: the run's; a run on "
                    "synthetic tokens: its own random batches of the split)")
     p.add_argument("--split", choices=["train", "val"], default="val")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, help="default: the run's, so that a "
+                   "run's eval repeats the loss its training printed")
     add_precision_option(p, default=None, help="float64 or highest (default: float64 for a "
                          "float64 run, else highest)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -317,16 +317,18 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def evaluate(run, *, data=None, split="val", batch_size=16, precision=None):
+def evaluate(run, *, data=None, split="val", batch_size=None, precision=None):
     """Mean cross-entropy and perplexity of `run`'s latest weights over every batch of a split
-    (Flax, eval mode: no dropout, at `precision`: see run_model). A synthetic run without
-    `data` is evaluated on its own stream's batches (see run_batches)."""
+    (Flax, eval mode: no dropout, at `precision`: see run_model), `batch_size` rows at a time
+    (default: the run's). A synthetic run without `data` is evaluated on its own stream's
+    batches (see run_batches)."""
     from flax import nnx
 
     from flax_gpt.train import eval_loss
 
     record = runfolder.read_record(run)
     config = GPTConfig.from_dict(record["model"])
+    batch_size = batch_size or record["train"]["batch_size"]
     batches = run_batches(record, config, data, split, batch_size)
     model = run_model(run, record, batch_size, "evaluating", precision)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

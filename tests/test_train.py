@@ -278,7 +278,7 @@ def test_every_subcommand_runs_on_synthetic_tokens(tmp_path):
     commands = []
     for framework in FRAMEWORKS:
         commands += [["train", *tiny, "--framework", framework, "--out", tmp_path / framework],
-                     ["eval", "--run", tmp_path / framework, "--batch-size", "4", "--json"]]
+                     ["eval", "--run", tmp_path / framework, "--json"]]  # the run's batch size
     commands += [
         ["generate", "--run", tmp_path / "flax", "--max-new-tokens", "4"],
         ["compare", *tiny, "--out", tmp_path / "compare"],
