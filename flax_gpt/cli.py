@@ -22,7 +22,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -69,7 +72,8 @@ def add_prepare(sub):
         description="Tokenize text with torchtext's basic_english, build the vocabulary on the "
                     "training split (specials <unk> <bos> <eos> = 0 1 2), and write a dataset "
                     "folder: vocab.txt, train.npy, val.npy and manifest.json. The same input "
-                    "and options give byte-identical output, with either implementation.")
+                    "and options give byte-identical vocab.txt, train.npy and val.npy with either "
+                    "implementation (the manifest records which one wrote them).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", action="append", type=Path, metavar="PATH",
                         help="a UTF-8 text file (repeat for several, read in order)")
@@ -380,10 +384,9 @@ def add_eval(sub):
     p.add_argument("--data", type=Path, help="dataset folder (default: the run's; a run on "
                    "synthetic tokens: its own random batches of the split)")
     p.add_argument("--split", choices=["train", "val"], default="val")
-    p.add_argument("--batch-size", type=_positive_int, help="default: the run's, so that a "
-                   "run's eval repeats the loss its training printed")
-    add_precision_option(p, default=None, help="float64 or highest (default: float64 for a "
-                         "float64 run, else highest)")
+    p.add_argument("--batch-size", type=_positive_int, help="default: the run's (its training "
+                   "evaluated --eval-batches batches of it, 0 for all; eval reads them all)")
+    add_precision_option(p, default=None, help="default: float64 for a float64 run, else highest")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=run_eval)
 
@@ -411,8 +414,7 @@ def add_generate(sub):
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    add_precision_option(p, default=None, help="float64 or highest (default: float64 for a "
-                         "float64 run, else highest)")
+    add_precision_option(p, default=None, help="default: float64 for a float64 run, else highest")
     p.add_argument("--show-specials", action="store_true",
                    help="print <bos>, <eos> as tokens (default: each <eos> ends a line)")
     p.add_argument("--json", action="store_true", help="print prompt, ids and text as JSON")
@@ -478,6 +480,7 @@ def add_decode_parity(sub):
 
 
 def run_decode_parity(args):
+    _check_output(args.json, "--json")
     from flax_gpt.sidebyside import decoding
 
     r = decoding.run(args.run, args.prompt or [""], data=args.data,
@@ -636,6 +639,11 @@ def _sizes(text, option):
 
 
 def run_bench_decode(args):
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot")
+    if args.seq_len is not None:
+        raise FlaxGPTError("bench-decode sets each model's seq_len to its context + --new-tokens: "
+                           "choose the lengths with --contexts and --new-tokens, not --seq-len")
     from flax_gpt.sidebyside import decode_bench
 
     config = model_config(args)

@@ -160,15 +160,17 @@ def memory_limit(framework, device=None):
     return memory.physical_memory(), HOST_MEMORY
 
 
-def check_memory(config, batch_size, what, *, training, attention="explicit", places=(("flax", None),)):
+def check_memory(config, batch_size, what, *, training, attention="explicit", places=(("flax", None),),
+                 kv_cache=False):
     """Refuse `config` (ConfigError, one line) where it cannot fit: one model in each of
-    `places` ((framework, torch device) pairs, all resident at once), on `batch_size` rows.
-    Before anything is built or compiled: otherwise the OOM killer ends the run, silently."""
+    `places` ((framework, torch device) pairs, all resident at once), on `batch_size` rows
+    (with decoding's key/value cache: `kv_cache`). Before anything is built or compiled:
+    otherwise the OOM killer ends the run, silently."""
     needs = {}
     for framework, device in places:
         limit, where = memory_limit(framework, device)
         # flash kernels (fused attention on a GPU) never hold the T x T scores
-        need = memory.estimate(config, batch_size, training=training,
+        need = memory.estimate(config, batch_size, training=training, kv_cache=kv_cache,
                                scores=not (where == GPU_MEMORY and attention == "fused"))
         if where in needs:
             need, limit = needs[where][0] + need, min(filter(None, (limit, needs[where][1])),
@@ -284,7 +286,8 @@ def run_model(run, record, batch_size, what, precision=None, framework="flax"):
         from flax_gpt.model import build
 
     config = GPTConfig.from_dict(record["model"])
-    check_memory(config, batch_size, what, training=False, places=((framework, None),))
+    check_memory(config, batch_size, what, training=False, places=((framework, None),),
+                 kv_cache=what == "generating")
     precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
     precisions.apply(precision)
     return build(config, runfolder.checkpoint_weights(run, config), precision=precision)

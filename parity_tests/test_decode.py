@@ -149,15 +149,44 @@ def test_flax_and_torch_greedy_agree(trained_tiny):
         assert c.flax[0][:4] == [9, 10, 11, 12]  # it learned to count
 
 
-def test_float32_tokens_part_only_at_a_near_tie(config_name):
-    """Random weights give flat logits and near ties: wherever greedy tokens part, a near
-    tie came first (or at that step)."""
+def test_float32_greedy_tokens_of_random_weights(config_name):
+    """Random weights give flat logits, close to ties: the two stay within float32's
+    difference, and wherever their greedy tokens part, a near tie came first (or at that
+    step). On these configs they have not parted; the test below makes them."""
     config = CONFIGS[config_name]
     fm, tm = pair.build_pair(config, tensors_for(config_name))
     c = decoding.compare_generation(fm, tm, ragged_prompts(config), 2 * config.seq_len + 2, temperature=0)
     if not c.agree:
         assert c.first_near_tie is not None and c.first_near_tie <= c.first_mismatch
     assert c.max_logits_diff <= DIRECT["highest"].layers
+
+
+def test_tokens_that_part_at_a_near_tie_are_reported_there():
+    """Two tokens lead every step by far and are tied but for EPS, which favours one in the
+    Flax model and the other in PyTorch's: greedy tokens part at the first step, and that
+    step is reported as a near tie (the frameworks' logits differ by EPS there, their top
+    two are EPS apart). The same two models with the tie broken alike agree."""
+    eps, lead, (a, b) = 1e-3, 50.0, (3, 7)
+    config = CONFIGS["tiny"]
+    tensors = dict(tensors_for("tiny"))
+    tensors["pred.weight"] = tensors["pred.weight"].copy()
+    tensors["pred.weight"][b] = tensors["pred.weight"][a]
+
+    def leading(winner):
+        bias = tensors["pred.bias"].copy()
+        bias[[a, b]] = lead
+        bias[winner] += eps
+        return {**tensors, "pred.bias": bias}
+
+    fm = pair.build_pair(config, leading(b))[0]
+    c = decoding.compare_generation(fm, pair.build_pair(config, leading(a))[1], [[1], [2, 3]], 4,
+                                    temperature=0)
+    assert [row[0] for row in c.flax] == [b, b] and [row[0] for row in c.torch] == [a, a]
+    assert c.first_mismatch == 0 and c.first_near_tie == 0
+    assert c.step_logits_diff[0] == pytest.approx(eps, rel=1e-3)
+    same = decoding.compare_generation(fm, pair.build_pair(config, leading(b))[1], [[1], [2, 3]], 4,
+                                       temperature=0)
+    assert same.agree and same.flax == [[b] * 4, [b] * 4]
 
 
 def test_sampling_with_one_seed_gives_the_same_tokens_in_both(precision):

@@ -224,6 +224,18 @@ def test_two_processes_cannot_write_one_run_folder(dataset, tmp_path):
     assert logged_steps(run) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_run_being_written_is_refused_as_such_before_its_first_checkpoint(dataset, tmp_path, resume):
+    """Before: --resume said "no checkpoint to resume from ... run it without --resume", and
+    without it "already exists: pass --resume", while the first run was still going."""
+    run = tmp_path / "run"
+    with runfolder.open_run(run, *make(dataset), resume=False):  # another run, before step 1
+        backend, stream = make(dataset)
+        with pytest.raises(CheckpointError, match="in use by another process"):
+            loop.train(backend, stream, run, resume=resume)
+        assert backend.steps == []
+
+
 def test_config_json_that_is_not_a_run_record_is_one_clear_error(tmp_path):
     for content, message in [("{}", "has no 'framework' entry"), ("[]", "is not a JSON object"),
                              ("{", "is unreadable"), (b"\xff", "is unreadable")]:

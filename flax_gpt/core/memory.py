@@ -54,14 +54,15 @@ class Estimate:
         return Estimate(parts)
 
 
-def estimate(config, batch_size, *, training, scores=True):
+def estimate(config, batch_size, *, training, scores=True, kv_cache=False):
     """The memory one model of `config` needs on `batch_size` rows of `config.seq_len` tokens.
 
     training: weights, gradients and AdamW's two moments (4 copies of the parameters), and
     every layer's activations kept for the backward pass. Otherwise (eval, generate): the
     weights and one layer's activations at a time. `scores`: whether the attention scores
     and probabilities (batch x heads x seq_len x seq_len, per layer) are materialized; fused
-    attention on an accelerator (flash kernels) does not keep them.
+    attention on an accelerator (flash kernels) does not keep them. `kv_cache`: decoding's
+    keys and values of every layer, for the whole window.
     """
     b, t, d, f = batch_size, config.seq_len, config.d_model, config.d_ff
     layers = config.n_layers if training else 1
@@ -76,6 +77,8 @@ def estimate(config, batch_size, *, training, scores=True):
         # scores and their softmax, both kept for the backward pass
         parts["attention scores"] = layers * 2 * b * config.n_heads * t * t * FLOAT32
     parts["logits"] = 2 * b * t * config.vocab_size * FLOAT32  # logits and log-softmax
+    if kv_cache:
+        parts["key/value cache"] = 2 * config.n_layers * b * t * d * FLOAT32
     return Estimate(parts)
 
 

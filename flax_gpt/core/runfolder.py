@@ -85,12 +85,17 @@ def _record_problem(record):
     return None
 
 
-def check_start(run, record, *, resume, stop_at=None):
+def check_start(run, record, *, resume, stop_at=None, locked=False):
     """Refuse, writing nothing, a run that `open_run` would refuse: called before a backend is
-    built, so that a refusal comes before any compile. Returns the checkpoint to resume from."""
+    built, so that a refusal comes before any compile. Returns the checkpoint to resume from.
+    `locked`: the caller holds the run's lock (otherwise a run another process is writing is
+    refused as such first, since what its folder holds is still changing)."""
     run = Path(run)
     if run.exists() and not run.is_dir():
         raise CheckpointError(f"--out {run} is a file, not a run folder: choose another --out")
+    if not locked and (run / LOCK).exists():
+        with _locked(run):  # refused here while another process holds it
+            pass
     if resume:
         _check_same_experiment(run, read_record(run), record)
         folder = latest_checkpoint(run)
@@ -134,7 +139,7 @@ def open_run(run, backend, stream, *, resume, stop_at=None):
     if resume:
         with _locked(run):
             _clean_temporary(run)
-            folder = check_start(run, record, resume=True, stop_at=stop_at)  # now under the lock
+            folder = check_start(run, record, resume=True, stop_at=stop_at, locked=True)
             truncate_metrics(run, checkpoint_step(folder))
             yield folder
         return
@@ -142,7 +147,7 @@ def open_run(run, backend, stream, *, resume, stop_at=None):
     run.mkdir(parents=True, exist_ok=True)
     with _locked(run):
         _clean_temporary(run)
-        check_start(run, record, resume=False)
+        check_start(run, record, resume=False, locked=True)
         _remove_run_files(run)  # a run killed before its first checkpoint: start it over
         write_json(run / CONFIG, record)
         try:

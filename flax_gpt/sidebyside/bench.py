@@ -434,6 +434,12 @@ def run(config, *, batch_sizes, variants=VARIANTS, skip=(), warmup=10, steps=20,
     check_attention(attention)
     if json_path:
         check_writable(json_path, "--json")
+    if mesh is not None:  # refused before any work (bench makes the Mesh itself)
+        import jax
+
+        from flax_gpt.core.sharding import MeshShape
+
+        MeshShape.parse(mesh).check_devices(jax.device_count())
     if pad:
         config = config.replace(vocab_size=pad_vocab(config.vocab_size))
     if device is None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from flax_gpt.core import generation
 from flax_gpt.core.errors import FlaxGPTError
-from flax_gpt.core.files import save_figure, write_json
+from flax_gpt.core.files import check_writable, save_figure, write_json
 from flax_gpt.core.streams import synthetic_batch
 from flax_gpt.sidebyside.bench import Skip, kind, matmul_params, pad_vocab, select_variants
 
@@ -218,17 +218,24 @@ def run(config, *, batch_sizes, contexts, new_tokens=16, variants=VARIANTS, skip
     shape)` gets each shape's report when it is done."""
     import torch
 
+    from flax_gpt import experiments
     from flax_gpt.sidebyside.pair import apply_precision, environment
-
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
 
     variants = select_variants(variants, skip, known=VARIANTS)
     if not batch_sizes or min(batch_sizes) < 1 or not contexts or min(contexts) < 1 or new_tokens < 1:
         raise FlaxGPTError(f"batch sizes, contexts and new tokens must be positive integers, got "
                            f"{batch_sizes}, {contexts}, {new_tokens}")
+    if json_path:
+        check_writable(json_path, "--json")
+    device = experiments.torch_device(device)
     if pad:
         config = config.replace(vocab_size=pad_vocab(config.vocab_size))
+    # one shape's variants stay built together; the largest shape bounds them all
+    experiments.check_memory(config.replace(seq_len=max(contexts) + new_tokens), max(batch_sizes),
+                             "decoding " + ", ".join(variants), training=False, kv_cache=True,
+                             places=[(kind(v)[0], device) for v in variants])
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     record = apply_precision("highest")
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
     bandwidth = memory_bandwidth()
