@@ -161,10 +161,10 @@ def memory_limit(framework, device=None):
 
 
 def check_memory(config, batch_size, what, *, training, attention="explicit", places=(("flax", None),),
-                 kv_cache=False):
+                 kv_cache=False, hint=memory.SMALLER):
     """Refuse `config` (ConfigError, one line) where it cannot fit: one model in each of
     `places` ((framework, torch device) pairs, all resident at once), on `batch_size` rows
-    (with decoding's key/value cache: `kv_cache`). Before anything is built or compiled:
+    (with decoding's key/value cache: `kv_cache`); `hint` says what to change. Before anything is built or compiled:
     otherwise the OOM killer ends the run, silently."""
     needs = {}
     for framework, device in places:
@@ -178,7 +178,8 @@ def check_memory(config, batch_size, what, *, training, attention="explicit", pl
         needs[where] = (need, limit)
     for where, (need, limit) in needs.items():
         memory.check(need, f"{what} (batch {batch_size} x seq_len {config.seq_len}, d_model "
-                           f"{config.d_model}, {config.n_layers} layers)", limit=limit, where=where)
+                           f"{config.d_model}, {config.n_layers} layers)", limit=limit, where=where,
+                     hint=hint)
 
 
 def tensorboard_writer(run):

@@ -2,6 +2,11 @@
 one line on stderr that says what is wrong (no traceback), before any work, leaving nothing
 behind that blocks a retry. The run folder used here is written by a framework-free backend
 (tests.conftest.FakeBackend), so no case compiles anything.
+
+The cases run one after another in one process (tests.conftest.run_cli_many: a process per
+case spent minutes on imports alone), each in its own copy of the workspace; a few run as
+processes of their own too, so that whatever only a fresh process prints (a warning at
+import, at exit) is seen.
 """
 
 import hashlib
@@ -17,7 +22,7 @@ from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.hparams import TrainConfig
 from flax_gpt.core.streams import DatasetStream
-from tests.conftest import FakeBackend, run_cli, text
+from tests.conftest import FakeBackend, run_cli, run_cli_many, text
 from tests.datasets import implementation, prepare_dataset
 
 
@@ -53,8 +58,8 @@ def workspace(tmp_path_factory):
     return ws
 
 
-T = "--preset tiny --synthetic --steps 2 --batch-size 2 --eval-every 0".split()
-RUN = "--preset tiny --data {w}/ds --steps 2 --batch-size 4 --eval-every 0".split()
+T = ["--preset", "tiny", "--synthetic", "--steps", "2", "--batch-size", "2", "--eval-every", "0"]
+RUN = ["--preset", "tiny", "--data", "{w}/ds", "--steps", "2", "--batch-size", "4", "--eval-every", "0"]
 NEW = ["--out", "{w}/new"]
 
 
@@ -172,16 +177,37 @@ CASES = [
      "attention scores alone", None),
     ("bench-json-is-a-folder", ["bench", "--preset", "tiny", "--json", "{w}/ds"], "is a folder",
      None),
+    ("bench-batch-size-not-a-number", ["bench", "--batch-size", "abc"],
+     "--batch-size: expected a whole number, got 'abc'", None),
+    ("bench-mesh-of-other-devices", ["bench", "--preset", "tiny", "--mesh", "fsdp=8"],
+     "needs 8 devices, and there are 1", None),
+    ("bench-decode-device-bogus", ["bench-decode", "--preset", "tiny", "--device", "bogus"],
+     "not a PyTorch device", None),
+    ("bench-decode-json-is-a-folder", ["bench-decode", "--preset", "tiny", "--json", "{w}/ds"],
+     "is a folder", None),
+    ("bench-decode-plot-is-a-folder", ["bench-decode", "--preset", "tiny", "--plot", "{w}/ds"],
+     "is a folder", None),
+    ("bench-decode-seq-len", ["bench-decode", "--preset", "tiny", "--seq-len", "4"],
+     "choose the lengths with --contexts", None),
+    ("bench-decode-cannot-fit", ["bench-decode", "--preset", "gpt2-124m", "--batch-sizes", "100000"],
+     "use smaller --contexts, --new-tokens or --batch-sizes", None),
+    ("decode-parity-json-is-a-folder", ["decode-parity", "--run", "{w}/run", "--json", "{w}/ds"],
+     "is a folder", None),
 ]
+IN_OWN_PROCESS = ["prepare-not-an-int", "train-lr-nan", "parity-weights-nan", "generate-top-k-negative"]
 
 
 def files(root):
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.name != runfolder.LOCK}
 
 
-@pytest.mark.parametrize("args,message,setup", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_leaves_nothing(workspace, tmp_path, args, message, setup):
-    w = shutil.copytree(workspace, tmp_path / "w")
+def snapshot(w):
+    return {p: (w / p).read_bytes() for p in files(w) if (w / p).is_file()}
+
+
+def copy_workspace(workspace, w, setup):
+    """A case's own copy, with what it holds before the command."""
+    shutil.copytree(workspace, w)
     for run in ("run", "runempty"):  # the copy's own dataset (the record holds a resolved path)
         record = json.loads((w / run / runfolder.CONFIG).read_text())
         if "data" in record:
@@ -189,11 +215,41 @@ def test_bad_input_is_one_line_and_leaves_nothing(workspace, tmp_path, args, mes
             (w / run / runfolder.CONFIG).write_text(json.dumps(record))
     if setup:
         setup(w)
-    before = {p: (w / p).read_bytes() for p in files(w) if (w / p).is_file()}
-    result = run_cli(*[a.replace("{w}", str(w)) for a in args])
+    return snapshot(w)
+
+
+def problems(result, message, before, after):
+    """What is wrong with one refusal (empty: nothing)."""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert message in lines[0], lines[0]
-    after = {p: (w / p).read_bytes() for p in files(w) if (w / p).is_file()}
-    assert after == before, "a refusal changed or left files"
+    found = []
+    if result.returncode != 2:
+        found.append(f"exit {result.returncode}")
+    if len(lines) != 1 or "Traceback" in result.stderr:
+        found.append(f"{len(lines)} lines on stderr")
+    elif message not in lines[0]:
+        found.append(f"says {lines[0]!r}")
+    if after != before:
+        found.append("changed or left files")
+    return found
+
+
+def test_every_bad_input_is_one_line_and_leaves_nothing(workspace, tmp_path):
+    assert len({c[0] for c in CASES}) == len(CASES)
+    befores = [copy_workspace(workspace, tmp_path / name, setup) for name, _, _, setup in CASES]
+    results = run_cli_many(*[[a.replace("{w}", str(tmp_path / name)) for a in args]
+                             for name, args, _, _ in CASES])
+    failed = {}
+    for (name, _, message, _), before, result in zip(CASES, befores, results):
+        found = problems(result, message, before, snapshot(tmp_path / name))
+        if found:
+            failed[name] = (found, result.stderr[-500:])
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("name", IN_OWN_PROCESS)
+def test_bad_input_in_a_process_of_its_own(workspace, tmp_path, name):
+    _, args, message, setup = next(c for c in CASES if c[0] == name)
+    w = tmp_path / "w"
+    before = copy_workspace(workspace, w, setup)
+    result = run_cli(*[a.replace("{w}", str(w)) for a in args])
+    assert not problems(result, message, before, snapshot(w)), result.stdout + result.stderr

@@ -97,13 +97,15 @@ def human(n):
         n /= 1000
 
 
-def check(need, what, limit, where):
+SMALLER = "use a smaller --seq-len or --batch-size, or a smaller model"
+
+
+def check(need, what, limit, where, hint=SMALLER):
     """Refuse (ConfigError, one line) when the Estimate `need` exceeds `limit` bytes of
-    `where` (no check where the limit is unknown). `what` names the work."""
+    `where` (no check where the limit is unknown). `what` names the work, `hint` the way out."""
     if limit is None or need.total <= limit:
         return need
     largest = max(need.parts, key=need.parts.get)
     raise ConfigError(
         f"{what} needs at least {human(need.total)} of memory ({largest} alone "
-        f"{human(need.parts[largest])}), more than the {human(limit)} of {where}: use a smaller "
-        f"--seq-len or --batch-size, or a smaller model")
+        f"{human(need.parts[largest])}), more than the {human(limit)} of {where}: {hint}")

@@ -233,7 +233,9 @@ def run(config, *, batch_sizes, contexts, new_tokens=16, variants=VARIANTS, skip
     # one shape's variants stay built together; the largest shape bounds them all
     experiments.check_memory(config.replace(seq_len=max(contexts) + new_tokens), max(batch_sizes),
                              "decoding " + ", ".join(variants), training=False, kv_cache=True,
-                             places=[(kind(v)[0], device) for v in variants])
+                             places=[(kind(v)[0], device) for v in variants],
+                             hint="use smaller --contexts, --new-tokens or --batch-sizes, or a "
+                                  "smaller model")
     if torch_threads:
         torch.set_num_threads(torch_threads)
     record = apply_precision("highest")
