@@ -137,3 +137,30 @@ def test_too_long_input_is_refused():
         parity.flax_outputs(fm, x, y)
     with pytest.raises(ValueError, match="exceeds seq_len"):
         parity.torch_outputs(tm, x, y)
+
+
+@pytest.mark.parametrize("precision_name", ["highest", "float64"])
+def test_where_they_part_is_named(precision_name):
+    """Both frameworks' gradients at every layer's output agree; with PyTorch's head moved
+    by 1%, the report names the logits (forward), the top layer's output (backward: the
+    first output gradient from the top that fails) and the head's parameters."""
+    config = CONFIGS["tiny"]
+    x, y = batch(config, 3, config.seq_len, seed=7)
+    tensors = tensors_for("tiny")
+    wrong = {**tensors, "pred.weight": tensors["pred.weight"] * np.float32(1.01)}
+    pair.apply_precision(precision_name)
+    try:
+        fm = pair.build_pair(config, tensors, precision_name)[0]
+        results = [parity.ParityResult({}, "explicit", 3, 0, "", parity.compare_forward(
+            fm, pair.build_pair(config, other, precision_name)[1], x, y, precision_name), {})
+            for other in (tensors, wrong)]
+    finally:
+        pair.apply_precision("highest")
+    same, moved = ({r.quantity: r for r in result.rows} for result in results)
+    outputs = same[f"output gradients ({config.n_layers + 1} outputs)"]
+    assert outputs.passed and list(outputs.figures["per_layer_rel"]) == [
+        "embed output", *[f"layer {i} output" for i in range(config.n_layers)]]
+    assert results[0].divergence == {}
+    assert results[1].divergence == {"forward": "logits", "backward": f"layer {config.n_layers - 1} output",
+                                     "gradient_tensor": "pred.bias"}  # the last in canonical order
+    assert moved[f"output gradients ({config.n_layers + 1} outputs)"].passed is False

@@ -75,6 +75,40 @@ def torch_outputs(tm, ids, labels, precision_name="highest"):
     return loss.item(), _numpy(logits), hidden, grads
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _flax_output_grads(graphdef, state, ids, labels):
+    model = nnx.merge(graphdef, state)
+    x = model.embed(ids)
+
+    def loss_fn(probes):  # GPT.__call__, with a zero added to each output to differentiate at
+        h = x + probes[0]
+        for layer, probe in zip(model.decoder.layers, probes[1:]):
+            h = layer(h) + probe
+        return flax_model.cross_entropy(model.pred(h), labels)
+
+    return jax.grad(loss_fn)([jnp.zeros_like(x)] * (1 + len(model.decoder.layers)))
+
+
+def flax_output_grads(fm, ids, labels):
+    """d loss / d (the embedding's output, each layer's output), numpy: where the backward
+    pass stands after each layer, from the top down."""
+    return [_numpy(g) for g in _flax_output_grads(*nnx.split(fm), jnp.asarray(ids), jnp.asarray(labels))]
+
+
+def torch_output_grads(tm, ids, labels, precision_name="highest"):
+    """The same as flax_output_grads, from the PyTorch model's own forward."""
+    device = next(tm.parameters()).device
+    with torch_precision.autocast(precision_name, device.type):
+        logits, hidden = tm(torch.from_numpy(np.asarray(ids)).long().to(device), return_hidden=True)
+        outputs = [hidden["embed"], *hidden["layers"]]
+        for h in outputs:
+            h.retain_grad()
+        loss = torch_model.cross_entropy(logits, torch.from_numpy(np.asarray(labels)).long().to(device))
+    loss.backward()
+    tm.zero_grad(set_to_none=True)
+    return [_numpy(h.grad) for h in outputs]
+
+
 def torch_relu_inputs(tm, ids):
     """Every layer's fc1 output (the ReLU's input) in PyTorch's forward: (L, B, T, d_ff)."""
     inputs = []
@@ -142,6 +176,18 @@ def forward_pairs(f, t):
             *[(f"layer {i} output", fl, tl) for i, (fl, tl) in
               enumerate(zip(f_hidden["layers"], t_hidden["layers"]))],
             ("logits", f_logits, t_logits)]
+
+
+def output_grad_row(f_out, t_out, tol, kept=None):
+    """The gradients at the embedding's and every layer's output (flax_output_grads), each
+    relative to its largest |value|: where a backward pass parts, read from the top down."""
+    names = ["embed output", *[f"layer {i} output" for i in range(len(f_out) - 1)]]
+    per_layer = {n: max_abs_rel(f, t)[1] for n, f, t in zip(names, f_out, t_out)}
+    worst = max(names, key=lambda n: np.nan_to_num(per_layer[n], nan=np.inf))
+    ok = kept is None or kept >= MIN_KEPT_SHARE
+    return judged(f"output gradients ({len(names)} outputs)", max_abs_rel(f_out[names.index(worst)],
+                  t_out[names.index(worst)])[0], per_layer[worst], tol.grad_rel, per_layer[worst],
+                  note=f"worst: {worst}", ok=ok, figures={"per_layer_rel": per_layer})
 
 
 def direct_rows(f, t, tol, *, grads=None, kept=None):
@@ -234,10 +280,15 @@ def compare_forward(fm, tm, ids, labels, precision_name="highest", truth=None):
     rows = []
     if precision_name == "float64":
         rows += direct_rows(f, t, DIRECT["float64"])
+        rows.append(output_grad_row(flax_output_grads(fm, ids, labels),
+                                    torch_output_grads(tm, ids, labels, precision_name), DIRECT["float64"]))
     elif precision_name == "highest":
         masked, _ = kink_free_labels(fm, tm, ids, labels)
         grads = (flax_outputs(fm, ids, masked)[3], torch_outputs(tm, ids, masked)[3])
-        rows += direct_rows(f, t, DIRECT["highest"], grads=grads, kept=kept_share(masked, labels))
+        kept = kept_share(masked, labels)
+        rows += direct_rows(f, t, DIRECT["highest"], grads=grads, kept=kept)
+        rows.append(output_grad_row(flax_output_grads(fm, ids, masked),
+                                    torch_output_grads(tm, ids, masked), DIRECT["highest"], kept))
     else:  # default (TF32 on a GPU) and bf16: Flax against PyTorch is reported, not judged
         rows += [Row(f"{name}: flax - torch", *max_abs_rel(fv, tv), None, None)
                  for name, fv, tv in forward_pairs(f, t)[-1:]]
@@ -393,19 +444,24 @@ class ParityResult:
     @property
     def divergence(self):
         """Where the two part, when they do: the first layer (from the embedding up) whose
-        output fails, the first parameter tensor from the top whose gradient fails, the
-        first training step whose loss fails."""
+        output fails (forward); the first output from the top whose gradient fails
+        (backward); the worst parameter gradient (gradient_tensor); the first training step
+        whose loss fails."""
         out = {}
         forward = [r for r in self.rows if r.quantity.startswith(("embed output", "layer ", "logits"))]
         first = next((r.quantity for r in forward if r.passed is False), None)
         if first:
             out["forward"] = first
         for r in self.rows:
-            per_tensor = r.figures.get("per_tensor_rel")
-            if r.passed is False and per_tensor:
-                top = [n for n in reversed(list(per_tensor)) if not per_tensor[n] <= r.tolerance]
-                out["backward"] = top[0] if top else None
-            if r.passed is False and r.figures.get("first_step_above"):
+            if r.passed is not False:
+                continue
+            for figure, key in (("per_layer_rel", "backward"), ("per_tensor_rel", "gradient_tensor")):
+                per = r.figures.get(figure)
+                if per:
+                    top = [n for n in reversed(list(per)) if not per[n] <= r.tolerance]
+                    if top:  # none: the row failed on its kept share alone
+                        out[key] = top[0]
+            if r.figures.get("first_step_above"):
                 out["training_step"] = r.figures["first_step_above"]
         return out
 
