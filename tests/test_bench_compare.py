@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from flax_gpt.sidebyside import bench
 from flax_gpt.core.config import GPTConfig
+from flax_gpt.sidebyside import bench
 from tests.conftest import run_cli
 from tests.datasets import prepare_dataset
 
@@ -24,28 +24,32 @@ def test_matmul_params_are_the_linear_layers():
     assert bench.pad_vocab(11548) == 11584 and bench.pad_vocab(64) == 64
 
 
-def test_bench_command(tmp_path):
-    result = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "0",
+def test_bench_command_sweeps_batch_sizes(tmp_path):
+    result = run_cli("bench", "--preset", "tiny", "--sweep", "batch_size=1,3", "--warmup", "0",
                      "--steps", "2", "--rounds", "2",
                      "--variants", "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32",
                      "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "b.json").read_text())
-    results = {r["variant"]: r for r in report["results"]}
-    assert list(results) == ["flax-jit-fp32", "flax-nnx-jit-fp32", "torch-eager-fp32"]
-    for r in results.values():
-        assert r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"]
-        assert 0 < r["mfu"] < 1 and r["compile_s"] > 0 and r["timed_steps"] == 4
-    for name in ("flax-jit-fp32", "flax-nnx-jit-fp32"):  # XLA's footprint of the compiled step
-        assert results[name]["peak_memory_bytes"] > 0
-    assert results["torch-eager-fp32"]["peak_memory_bytes"] is None  # untracked on CPU
-    losses = [r["loss"] for r in results.values()]
-    np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
-    assert report["complete"] and report["rounds"] == 2
-    assert report["speedup_of"] == "flax-jit-fp32" and results["flax-jit-fp32"]["speedup"] == 1.0
-    assert all(r["speedup"] > 0 for r in results.values())
-    assert report["config"]["vocab_size"] == 64 and "versions" in report
-    assert report["attention"] == "fused"  # the bench's default
+    sweep = json.loads((tmp_path / "b.json").read_text())
+    assert sweep["complete"] and sweep["batch_sizes"] == [1, 3]
+    assert [r["batch_size"] for r in sweep["sweep"]] == [1, 3]
+    for report in sweep["sweep"]:
+        results = {r["variant"]: r for r in report["results"]}
+        assert list(results) == ["flax-jit-fp32", "flax-nnx-jit-fp32", "torch-eager-fp32"]
+        for r in results.values():
+            assert r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"]
+            assert 0 < r["mfu"] < 1 and r["compile_s"] > 0 and r["timed_steps"] == 4
+            assert r["tokens_per_s"] > 0
+        for name in ("flax-jit-fp32", "flax-nnx-jit-fp32"):  # XLA's footprint of the compiled step
+            assert results[name]["peak_memory_bytes"] > 0
+        assert results["torch-eager-fp32"]["peak_memory_bytes"] is None  # untracked on CPU
+        losses = [r["loss"] for r in results.values()]
+        np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
+        assert report["complete"] and report["rounds"] == 2
+        assert report["speedup_of"] == "flax-jit-fp32" and results["flax-jit-fp32"]["speedup"] == 1.0
+        assert all(r["speedup"] > 0 for r in results.values())
+        assert report["config"]["vocab_size"] == 64 and "versions" in report
+        assert report["attention"] == "fused"  # the bench's default
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -55,19 +59,6 @@ def test_bench_reports_after_every_round():
                          warmup=0, steps=1, rounds=3, on_round=seen.append)
     assert [r["complete"] for r in seen + [report]] == [False, False, True]
     assert [len(r["results"][0]["round_tokens_per_s"]) for r in seen + [report]] == [1, 2, 3]
-
-
-def test_bench_sweep_writes_every_batch_size(tmp_path):
-    result = run_cli("bench", "--preset", "tiny", "--sweep", "batch_size=1,3", "--warmup", "1",
-                     "--steps", "2", "--variants", "flax-jit-fp32", "--json", tmp_path / "s.json",
-                     "--plot", tmp_path / "s.png")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "s.json").read_text())
-    assert report["complete"] and report["batch_sizes"] == [1, 3]
-    assert [r["batch_size"] for r in report["sweep"]] == [1, 3]
-    rates = [r["results"][0]["tokens_per_s"] for r in report["sweep"]]
-    assert all(rate > 0 for rate in rates)
-    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_unknown_variant_is_one_line():

@@ -285,7 +285,8 @@ def test_every_subcommand_runs_on_synthetic_tokens(tmp_path):
         ["parity", "--preset", "tiny", "--train-steps", "2"],
         ["bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "0", "--steps", "1",
          "--dropout", "0.1", "--attention", "explicit", "--variants",
-         "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32", "--json", tmp_path / "bench.json"],
+         "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32", "--json", tmp_path / "bench.json",
+         "--plot", tmp_path / "bench.png"],
     ]
     *runs, gen, compare, parity, bench = run_cli_many(*commands)
     for framework, (result, ev) in zip(FRAMEWORKS, zip(runs[::2], runs[1::2])):
@@ -313,3 +314,4 @@ def test_every_subcommand_runs_on_synthetic_tokens(tmp_path):
     assert bench.returncode == 0, bench.stderr
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r.get("skipped") for r in results] == [None] * 3  # a failing variant is "skipped"
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"  # one batch size's chart
