@@ -26,8 +26,7 @@ def test_matmul_params_are_the_linear_layers():
 
 def test_bench_command_sweeps_batch_sizes(tmp_path):
     result = run_cli("bench", "--preset", "tiny", "--sweep", "batch_size=1,3", "--warmup", "0",
-                     "--steps", "2", "--rounds", "2",
-                     "--variants", "flax-jit-fp32,flax-nnx-jit-fp32,torch-eager-fp32",
+                     "--steps", "2", "--rounds", "2", "--variants", "flax-jit-fp32,torch-eager-fp32",
                      "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
     assert result.returncode == 0, result.stderr
     sweep = json.loads((tmp_path / "b.json").read_text())
@@ -35,13 +34,12 @@ def test_bench_command_sweeps_batch_sizes(tmp_path):
     assert [r["batch_size"] for r in sweep["sweep"]] == [1, 3]
     for report in sweep["sweep"]:
         results = {r["variant"]: r for r in report["results"]}
-        assert list(results) == ["flax-jit-fp32", "flax-nnx-jit-fp32", "torch-eager-fp32"]
+        assert list(results) == ["flax-jit-fp32", "torch-eager-fp32"]  # nnx.jit: see every-subcommand
         for r in results.values():
             assert r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"]
             assert 0 < r["mfu"] < 1 and r["compile_s"] > 0 and r["timed_steps"] == 4
             assert r["tokens_per_s"] > 0
-        for name in ("flax-jit-fp32", "flax-nnx-jit-fp32"):  # XLA's footprint of the compiled step
-            assert results[name]["peak_memory_bytes"] > 0
+        assert results["flax-jit-fp32"]["peak_memory_bytes"] > 0  # XLA's footprint of the step
         assert results["torch-eager-fp32"]["peak_memory_bytes"] is None  # untracked on CPU
         losses = [r["loss"] for r in results.values()]
         np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
