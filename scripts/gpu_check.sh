@@ -22,8 +22,10 @@ device=cuda
 out="$repo/benchmarks/results/gpu_check"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) device=${2:-}; shift 2 ;;
-    --out) out=${2:-}; shift 2 ;;
+    --device|--out)
+      [ $# -ge 2 ] || { echo "gpu_check.sh: $1 needs a value: pass --device cuda|cpu and --out DIR" >&2; exit 2; }
+      if [ "$1" = --device ]; then device=$2; else out=$2; fi
+      shift 2 ;;
     -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1': pass --device cuda|cpu and --out DIR" >&2; exit 2 ;;
   esac
@@ -82,7 +84,7 @@ check "compare-$compare_preset" compare --preset "$compare_preset" --synthetic \
 check "bench-${bench[1]}" bench "${bench[@]}" --device "$device" \
   --json "$out/bench_${bench[1]}.json" --plot "$out/bench_${bench[1]}.png"
 
-python - "$out" <<'EOF'
+python - "$out" <<'EOF' || failed+=(summary)
 import json
 import sys
 from pathlib import Path
@@ -94,8 +96,10 @@ for path in sorted(Path(sys.argv[1]).rglob("*.json")):
         failed = [r["quantity"] for r in d["rows"] if r.get("passed") is False]
         line = "passed" if d["passed"] else f"FAILED: {', '.join(failed)}"
         print(f"  {path.name}: {d['precision']} on {d['jax_device']} / {d['torch_device']}: {line}")
-    elif "results" in d:  # bench
-        rates = ", ".join(f"{r['variant']} {r['tokens_per_s']:,.0f} tok/s ({r['mfu']:.0%} MFU)"
+    elif "results" in d:  # bench: a variant that could not run is reported as skipped
+        rates = ", ".join(f"{r['variant']} skipped ({r['skipped']})" if "skipped" in r else
+                          f"{r['variant']} {r['tokens_per_s']:,.0f} tok/s "
+                          f"({'-' if r.get('mfu') is None else format(r['mfu'], '.0%')} MFU)"
                           for r in d["results"])
         print(f"  {path.name}: {rates}")
     elif "frameworks" in d:  # compare

@@ -50,6 +50,8 @@ def test_smoke_mode_runs_every_check_and_summarises(tmp_path):
     (["--device", "tpu"], "--device must be cuda or cpu, got 'tpu'"),
     (["--fast"], "unknown argument '--fast'"),
     (["--out", ""], "--out needs a folder"),
+    (["--device", "cpu", "--out"], "--out needs a value"),  # before: shift 2 looped for ever
+    (["--device"], "--device needs a value"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, message):
     result = run(*args)
