@@ -182,12 +182,12 @@ def output_grad_row(f_out, t_out, tol, kept=None):
     """The gradients at the embedding's and every layer's output (flax_output_grads), each
     relative to its largest |value|: where a backward pass parts, read from the top down."""
     names = ["embed output", *[f"layer {i} output" for i in range(len(f_out) - 1)]]
-    per_layer = {n: max_abs_rel(f, t)[1] for n, f, t in zip(names, f_out, t_out)}
+    diffs = {n: max_abs_rel(f, t) for n, f, t in zip(names, f_out, t_out)}  # (abs, rel)
+    per_layer = {n: rel for n, (_, rel) in diffs.items()}
     worst = max(names, key=lambda n: np.nan_to_num(per_layer[n], nan=np.inf))
     ok = kept is None or kept >= MIN_KEPT_SHARE
-    return judged(f"output gradients ({len(names)} outputs)", max_abs_rel(f_out[names.index(worst)],
-                  t_out[names.index(worst)])[0], per_layer[worst], tol.grad_rel, per_layer[worst],
-                  note=f"worst: {worst}", ok=ok, figures={"per_layer_rel": per_layer})
+    return judged(f"output gradients ({len(names)} outputs)", *diffs[worst], tol.grad_rel,
+                  per_layer[worst], note=f"worst: {worst}", ok=ok, figures={"per_layer_rel": per_layer})
 
 
 def direct_rows(f, t, tol, *, grads=None, kept=None):
@@ -445,8 +445,8 @@ class ParityResult:
     def divergence(self):
         """Where the two part, when they do: the first layer (from the embedding up) whose
         output fails (forward); the first output from the top whose gradient fails
-        (backward); the worst parameter gradient (gradient_tensor); the first training step
-        whose loss fails."""
+        (backward); the first parameter tensor from the top whose gradient fails
+        (gradient_tensor); the first training step whose loss fails."""
         out = {}
         forward = [r for r in self.rows if r.quantity.startswith(("embed output", "layer ", "logits"))]
         first = next((r.quantity for r in forward if r.passed is False), None)
