@@ -5,6 +5,7 @@ are imported only by the subcommand that runs.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -304,6 +305,21 @@ def add_train(sub):
                    help="PyTorch: train data parallel on N processes (DistributedDataParallel, "
                         "gloo on CPU, NCCL with --device cuda); each takes 1/N of every batch's "
                         "rows, rank 0 writes the run folder (also run under torchrun)")
+    g = p.add_argument_group(
+        "several JAX processes (Flax)",
+        "Join a multi-process JAX job (jax.distributed), one process per host or per GPU: "
+        "--mesh then spans the devices of all the processes. Each process feeds its own "
+        "devices' rows of every batch and writes its own shards of each checkpoint (orbax); "
+        "process 0 writes the rest of the run folder, which must be on a file system every "
+        "process sees. A flag not given is read from JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or else detected by JAX (SLURM, Open MPI, "
+        "Kubernetes, Cloud TPU)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="where process 0 listens for the others")
+    g.add_argument("--num-processes", metavar="N", default=None, help="processes in the job")
+    g.add_argument("--process-id", metavar="I", default=None, help="this process, 0 to N-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a job with no flag or variable above, all detected by JAX")
     p.add_argument("--json", action="store_true",
                    help="print the result (every logged step and evaluation) as JSON")
     p.set_defaults(handler=run_train)
@@ -312,17 +328,26 @@ def add_train(sub):
 def run_train(args):
     refuse_vocab_size_with_data(args)
     from flax_gpt import experiments
+    from flax_gpt.core.sharding import Processes
 
+    # the JAX_* variables are the Flax trainer's; flags given to the PyTorch one are refused
+    processes = Processes.resolve(
+        os.environ if args.framework == "flax" else {}, distributed=args.distributed,
+        coordinator=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id)
+    if processes is not None and args.json:
+        _stdout_for_python_only()
     try:
         r = experiments.train(
             args.framework, model_config(args), train_config(args), out=args.out,
             data=args.data, synthetic=args.synthetic, resume=args.resume, device=args.device,
             log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, keep=args.keep, stop_at=args.stop_at,
-            tensorboard=args.tensorboard, mesh=args.mesh, log=print_err, nproc=args.nproc)
+            tensorboard=args.tensorboard, mesh=args.mesh, log=print_err, nproc=args.nproc,
+            processes=processes)
     except KeyboardInterrupt:
         return 130
-    if not r.steps:  # a rank other than 0 of a torchrun job: rank 0 reports
+    if not r.steps:  # a process other than the first of a torchrun or JAX job: that one reports
         return 0
     if args.json:
         print(json.dumps(r.to_dict(), sort_keys=True))
@@ -333,6 +358,14 @@ def run_train(args):
           (f", val loss {evals[-1]['val_loss']:.4f} (perplexity {evals[-1]['val_ppl']:.1f})"
            if evals else "") + f"; run folder {r.run}")
     return 0
+
+
+def _stdout_for_python_only():
+    """Point file descriptor 1 at stderr and keep the real stdout for Python's prints alone:
+    on the CPU, gloo (C++) writes its connection lines to fd 1, which would break --json."""
+    sys.stdout.flush()
+    sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
 
 
 def add_compare(sub):

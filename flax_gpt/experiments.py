@@ -32,6 +32,7 @@ from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
 
 FRAMEWORKS = ("flax", "torch")
 MESH_IS_FLAX = "--mesh shards the Flax trainer; the PyTorch one runs data parallel with --nproc"
+PROCESS_OPTIONS = "--coordinator, --num-processes and --process-id (or their JAX_* variables)"
 
 
 # ---- prepare -------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class TrainResult:
 
 def train(framework, config, tc, *, out, data=None, synthetic=False, resume=False, device=None,
           log_every=10, eval_every=100, eval_batches=20, checkpoint_every=0, keep=3,
-          stop_at=None, tensorboard=False, mesh=None, log=None, nproc=1):
+          stop_at=None, tensorboard=False, mesh=None, log=None, nproc=1, processes=None):
     """Train `config` with `tc` in `framework`, writing the run folder `out` (see
     flax_gpt.core.runfolder); on `data` (a dataset folder, default tinyshakespeare) or
     `synthetic` tokens. `device`: PyTorch's (torch only). Ctrl-C saves a checkpoint and
@@ -222,7 +223,12 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
     `mesh` ("data=2,fsdp=2,tensor=2"): shard the Flax trainer over a device mesh; its rules
     (flax_gpt.core.sharding.describe) go line by line to `log` before training starts.
     `nproc`: train PyTorch data parallel on that many processes (DDP; also when started by
-    torchrun, see torch_reference.distributed); the history is rank 0's."""
+    torchrun, see torch_reference.distributed); the history is rank 0's.
+    `processes` (a flax_gpt.core.sharding.Processes): this is one process of a multi-process
+    JAX job over `mesh`, which spans the devices of all of them. Each process feeds its own
+    devices' rows of every global batch and writes its own shards of each checkpoint;
+    process 0 alone writes everything else and returns the history (the others return
+    none)."""
     if framework not in FRAMEWORKS:
         raise FlaxGPTError(f"unknown framework {framework!r}: choose one of {', '.join(FRAMEWORKS)}")
     if framework == "flax" and device is not None:
@@ -233,6 +239,13 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
     if framework == "flax" and nproc > 1:
         raise FlaxGPTError("--nproc runs the PyTorch trainer data parallel; the Flax trainer "
                            "spreads over devices with --mesh")
+    if processes is not None and framework != "flax":
+        raise FlaxGPTError(f"{PROCESS_OPTIONS} join a multi-process JAX job, for the Flax "
+                           f"trainer; the PyTorch trainer runs on several processes with --nproc "
+                           f"or under torchrun")
+    if processes is not None and mesh is None:
+        raise MeshError(f"{PROCESS_OPTIONS} need --mesh over the devices of all the processes "
+                        f"(e.g. --mesh data=N, N their total device count)")
     loop.check_options(tc.steps, log_every=log_every, eval_every=eval_every,
                        eval_batches=eval_batches, checkpoint_every=checkpoint_every, keep=keep,
                        stop_at=stop_at)
@@ -257,18 +270,26 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
             log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
             checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at)
         return TrainResult(framework, Path(out), time.perf_counter() - start, history)
+    primary = True
+    if processes is not None:
+        from flax_gpt.mesh import barrier, join
+
+        primary = join(processes) == 0
+        barrier("run folder checked")  # by every process, before process 0 writes in it
     check_memory(config, tc.batch_size, f"training {framework}", training=True,
                  attention=tc.attention, places=[(framework, device)])
     trainer = backend(framework, config, tc, device=device, mesh=mesh)
-    if mesh is not None and log:
+    if mesh is not None and log and primary:
         for line in trainer.layout.lines:
             log(line)
     start = time.perf_counter()
     history = loop.train(trainer, stream, out, resume=resume, log_every=log_every,
                          eval_every=eval_every, eval_batches=eval_batches,
                          checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at,
-                         writer=tensorboard_writer(out) if tensorboard else None)
-    return TrainResult(framework, Path(out), time.perf_counter() - start, history)
+                         writer=tensorboard_writer(out) if tensorboard and primary else None,
+                         primary=primary)
+    return TrainResult(framework, Path(out), time.perf_counter() - start,
+                       history if primary else [])
 
 
 # ---- eval and generate -------------------------------------------------------------------------

@@ -22,6 +22,24 @@ from flax_gpt.core import sharding, weights
 from flax_gpt.core.sharding import AXES, BATCH_AXES, MeshShape
 
 
+def join(processes):
+    """Join the multi-process job `processes` (a flax_gpt.core.sharding.Processes) and return
+    this process's index: call it before anything else touches JAX's devices. On the CPU the
+    processes' collectives go over gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=processes.coordinator,
+                               num_processes=processes.num_processes,
+                               process_id=processes.process_id)
+    return jax.process_index()
+
+
+def barrier(name):
+    """Wait until every process of the job reaches the barrier `name`."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(shape):
     """A Mesh with axes (data, fsdp, tensor) of `shape` (a MeshShape or its text) over all
     devices; refused with MeshError unless the product of the axes is jax.device_count()."""

@@ -23,10 +23,11 @@ from flax_gpt.core import runfolder, weights
 from flax_gpt.core.errors import CheckpointError
 from flax_gpt.core.files import atomic_file
 from flax_gpt.core.hparams import learning_rates
-from flax_gpt.mesh import Layout
+from flax_gpt.mesh import Layout, barrier
 from flax_gpt.model import GPT, canonical, cross_entropy, set_canonical
 
 OPTIMIZER = "optimizer.safetensors"
+STATE_DIR = "state"  # orbax: parameters and optimizer state, written shard by shard
 
 
 def optimizer(tc):
@@ -216,7 +217,31 @@ class FlaxBackend:
             return canonical(self.layout.gather(self.params), self.config)
         return canonical(self.params, self.config)
 
+    @property
+    def collective(self):
+        """True when the state spans processes: every process then saves and loads together
+        (flax_gpt.core.runfolder.save_checkpoint)."""
+        return bool(self.layout and self.layout.multiprocess)
+
+    @staticmethod
+    def barrier(name):
+        barrier(name)
+
     def save(self, folder):
+        """The checkpoint files into `folder`: the canonical weights, gathered, and the
+        optimizer state. One process writes both whole. Several processes (`collective`)
+        write parameters and optimizer state with orbax, each process only the shards it
+        owns, into STATE_DIR; process 0 alone writes the gathered canonical weights."""
+        if self.collective:
+            import orbax.checkpoint as ocp  # here: it adds 0.4 s to every import of this module
+
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save((folder / STATE_DIR).absolute(), self._state())
+            checkpointer.wait_until_finished()
+            tensors = self.canonical()  # a collective: every process gathers
+            if jax.process_index() == 0:
+                weights.save(folder / runfolder.WEIGHTS, self.config, tensors)
+            return
         weights.save(folder / runfolder.WEIGHTS, self.config, self.canonical())
         leaves = jax.tree_util.tree_leaves_with_path(self.opt_state)
         # through atomic_file, not safetensors' save_file: that one creates its files 0600,
@@ -226,6 +251,21 @@ class FlaxBackend:
                                 for path, leaf in leaves}))
 
     def load(self, folder):
+        """Restore a checkpoint of `save`, onto this backend's devices whatever the mesh or
+        the number of processes that wrote it: orbax reads each array's shards where this
+        layout wants them, and the gathered files are placed again."""
+        if (folder / STATE_DIR).is_dir():
+            import orbax.checkpoint as ocp
+
+            target = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                self._state())
+            try:
+                state = ocp.StandardCheckpointer().restore((folder / STATE_DIR).absolute(), target)
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{folder / STATE_DIR} cannot be restored: {e}") from None
+            self.params, self.opt_state = state["params"], state["opt_state"]
+            return
         tensors = runfolder.checkpoint_weights(folder, self.config)
         set_canonical(self.params, tensors)
         saved = load_file(str(folder / OPTIMIZER))
@@ -236,3 +276,6 @@ class FlaxBackend:
             raise CheckpointError(f"{folder / OPTIMIZER} lacks optimizer state {e}") from None
         self.opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
         self._place()  # the checkpoint is gathered: it restores onto any mesh
+
+    def _state(self):
+        return {"params": self.params, "opt_state": self.opt_state}

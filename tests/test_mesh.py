@@ -5,14 +5,17 @@ few: starting one and compiling in it is what costs. One runs scripts/mesh_equiv
 short: STEPS steps of both of its configs (8 heads, and 4) on every mesh, float64 and
 accumulation on 2x2x2, the checkpoint runs, at one layer (the rules are the same for every
 layer, and a layer less halves the compilation). Another runs `train --mesh`, a resume
-without it and `bench --mesh` through the CLI; a third, two JAX processes of 4 devices. All
-compile with LLVM unoptimized (--fast-compile, see the script): the HLO, the sharding and
-the collectives are the default build's, and both sides of each comparison compile alike. README's figures are the script's
-full run: 2 layers, 50 steps, default flags.
+without it and `bench --mesh` through the CLI; a third, `train` as two JAX processes of 4
+devices, resumed in one. All compile with LLVM unoptimized (--fast-compile, see the script;
+XLA_FLAGS here): the HLO, the sharding and the collectives are the default build's, and both
+sides of each comparison compile alike. README's figures are the script's full run: 2
+layers, 50 steps, default flags.
 """
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 
@@ -23,7 +26,7 @@ from flax_gpt.core import runfolder, weights
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.sharding import MeshShape, per_device_elements, rules
 from flax_gpt.sidebyside.tolerances import TRAIN_LOSS_ATOL
-from tests.conftest import REPO, run_cli_many
+from tests.conftest import REPO, run_cli_here, run_cli_many
 
 LOSS_TOL = 1e-6  # per-step |loss difference|, float32 highest (~2 ulps of a loss of 4.2)
 PARAM_TOL = 1e-5  # largest |parameter difference| after the last step, float32
@@ -31,6 +34,7 @@ FLOAT64_TOL = 1e-12  # loss and parameters, float64
 MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"]
 STEPS = 4  # the checkpoint runs stop and restore at step 2
 EIGHT = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+FOUR = EIGHT.replace("=8", "=4")
 
 
 @pytest.fixture(scope="module")
@@ -186,17 +190,62 @@ def test_cli_on_a_mesh(tmp_path):
     assert flax["loss"] == pytest.approx(torch["loss"], abs=1e-4)  # the same step, laid out
 
 
-def test_two_processes_train_as_one():
-    """Two JAX processes of 4 fake devices each (jax.distributed, local coordinator, gloo),
-    each feeding its devices' rows, against one process with 8, on 2x2x2; process 0 alone
-    writes."""
-    result = subprocess.run(
-        [sys.executable, "scripts/mesh_equivalence.py", "--devices", "8", "--processes", "2",
-         "--configs", "heads8", "--meshes", MESHES[-1], "--steps", "3", "--layers", "1",
-         "--fast-compile"], cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = json.loads(result.stdout)["processes"]
-    assert run["processes"] == 2 and run["files_written"] == ["process-0.npz"]
-    two = run[f"heads8 {MESHES[-1]}"]
-    assert two["max_loss_diff"] <= LOSS_TOL, two
-    assert two["max_param_diff"] <= PARAM_TOL, two
+def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
+    """`flax-gpt train` as two JAX processes of 4 fake devices each, on 2x2x2, stopped at
+    step 2: each process writes its own shards of the checkpoint (orbax), process 0 alone
+    everything else. The checkpoint resumes in one process of 8 devices laid out 8x1x1 and
+    restores onto one device exactly; the run, joined up, is held to an unbroken run on one
+    device."""
+    from flax_gpt.core.hparams import TrainConfig
+    from flax_gpt.train import FlaxBackend
+
+    common = ["train", "--preset", "tiny", "--synthetic", "--batch-size", "8", "--steps", "4",
+              "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--json"]
+    run, single = tmp_path / "run", tmp_path / "single"
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    joined = [sys.executable, "-m", "flax_gpt", *common, "--mesh", MESHES[-1], "--stop-at", "2",
+              "--out", str(run), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    workers = [subprocess.Popen(joined + ["--process-id", str(i)], cwd=REPO, text=True,
+                                env={**os.environ, "XLA_FLAGS": FOUR},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for i in range(2)]
+    (out0, err0), (out1, err1) = (w.communicate(timeout=600) for w in workers)
+    assert [w.returncode for w in workers] == [0, 0], (err0[-2000:], err1[-2000:])
+    first = json.loads(out0)  # stdout holds the JSON alone: gloo's lines go to stderr
+    assert [r["step"] for r in first["history"]] == [1, 2]
+    assert out1 == "" and not any(line.startswith("mesh ") for line in err1.splitlines())
+    assert any(line.startswith(f"mesh {MESHES[-1]} (8 devices)") for line in err0.splitlines())
+    logged = [json.loads(line) for line in (run / runfolder.METRICS).read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2]  # written once, by process 0
+
+    checkpoint = run / runfolder.CHECKPOINTS / "step_00000002"
+    assert sorted(p.name for p in (run / runfolder.CHECKPOINTS).iterdir()) == [checkpoint.name]
+    files = json.loads((checkpoint / runfolder.STATE).read_text())["files"]
+    writers = {name.split("/")[1] for name in files if name.startswith("state/ocdbt.process_")}
+    assert writers == {"ocdbt.process_0", "ocdbt.process_1"}  # each process its own shards
+    assert runfolder.WEIGHTS in files
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "flax_gpt", *common, "--mesh", MESHES[0], "--out", str(run),
+         "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XLA_FLAGS": EIGHT})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in json.loads(resumed.stdout)["history"]] == [3, 4]
+    unbroken = run_cli_here(*common, "--out", single)
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    losses = [r["loss"] for r in first["history"] + json.loads(resumed.stdout)["history"]]
+    np.testing.assert_allclose(losses, [r["loss"] for r in json.loads(unbroken.stdout)["history"]],
+                               rtol=0, atol=LOSS_TOL)
+    (_, ours), (_, theirs) = (weights.load(r / runfolder.WEIGHTS) for r in (run, single))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=PARAM_TOL, err_msg=name)
+
+    config, saved = weights.load(checkpoint / runfolder.WEIGHTS)  # gathered by process 0
+    one = FlaxBackend(config, TrainConfig(steps=4, batch_size=8, lr=3e-3))
+    one.load(checkpoint)  # onto this process's one device
+    for name, tensor in one.canonical().items():
+        np.testing.assert_array_equal(tensor, saved[name], err_msg=name)
+    assert int(one.opt_state[1][0].count) == 2  # AdamW's step count came back too

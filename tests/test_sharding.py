@@ -7,7 +7,8 @@ import math
 import pytest
 
 from flax_gpt.core.config import GPTConfig
-from flax_gpt.core.sharding import MeshError, MeshShape, describe, per_device_elements, rules
+from flax_gpt.core.sharding import (MeshError, MeshShape, Processes, describe, per_device_elements,
+                                    rules)
 from flax_gpt.core.weights import canonical_shapes
 from tests.conftest import run_cli
 
@@ -95,3 +96,28 @@ def test_cli_refuses_a_mesh_that_does_not_match_the_devices(tmp_path):
         "make the product of the axes 1 (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8 "
         "gives 8)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_processes_from_flags_or_environment():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3"}
+    assert Processes.resolve({}) is None  # nothing asked: one process
+    assert Processes.resolve({}, distributed=True) == Processes()  # all for JAX to detect
+    assert Processes.resolve(env) == Processes("10.0.0.1:1234", 4, 3)
+    flags = {"coordinator": "host:99", "num_processes": "2", "process_id": "0"}
+    assert Processes.resolve(env, **flags) == Processes("host:99", 2, 0)  # flags first
+    assert Processes.resolve({"JAX_PROCESS_ID": ""}) is None  # an empty variable is unset
+
+
+@pytest.mark.parametrize("env,flags,message", [
+    ({}, {"coordinator": "host"}, "--coordinator takes HOST:PORT"),
+    ({}, {"coordinator": "host:0"}, "port from 1 to 65535"),
+    ({"JAX_COORDINATOR_ADDRESS": ":80"}, {}, "JAX_COORDINATOR_ADDRESS takes HOST:PORT"),
+    ({"JAX_NUM_PROCESSES": "two"}, {}, "JAX_NUM_PROCESSES takes a whole number"),
+    ({}, {"process_id": "-1"}, "--process-id takes a whole number"),
+    ({"JAX_NUM_PROCESSES": "0"}, {}, "JAX_NUM_PROCESSES must be at least 1"),
+    ({"JAX_PROCESS_ID": "2"}, {"num_processes": "2"}, "JAX_PROCESS_ID 2 is out of range"),
+])
+def test_processes_refusals(env, flags, message):
+    with pytest.raises(MeshError, match=message):
+        Processes.resolve(env, **flags)

@@ -38,12 +38,19 @@ def atomic_file(path, mode="wb"):
 
 
 @contextlib.contextmanager
-def atomic_dir(path, force=False):
-    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename."""
+def atomic_dir(path, force=False, shared=False):
+    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
+    `shared`: the temporary name is `shared_tmp(path)`, not a random one, so that other
+    processes of one job can write into it (what a killed run left there is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    _umask_mode(tmp, 0o777)
+    if shared:
+        tmp = shared_tmp(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        _umask_mode(tmp, 0o777)
     try:
         yield tmp
         if path.exists():
@@ -58,6 +65,12 @@ def atomic_dir(path, force=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def shared_tmp(path):
+    """The temporary name of `atomic_dir(path, shared=True)`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
 
 
 def check_writable(path, what="output"):

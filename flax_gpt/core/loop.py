@@ -63,9 +63,10 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
     `writer`: an optional metrics sink with `add_scalar(tag, value, step)` and `close()`
     (TensorBoard's SummaryWriter), which the loop closes.
 
-    `primary=False`: another rank of a data-parallel run (torch_reference.distributed). It
-    steps, logs and evaluates in step with the primary, so that every collective is met, and
-    writes nothing: no run folder, metrics, checkpoints or progress.
+    `primary=False`: another process of a run on several (torch_reference.distributed, or
+    a JAX job, see flax_gpt.experiments.train). It steps, logs and evaluates in step with
+    the primary, so that every collective is met, and writes no run folder, metrics or
+    progress; into checkpoints only its own shards, where its backend holds some.
     """
     tc = backend.tc
     check_options(tc.steps, log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
@@ -126,10 +127,8 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
 
     def checkpoint(step):
         nonlocal saved
-        if not primary:
-            return
         try:
-            save_checkpoint(run, backend, step, keep)
+            save_checkpoint(run, backend, step, keep, primary=primary)
         except NonFiniteError as e:  # the weights went bad in a step whose loss was still finite
             raise diverged(step, f"the weights hold NaN or Inf ({e})") from None
         saved = step

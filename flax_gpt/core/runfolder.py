@@ -27,7 +27,7 @@ from flax_gpt.core import weights
 from flax_gpt.core.config import ConfigError, GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import CheckpointError, DatasetError
-from flax_gpt.core.files import atomic_dir, atomic_file, sha256_file, write_json
+from flax_gpt.core.files import atomic_dir, atomic_file, sha256_file, shared_tmp, write_json
 from flax_gpt.core.streams import manifest_sha256
 
 CONFIG = "config.json"
@@ -276,18 +276,52 @@ def checkpoint_step(folder):
     return int(Path(folder).name.removeprefix("step_"))
 
 
-def save_checkpoint(run, backend, step, keep):
+def save_checkpoint(run, backend, step, keep, *, primary=True):
+    """Write checkpoint `step` of `backend` into `run`, keeping the last `keep`.
+
+    A backend whose state one process holds whole is saved by the primary alone. One whose
+    state is spread over processes (`backend.collective`) is saved by every process at once:
+    each writes its own shards into one temporary folder (`backend.save`), and the primary
+    then checksums it and renames it into place, between barriers that every process meets.
+    """
     run = Path(run)
     folder = run / CHECKPOINTS / f"step_{step:08d}"
-    with atomic_dir(folder, force=True) as tmp:
+    collective = getattr(backend, "collective", False)
+    if not collective:
+        if primary:
+            _write_checkpoint(folder, backend, step, backend.save)
+            _publish(run, folder, keep)
+        return folder
+    if not primary:
+        backend.barrier(f"{folder.name} folder")  # the primary has made the temporary folder
+        backend.save(shared_tmp(folder))
+        backend.barrier(f"{folder.name} written")
+        return folder
+
+    def save(tmp):
+        backend.barrier(f"{folder.name} folder")
         backend.save(tmp)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        backend.barrier(f"{folder.name} written")
+
+    _write_checkpoint(folder, backend, step, save, shared=True)
+    _publish(run, folder, keep)
+    return folder
+
+
+def _write_checkpoint(folder, backend, step, save, shared=False):
+    with atomic_dir(folder, force=True, shared=shared) as tmp:
+        save(tmp)
+        files = {str(p.relative_to(tmp)): sha256_file(p)
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / STATE, {"step": step, "framework": backend.name, "files": files})
+
+
+def _publish(run, folder, keep):
+    """The checkpoint's weights as the run's latest; checkpoints past the last `keep` removed."""
     with atomic_file(run / WEIGHTS) as f:
         f.write((folder / WEIGHTS).read_bytes())
     for old in checkpoints(run)[:-keep]:
         shutil.rmtree(old)
-    return folder
 
 
 def load_checkpoint(folder, backend):

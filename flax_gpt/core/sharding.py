@@ -171,3 +171,59 @@ def per_device_elements(config, mesh):
             n *= dim // sizes[axis] if axis else dim
         total += n
     return total
+
+
+# The environment variables a multi-process Flax run reads where its flags are not given
+# (JAX itself reads JAX_COORDINATOR_ADDRESS; the two others are this project's).
+PROCESS_ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+               "process_id": "JAX_PROCESS_ID"}
+PROCESS_FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes",
+                 "process_id": "--process-id"}
+
+
+@dataclass(frozen=True)
+class Processes:
+    """How this process joins a multi-process JAX job (`jax.distributed.initialize`): the
+    coordinator's HOST:PORT, the number of processes and this one's index. A field left None
+    is for JAX to detect from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU)."""
+
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    @classmethod
+    def resolve(cls, environ, *, distributed=False, **flags):
+        """The settings from `flags` (coordinator=, num_processes=, process_id=; None where
+        not given), else from PROCESS_ENV in `environ`; None for a single-process run (nothing
+        given and not `distributed`). Refused (MeshError) when malformed or out of range."""
+        given = {}
+        for field, var in PROCESS_ENV.items():
+            value = flags.get(field)
+            source = PROCESS_FLAGS[field]
+            if value is None and environ.get(var, "") != "":
+                value, source = environ[var], var
+            if value is not None:
+                given[field] = (value, source)
+        if not given and not distributed:
+            return None
+        settings = {}
+        if "coordinator" in given:
+            text, source = given["coordinator"]
+            host, _, port = str(text).rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise MeshError(f"{source} takes HOST:PORT with a port from 1 to 65535 (e.g. "
+                                f"10.0.0.1:1234), got {text!r}")
+            settings["coordinator"] = str(text)
+        for field in ("num_processes", "process_id"):
+            if field in given:
+                text, source = given[field]
+                if not re.fullmatch(r"\s*\d+\s*", str(text)):
+                    raise MeshError(f"{source} takes a whole number, got {text!r}")
+                settings[field] = int(text)
+        n, i = settings.get("num_processes"), settings.get("process_id")
+        if n is not None and n < 1:
+            raise MeshError(f"{given['num_processes'][1]} must be at least 1, got {n}")
+        if n is not None and i is not None and i >= n:
+            raise MeshError(f"{given['process_id'][1]} {i} is out of range for {n} processes: "
+                            f"give 0 to {n - 1}")
+        return cls(**settings)
