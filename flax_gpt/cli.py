@@ -305,6 +305,11 @@ def add_train(sub):
                    help="PyTorch: train data parallel on N processes (DistributedDataParallel, "
                         "gloo on CPU, NCCL with --device cuda); each takes 1/N of every batch's "
                         "rows, rank 0 writes the run folder (also run under torchrun)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="PyTorch, with --nproc or torchrun: shard parameters, gradients and AdamW "
+                        "state over the ranks with FSDP2 (fully_shard, torch 2.6 and newer) "
+                        "instead of DDP; every rank writes its own checkpoint shards "
+                        "(torch.distributed.checkpoint), which resume on any number of ranks")
     g = p.add_argument_group(
         "several JAX processes (Flax)",
         "Join a multi-process JAX job (jax.distributed), one process per host or per GPU: "
@@ -344,7 +349,7 @@ def run_train(args):
             log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, keep=args.keep, stop_at=args.stop_at,
             tensorboard=args.tensorboard, mesh=args.mesh, log=print_err, nproc=args.nproc,
-            processes=processes)
+            fsdp=args.fsdp, processes=processes)
     except KeyboardInterrupt:
         return 130
     if not r.steps:  # a process other than the first of a torchrun or JAX job: that one reports

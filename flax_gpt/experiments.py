@@ -214,7 +214,8 @@ class TrainResult:
 
 def train(framework, config, tc, *, out, data=None, synthetic=False, resume=False, device=None,
           log_every=10, eval_every=100, eval_batches=20, checkpoint_every=0, keep=3,
-          stop_at=None, tensorboard=False, mesh=None, log=None, nproc=1, processes=None):
+          stop_at=None, tensorboard=False, mesh=None, log=None, nproc=1, fsdp=False,
+          processes=None):
     """Train `config` with `tc` in `framework`, writing the run folder `out` (see
     flax_gpt.core.runfolder); on `data` (a dataset folder, default tinyshakespeare) or
     `synthetic` tokens. `device`: PyTorch's (torch only). Ctrl-C saves a checkpoint and
@@ -223,7 +224,8 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
     `mesh` ("data=2,fsdp=2,tensor=2"): shard the Flax trainer over a device mesh; its rules
     (flax_gpt.core.sharding.describe) go line by line to `log` before training starts.
     `nproc`: train PyTorch data parallel on that many processes (DDP; also when started by
-    torchrun, see torch_reference.distributed); the history is rank 0's.
+    torchrun, see torch_reference.distributed); the history is rank 0's. `fsdp`: those
+    ranks shard the model with FSDP2 instead.
     `processes` (a flax_gpt.core.sharding.Processes): this is one process of a multi-process
     JAX job over `mesh`, which spans the devices of all of them. Each process feeds its own
     devices' rows of every global batch and writes its own shards of each checkpoint;
@@ -239,6 +241,9 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
     if framework == "flax" and nproc > 1:
         raise FlaxGPTError("--nproc runs the PyTorch trainer data parallel; the Flax trainer "
                            "spreads over devices with --mesh")
+    if fsdp and framework != "torch":
+        raise MeshError("--fsdp shards the PyTorch trainer over its ranks; the Flax trainer "
+                        "shards with --mesh fsdp=N")
     if processes is not None and framework != "flax":
         raise FlaxGPTError(f"{PROCESS_OPTIONS} join a multi-process JAX job, for the Flax "
                            f"trainer; the PyTorch trainer runs on several processes with --nproc "
@@ -255,18 +260,22 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
     distributed = None
     if framework == "torch":
         from torch_reference import distributed
+    if fsdp and not (nproc > 1 or distributed.under_torchrun()):
+        raise FlaxGPTError("--fsdp shards over several ranks: give --nproc N (N > 1) or start "
+                           "the ranks with torchrun")
     if distributed and (nproc > 1 or distributed.under_torchrun()):
         ranks = nproc if nproc > 1 else int(os.environ["WORLD_SIZE"])
         device = torch_device(device)
         distributed.check_batch(tc.batch_size, ranks)
-        # each rank holds a whole model on its rows; on the CPU the ranks share the host's memory
+        # each rank holds a whole model on its rows (FSDP less); on the CPU the ranks share the
+        # host's memory
         check_memory(config, tc.batch_size // ranks, f"training {framework} on {ranks} ranks",
                      training=True, attention=tc.attention,
                      places=[(framework, device)] * (1 if device.startswith("cuda") else ranks))
         start = time.perf_counter()
         history = distributed.train(
             nproc if nproc > 1 else None, config, tc, stream, out, device=device,
-            writer_factory=tensorboard_writer if tensorboard else None, resume=resume,
+            writer_factory=tensorboard_writer if tensorboard else None, fsdp=fsdp, resume=resume,
             log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
             checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at)
         return TrainResult(framework, Path(out), time.perf_counter() - start, history)

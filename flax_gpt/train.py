@@ -27,7 +27,6 @@ from flax_gpt.mesh import Layout, barrier
 from flax_gpt.model import GPT, canonical, cross_entropy, set_canonical
 
 OPTIMIZER = "optimizer.safetensors"
-STATE_DIR = "state"  # orbax: parameters and optimizer state, written shard by shard
 
 
 def optimizer(tc):
@@ -183,6 +182,14 @@ class FlaxBackend:
         self.key = jax.random.key(tc.seed)
         self.lrs = learning_rates(tc)
 
+    @property
+    def collective(self):
+        """True when the state spans processes: every process then steps, saves and loads
+        together (flax_gpt.core.runfolder.save_checkpoint)."""
+        return bool(self.layout and self.layout.multiprocess)
+
+    barrier = staticmethod(barrier)
+
     def _place(self):
         """On a mesh, put parameters, optimizer state and buffers where the layout says."""
         if self.layout:
@@ -191,7 +198,7 @@ class FlaxBackend:
 
     def step(self, index, x, y):
         key = jax.random.fold_in(self.key, index)
-        if self.layout and self.layout.multiprocess:  # the step's inputs span the processes
+        if self.collective:  # the step's inputs span the processes
             x, y = self.layout.batch_array(x), self.layout.batch_array(y)
             key = self.layout.global_array(key)
         self.params, self.opt_state, metrics = self._step(
@@ -206,37 +213,27 @@ class FlaxBackend:
         return float(self.lrs[min(index, self.tc.steps - 1)])
 
     def eval_loss(self, x, y):
-        if self.layout and self.layout.multiprocess:
+        if self.collective:
             x, y = self.layout.global_array(x), self.layout.global_array(y)
         return float(eval_loss(self.graphdef, self.params, self.rest, x, y))
 
     def canonical(self):
         """The parameters as canonical tensors; with several processes a collective, which
         every process calls."""
-        if self.layout and self.layout.multiprocess:
+        if self.collective:
             return canonical(self.layout.gather(self.params), self.config)
         return canonical(self.params, self.config)
-
-    @property
-    def collective(self):
-        """True when the state spans processes: every process then saves and loads together
-        (flax_gpt.core.runfolder.save_checkpoint)."""
-        return bool(self.layout and self.layout.multiprocess)
-
-    @staticmethod
-    def barrier(name):
-        barrier(name)
 
     def save(self, folder):
         """The checkpoint files into `folder`: the canonical weights, gathered, and the
         optimizer state. One process writes both whole. Several processes (`collective`)
         write parameters and optimizer state with orbax, each process only the shards it
-        owns, into STATE_DIR; process 0 alone writes the gathered canonical weights."""
+        owns, into runfolder.SHARDED; process 0 alone writes the gathered canonical weights."""
         if self.collective:
             import orbax.checkpoint as ocp  # here: it adds 0.4 s to every import of this module
 
             checkpointer = ocp.StandardCheckpointer()
-            checkpointer.save((folder / STATE_DIR).absolute(), self._state())
+            checkpointer.save((folder / runfolder.SHARDED).absolute(), self._state())
             checkpointer.wait_until_finished()
             tensors = self.canonical()  # a collective: every process gathers
             if jax.process_index() == 0:
@@ -254,16 +251,17 @@ class FlaxBackend:
         """Restore a checkpoint of `save`, onto this backend's devices whatever the mesh or
         the number of processes that wrote it: orbax reads each array's shards where this
         layout wants them, and the gathered files are placed again."""
-        if (folder / STATE_DIR).is_dir():
+        sharded = folder / runfolder.SHARDED
+        if sharded.is_dir():
             import orbax.checkpoint as ocp
 
             target = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                 self._state())
             try:
-                state = ocp.StandardCheckpointer().restore((folder / STATE_DIR).absolute(), target)
+                state = ocp.StandardCheckpointer().restore(sharded.absolute(), target)
             except (OSError, ValueError, KeyError) as e:
-                raise CheckpointError(f"{folder / STATE_DIR} cannot be restored: {e}") from None
+                raise CheckpointError(f"{sharded} cannot be restored: {e}") from None
             self.params, self.opt_state = state["params"], state["opt_state"]
             return
         tensors = runfolder.checkpoint_weights(folder, self.config)

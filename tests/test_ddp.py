@@ -1,5 +1,5 @@
 """PyTorch data parallel: `train --framework torch --nproc 2` (DDP over gloo, two spawned
-processes) against one process on the same global batches.
+processes) and `--nproc 2 --fsdp` (FSDP2) against one process on the same global batches.
 
 Every command runs in one subprocess (tests.conftest.run_cli_many), and in one test, so that
 pytest-xdist starts it once: the interpreter and the imports are paid once, and what is left
@@ -11,7 +11,19 @@ import json
 import numpy as np
 
 from flax_gpt.core import runfolder, weights
+from flax_gpt.core.config import GPTConfig
+from flax_gpt.core.hparams import TrainConfig
 from tests.conftest import run_cli_many
+from torch_reference.train import TorchBackend
+
+
+def has_fsdp2():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 LOSS_TOL = 1e-6  # per-step |loss difference|, float32 (~2 ulps of a loss of 4.2)
 PARAM_TOL = 1e-5  # largest |parameter difference| after the last step
@@ -24,7 +36,12 @@ REFUSALS = [
      "--batch-size 3 does not split over --nproc 2 ranks: make it a multiple of 2"),
     (["--nproc", "2"], "--nproc runs the PyTorch trainer data parallel"),
     (["--framework", "torch", "--mesh", "data=2"], "--mesh shards the Flax trainer"),
-]
+    (["--framework", "torch", "--fsdp"], "--fsdp shards over several ranks: give --nproc N"),
+    (["--fsdp"], "--fsdp shards the PyTorch trainer over its ranks"),
+] + [(["--framework", "torch", "--nproc", "2", "--fsdp"], "--fsdp needs FSDP2")] * (not has_fsdp2())
+# FSDP2 from 2 ranks to 1 process (its shards resharded) and back to 2 (the gathered files split)
+FSDP_LEGS = [["--nproc", "2", "--fsdp", "--stop-at", "3"], ["--resume", "--stop-at", "4"],
+             ["--nproc", "2", "--fsdp", "--resume"]] if has_fsdp2() else []
 
 
 def records(run):
@@ -38,16 +55,21 @@ def losses(run):
 def test_two_ranks_train_as_one_process(tmp_path):
     """Two ranks against one process: every step's loss and every evaluation within
     LOSS_TOL, the weights within PARAM_TOL. Rank 0 alone writes; a run stopped and resumed
-    on two ranks repeats the unbroken one bit for bit. Bad settings are refused in one line,
-    before any rank starts."""
+    on two ranks repeats the unbroken one bit for bit. Under FSDP2 (where the installed
+    torch has it) every rank writes its own checkpoint shards, which restore exactly onto
+    one process; the run goes 2 ranks, 1, 2 and is still held to the one process. Bad
+    settings are refused in one line, before any rank starts."""
+    fsdp = tmp_path / "fsdp"
     done = run_cli_many(
         ["train", *ARGS, "--nproc", "2", "--checkpoint-every", "3", "--out", tmp_path / "ddp"],
         ["train", *ARGS, "--nproc", "2", "--stop-at", "3", "--out", tmp_path / "resumed"],
         ["train", *ARGS, "--nproc", "2", "--resume", "--out", tmp_path / "resumed"],
         ["train", *ARGS, "--out", tmp_path / "one"],
+        *[["train", *ARGS, *leg, "--out", fsdp] for leg in FSDP_LEGS],
         *[["train", "--preset", "tiny", "--synthetic", "--steps", "1",
            "--out", tmp_path / f"refused{i}", *args] for i, (args, _) in enumerate(REFUSALS)])
-    for result in done[:4]:
+    ran, refused = done[:4 + len(FSDP_LEGS)], done[4 + len(FSDP_LEGS):]
+    for result in ran:
         assert result.returncode == 0, result.stderr[-3000:]
 
     ddp, one = tmp_path / "ddp", tmp_path / "one"
@@ -65,8 +87,34 @@ def test_two_ranks_train_as_one_process(tmp_path):
         "step_00000003", "step_00000006"]
     assert losses(tmp_path / "resumed") == losses(ddp)  # == on floats: bitwise
 
-    for i, (result, (_, message)) in enumerate(zip(done[4:], REFUSALS)):
+    if FSDP_LEGS:
+        check_fsdp(fsdp, one)
+    for i, (result, (_, message)) in enumerate(zip(refused, REFUSALS)):
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
         assert not (tmp_path / f"refused{i}").exists()
+
+
+def check_fsdp(run, one):
+    assert max(abs(a - b) for a, b in zip(losses(run), losses(one))) <= LOSS_TOL
+    assert len(losses(run)) == STEPS
+    evals = [{r["step"]: r["val_loss"] for r in records(r) if "val_loss" in r} for r in (run, one)]
+    assert evals[0].keys() == {3, 4, 6} and evals[1].keys() == {3, 6}  # 4: where a leg stopped
+    assert max(abs(evals[0][s] - evals[1][s]) for s in (3, 6)) <= LOSS_TOL
+    _, a = weights.load(run / runfolder.WEIGHTS)
+    _, b = weights.load(one / runfolder.WEIGHTS)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= PARAM_TOL
+
+    sharded, whole = (run / runfolder.CHECKPOINTS / f"step_0000000{s}" for s in (3, 4))
+    files = json.loads((sharded / runfolder.STATE).read_text())["files"]
+    assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= files.keys()  # a file per rank
+    assert not (whole / runfolder.SHARDED).exists()  # one process writes the gathered files
+    record = runfolder.read_record(run)
+    restored = TorchBackend(GPTConfig.from_dict(record["model"]), TrainConfig(**record["train"]))
+    restored.load(sharded)  # the two ranks' shards onto one process
+    _, saved = weights.load(sharded / runfolder.WEIGHTS)  # gathered by rank 0
+    for name, tensor in restored.canonical().items():
+        np.testing.assert_array_equal(tensor, saved[name], err_msg=name)
+    adam = restored.train_step.optimizer.state_dict()["state"]
+    assert len(adam) == len(saved) and all(float(s["step"]) == 3 for s in adam.values())

@@ -1,6 +1,8 @@
-"""The PyTorch trainer data parallel: DistributedDataParallel, one process per rank.
+"""The PyTorch trainer data parallel, one process per rank: DistributedDataParallel, or
+FSDP2 (`fully_shard`) with parameters, gradients and AdamW state sharded over the ranks.
 
     flax-gpt train --framework torch --nproc 2 ...                       # spawns 2 ranks
+    flax-gpt train --framework torch --nproc 2 --fsdp ...                # the same, FSDP2
     torchrun --nproc-per-node 2 -m flax_gpt train --framework torch ...  # ranks from torchrun
 
 Every rank reads the same global batch of each step from the stream (batches are addressed
@@ -8,7 +10,9 @@ by global index, flax_gpt.core.streams) and feeds only its rows, `rank * B/n` up
 `(rank + 1) * B/n`. DDP averages the gradients over the ranks during backward (gloo on CPU,
 NCCL on GPUs), so every rank takes the same AdamW step. The logged loss is the mean of the
 ranks' losses (`all_reduce`). Rank 0 alone writes the run folder: metrics, checkpoints and
-weights (flax_gpt.core.loop with `primary=False` on the others).
+weights (flax_gpt.core.loop with `primary=False` on the others). Under FSDP every rank
+writes its own shards of each checkpoint (torch.distributed.checkpoint), and rank 0 the
+gathered canonical weights; such a checkpoint resumes on any number of ranks, one included.
 
 The average of the ranks' mean losses is the mean over the global batch when every rank holds
 the same number of labels, which SPEC.md's labels give (seq_len - 1 in every row); a batch
@@ -17,6 +21,7 @@ that breaks this is refused rather than averaged wrongly.
 
 import os
 import socket
+import warnings
 
 import numpy as np
 import torch
@@ -25,7 +30,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel
 
-from flax_gpt.core import loop
+from flax_gpt.core import loop, runfolder, weights
 from flax_gpt.core.data import IGNORE_INDEX
 from flax_gpt.core.errors import FlaxGPTError
 from torch_reference import precision
@@ -40,9 +45,14 @@ class DDPBackend(TorchBackend):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_batch(tc.batch_size, self.world)
         super().__init__(config, tc, tensors, device=device)
-        ddp = DistributedDataParallel(self.model)  # broadcasts rank 0's parameters
-        ddp.config = self.model.config  # what TrainStep reads from its model
-        self.train_step = TrainStep(ddp, tc, device=device)
+        self.train_step = TrainStep(self.parallel(self.model), tc, device=device)
+
+    @staticmethod
+    def parallel(model):
+        """`model` as the train step runs it."""
+        ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters
+        ddp.config = model.config  # what TrainStep reads from its model
+        return ddp
 
     def rows(self, a):
         """This rank's rows of a (grad_accum, B, T) global batch."""
@@ -65,6 +75,74 @@ class DDPBackend(TorchBackend):
         return {"loss": float(loss) / self.world, "grad_norm": float(metrics["grad_norm"])}
 
 
+class FSDPBackend(DDPBackend):
+    """DDPBackend with the model under FSDP2: each parameter, its gradient and its AdamW
+    moments split by rows over the ranks (DTensors), each decoder layer's gathered just
+    before it runs. The gradients are reduce-scattered and averaged as DDP averages them,
+    and the clipping norm of TrainStep sums the shards' squares over the ranks."""
+
+    collective = True  # checkpoints are written by every rank (runfolder.save_checkpoint)
+
+    @staticmethod
+    def parallel(model):
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP warns that the model returns a view (the logits of nn.Linear on (B, T, d)),
+        # whose in-place change would skip its backward hook; the loss reads them out of place
+        warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(\w+\) returned a view")
+        for layer in model.decoder.layers:
+            fully_shard(layer)
+        fully_shard(model)  # the rest: embedding and prediction head
+        return model
+
+    @staticmethod
+    def barrier(name):
+        dist.barrier()
+
+    def canonical(self):
+        """The canonical tensors, gathered on rank 0 (a collective; the others get {})."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name: t.numpy() for name, t in whole.items()}
+
+    def save(self, folder):
+        """Every rank its own shards into runfolder.SHARDED; rank 0 the canonical weights."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.state_dicts(), checkpoint_id=str(folder / runfolder.SHARDED))
+        tensors = self.canonical()
+        if self.rank == 0:
+            weights.save(folder / runfolder.WEIGHTS, self.config, tensors)
+
+    def load(self, folder):
+        if (folder / runfolder.SHARDED).is_dir():
+            return super().load(folder)
+        # a checkpoint of one process or DDP: loaded whole here, then split by FSDP's own
+        # full-state-dict loaders
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        whole = TorchBackend(self.config, self.tc, device=self.device)
+        whole.load(folder)
+        state, full = whole.state_dicts(), StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=full)
+        set_optimizer_state_dict(self.model, self.train_step.optimizer, state["optim"],
+                                 options=full)
+
+
+def check_fsdp():
+    """Refuse --fsdp (FlaxGPTError) where the installed torch has no FSDP2."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        raise FlaxGPTError(f"--fsdp needs FSDP2, torch.distributed.fsdp.fully_shard (torch 2.6 "
+                           f"and newer), which torch {torch.__version__} lacks: train data "
+                           f"parallel without --fsdp, or install a newer torch") from None
+
+
 def check_batch(batch_size, world):
     if batch_size % world:
         raise FlaxGPTError(f"--batch-size {batch_size} does not split over --nproc {world} "
@@ -77,12 +155,15 @@ def under_torchrun():
 
 
 def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_factory=None,
-          **loop_options):
+          fsdp=False, **loop_options):
     """Train on `nproc` spawned ranks, or on the ranks torchrun started (`nproc` None), with
-    flax_gpt.core.loop.train's `loop_options`. `writer_factory(out)`: rank 0's metrics sink
-    (TensorBoard), made in that process. Returns rank 0's history ([] on torchrun's others)."""
+    flax_gpt.core.loop.train's `loop_options`; with `fsdp`, under FSDP2 (FSDPBackend), else
+    DDP. `writer_factory(out)`: rank 0's metrics sink (TensorBoard), made in that process.
+    Returns rank 0's history ([] on torchrun's others)."""
     check_batch(tc.batch_size, nproc or int(os.environ["WORLD_SIZE"]))
-    job = (config, tc, tensors, stream, out, device, writer_factory, loop_options)
+    if fsdp:
+        check_fsdp()
+    job = (config, tc, tensors, stream, out, device, writer_factory, fsdp, loop_options)
     if nproc is None:
         return _rank(None, None, None, *job)
     with socket.socket() as s:  # a free port for the rendezvous of this run's ranks
@@ -113,7 +194,7 @@ def _spawned(rank, world, init_method, job, results):
 
 
 def _rank(rank, world, init_method, config, tc, tensors, stream, out, device, writer_factory,
-          loop_options):
+          fsdp, loop_options):
     """One rank: join the process group (`init_method`, or torchrun's env://), train, leave."""
     cuda = str(device).startswith("cuda")
     backend = "nccl" if cuda else "gloo"
@@ -129,7 +210,7 @@ def _rank(rank, world, init_method, config, tc, tensors, stream, out, device, wr
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         precision.apply(tc.precision)
-        trainer = DDPBackend(config, tc, tensors, device=device)
+        trainer = (FSDPBackend if fsdp else DDPBackend)(config, tc, tensors, device=device)
         writer = writer_factory(out) if writer_factory and rank == 0 else None
         history = loop.train(trainer, stream, out, primary=rank == 0, writer=writer,
                              **loop_options)

@@ -5,6 +5,8 @@ writes it (g / norm * max_norm when norm > max_norm; torch's clip_grad_norm_ add
 the norm), and gradient accumulation by repeated backward() of loss / grad_accum.
 """
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -108,6 +110,12 @@ class TorchBackend:
         torch.save(self.train_step.optimizer.state_dict(), folder / OPTIMIZER)
 
     def load(self, folder):
+        """Restore a checkpoint: the gathered files of one process, or the shards of an FSDP
+        run (runfolder.SHARDED, torch.distributed.checkpoint), which load onto any number of
+        ranks, this one process included."""
+        if (folder / runfolder.SHARDED).is_dir():
+            self._load_sharded(folder / runfolder.SHARDED)
+            return
         tensors = runfolder.checkpoint_weights(folder, self.config)
         set_canonical(self.model, tensors)
         try:
@@ -115,3 +123,27 @@ class TorchBackend:
             self.train_step.optimizer.load_state_dict(state)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{folder / OPTIMIZER} cannot be restored: {e}") from None
+
+    def state_dicts(self):
+        """Model and optimizer state as torch.distributed.checkpoint keys them (by parameter
+        name): the sharded save of FSDP, and the target any checkpoint of it loads into."""
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        return {"model": get_model_state_dict(self.model),
+                "optim": get_optimizer_state_dict(self.model, self.train_step.optimizer)}
+
+    def _load_sharded(self, path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        state = self.state_dicts()  # each tensor laid out as this backend holds it
+        try:
+            with warnings.catch_warnings():  # one process reading it is what we mean
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path))
+        except (OSError, RuntimeError, ValueError, KeyError, dcp.CheckpointException) as e:
+            raise CheckpointError(f"{path} cannot be restored: {e}") from None
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.train_step.optimizer, state["optim"])

@@ -5,7 +5,10 @@
     metrics.jsonl         one JSON object a line: train steps (loss, lr, grad_norm, tokens/s,
                           elapsed) and evaluations (val_loss, val_ppl)
     checkpoints/step_N/   weights.safetensors (canonical: flax_gpt.load / torch_reference.load),
-                          optimizer state, state.json (step, checksums); the last K are kept
+                          optimizer state, state.json (step, checksums); the last K are kept.
+                          A run whose state spans processes (several JAX processes, PyTorch
+                          FSDP) keeps parameters and optimizer state in state/ instead, each
+                          process writing its own shards (orbax, torch.distributed.checkpoint)
     weights.safetensors   the latest weights, for `flax_gpt.load(RUN / "weights.safetensors")`
     .lock                 locked (fcntl) by the one process writing the folder
 
@@ -35,6 +38,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 WEIGHTS = "weights.safetensors"
+SHARDED = "state"  # a checkpoint's parameters and optimizer state, written shard by shard
 LOCK = ".lock"
 TENSORBOARD = "tensorboard"
 RUN_FILES = {CONFIG, METRICS, CHECKPOINTS, WEIGHTS, LOCK, TENSORBOARD}  # all a run writes
