@@ -1,8 +1,9 @@
-"""Hold PyTorch data parallel (DDP, `--nproc 2` on gloo) to one process. Prints one JSON
-object: the worst per-step loss, validation loss and final parameter differences (README's
-DDP figures; tests/test_ddp.py holds a short run to the same tolerances).
+"""Hold PyTorch data parallel (DDP, `--nproc 2` on gloo; FSDP2 with --fsdp) to one process.
+Prints one JSON object: the worst per-step loss, validation loss and final parameter
+differences (README's DDP and FSDP figures; tests/test_ddp.py holds a short run to the same
+tolerances).
 
-    python scripts/ddp_equivalence.py --out DIR
+    python scripts/ddp_equivalence.py --out DIR [--fsdp]
 
 Both runs train the tiny preset on the same synthetic global batches (batch 8, two
 micro-batches) through flax_gpt.experiments.train, the library behind `flax-gpt train`.
@@ -22,6 +23,7 @@ def main():
     p.add_argument("--out", type=Path, required=True, help="a new folder for the two run folders")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--fsdp", action="store_true", help="shard the ranks with FSDP2, not DDP")
     args = p.parse_args()
 
     import numpy as np
@@ -34,14 +36,19 @@ def main():
     config = GPTConfig.preset("tiny")
     tc = TrainConfig(steps=args.steps, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=5)
     runs = {}
-    for label, nproc in (("one", 1), ("ddp", args.nproc)):
-        runs[label] = experiments.train("torch", config, tc, out=args.out / label, synthetic=True,
-                                        nproc=nproc, log_every=1, eval_every=10, eval_batches=4)
-    one, ddp = runs["one"], runs["ddp"]
+    label = "fsdp" if args.fsdp else "ddp"
+    for name, nproc in (("one", 1), (label, args.nproc)):
+        runs[name] = experiments.train("torch", config, tc, out=args.out / name, synthetic=True,
+                                       nproc=nproc, fsdp=args.fsdp and nproc > 1, log_every=1,
+                                       eval_every=10, eval_batches=4)
+    one, ddp = runs["one"], runs[label]
     _, a = weights.load(args.out / "one" / runfolder.WEIGHTS)
-    _, b = weights.load(args.out / "ddp" / runfolder.WEIGHTS)
+    _, b = weights.load(args.out / label / runfolder.WEIGHTS)
+    import torch
+
     print(json.dumps({
-        "nproc": args.nproc, "config": config.to_dict(), "train": tc.to_dict(),
+        "nproc": args.nproc, "sharding": label, "torch": torch.__version__,
+        "config": config.to_dict(), "train": tc.to_dict(),
         "max_loss_diff": max(abs(x["loss"] - y["loss"]) for x, y in zip(one.steps, ddp.steps)),
         "max_val_loss_diff": max(abs(x["val_loss"] - y["val_loss"])
                                  for x, y in zip(one.evals, ddp.evals)),
