@@ -301,15 +301,7 @@ def add_train(sub):
     p.add_argument("--stop-at", type=_positive_int, default=None,
                    help="stop after step N of the --steps schedule (checkpointed; --resume goes on)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
-    p.add_argument("--nproc", type=_positive_int, default=1,
-                   help="PyTorch: train data parallel on N processes (DistributedDataParallel, "
-                        "gloo on CPU, NCCL with --device cuda); each takes 1/N of every batch's "
-                        "rows, rank 0 writes the run folder (also run under torchrun)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="PyTorch, with --nproc or torchrun: shard parameters, gradients and AdamW "
-                        "state over the ranks with FSDP2 (fully_shard, torch 2.6 and newer) "
-                        "instead of DDP; every rank writes its own checkpoint shards "
-                        "(torch.distributed.checkpoint), which resume on any number of ranks")
+    add_ranks_options(p)
     g = p.add_argument_group(
         "several JAX processes (Flax)",
         "Join a multi-process JAX job (jax.distributed), one process per host or per GPU: "
@@ -328,6 +320,18 @@ def add_train(sub):
     p.add_argument("--json", action="store_true",
                    help="print the result (every logged step and evaluation) as JSON")
     p.set_defaults(handler=run_train)
+
+
+def add_ranks_options(p):
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="PyTorch: train data parallel on N processes (DistributedDataParallel, "
+                        "gloo on CPU, NCCL with --device cuda); each takes 1/N of every batch's "
+                        "rows, rank 0 writes the run folder (train also runs under torchrun)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="PyTorch, on several ranks: shard parameters, gradients and AdamW "
+                        "state over them with FSDP2 (fully_shard, torch 2.6 and newer) "
+                        "instead of DDP; every rank writes its own checkpoint shards "
+                        "(torch.distributed.checkpoint), which resume on any number of ranks")
 
 
 def run_train(args):
@@ -386,6 +390,7 @@ def add_compare(sub):
                    help="also train PyTorch a second time from the same weights moved one ulp, "
                         "and report how far float32 rounding alone takes one framework from "
                         "itself: the floor under the Flax-PyTorch gap")
+    add_ranks_options(p)
     p.set_defaults(handler=run_compare)
 
 
@@ -396,7 +401,8 @@ def run_compare(args):
     r = compare.run(model_config(args), train_config(args), out=args.out, data=args.data,
                     synthetic=args.synthetic, noise_floor=args.noise_floor, device=args.device,
                     log_every=args.log_every, eval_every=args.eval_every,
-                    eval_batches=args.eval_batches, mesh=args.mesh, log=print_err)
+                    eval_batches=args.eval_batches, mesh=args.mesh, log=print_err,
+                    nproc=args.nproc, fsdp=args.fsdp)
     report = r.report
     rows = [[label, f"{f['loss'][-1]:.5f}", f"{f['val'][-1]['val_loss']:.5f}" if f["val"] else "-",
              f"{f['tokens_per_s']:,.0f}", f"{f['seconds']:.1f}"]

@@ -257,16 +257,14 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
     config, stream = make_stream(config, tc, data=data, synthetic=synthetic)
     runfolder.check_start(out, runfolder.run_record(framework, config, tc, stream), resume=resume,
                           stop_at=stop_at)
-    distributed = None
+    ranks = 1
     if framework == "torch":
         from torch_reference import distributed
-    if fsdp and not (nproc > 1 or distributed.under_torchrun()):
-        raise FlaxGPTError("--fsdp shards over several ranks: give --nproc N (N > 1) or start "
-                           "the ranks with torchrun")
-    if distributed and (nproc > 1 or distributed.under_torchrun()):
-        ranks = nproc if nproc > 1 else int(os.environ["WORLD_SIZE"])
+
+        ranks = int(os.environ["WORLD_SIZE"]) if distributed.under_torchrun() else nproc
+        distributed.check(tc.batch_size, ranks, fsdp)
+    if ranks > 1:
         device = torch_device(device)
-        distributed.check_batch(tc.batch_size, ranks)
         # each rank holds a whole model on its rows (FSDP less); on the CPU the ranks share the
         # host's memory
         check_memory(config, tc.batch_size // ranks, f"training {framework} on {ranks} ranks",
@@ -274,7 +272,7 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
                      places=[(framework, device)] * (1 if device.startswith("cuda") else ranks))
         start = time.perf_counter()
         history = distributed.train(
-            nproc if nproc > 1 else None, config, tc, stream, out, device=device,
+            None if distributed.under_torchrun() else nproc, config, tc, stream, out, device=device,
             writer_factory=tensorboard_writer if tensorboard else None, fsdp=fsdp, resume=resume,
             log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
             checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at)

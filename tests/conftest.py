@@ -49,6 +49,15 @@ print(json.dumps(results))
 """
 
 
+def has_fsdp2():
+    """Whether the installed torch has FSDP2 (`--fsdp` refuses to run without it)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_cli_many(*commands, env=None):
     """Run the CLI commands (each a list of arguments) one after the other in one Python
     subprocess, through flax_gpt.cli.main: where each would pay the interpreter, the imports

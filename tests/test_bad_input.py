@@ -192,6 +192,8 @@ CASES = [
      "need --mesh over the devices of all the processes", None),
     ("train-processes-are-flax", ["train", *T, *NEW, "--framework", "torch", "--distributed"],
      "join a multi-process JAX job, for the Flax trainer", None),
+    ("compare-fsdp-on-one-rank", ["compare", *T, *NEW, "--fsdp"],
+     "--fsdp shards over several ranks", None),
     ("bench-decode-device-bogus", ["bench-decode", "--preset", "tiny", "--device", "bogus"],
      "not a PyTorch device", None),
     ("bench-decode-json-is-a-folder", ["bench-decode", "--preset", "tiny", "--json", "{w}/ds"],

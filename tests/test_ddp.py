@@ -13,17 +13,8 @@ import numpy as np
 from flax_gpt.core import runfolder, weights
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.hparams import TrainConfig
-from tests.conftest import run_cli_many
+from tests.conftest import has_fsdp2, run_cli_many
 from torch_reference.train import TorchBackend
-
-
-def has_fsdp2():
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 LOSS_TOL = 1e-6  # per-step |loss difference|, float32 (~2 ulps of a loss of 4.2)
 PARAM_TOL = 1e-5  # largest |parameter difference| after the last step

@@ -26,7 +26,7 @@ from flax_gpt.core import runfolder, weights
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.sharding import MeshShape, per_device_elements, rules
 from flax_gpt.sidebyside.tolerances import TRAIN_LOSS_ATOL
-from tests.conftest import REPO, run_cli_here, run_cli_many
+from tests.conftest import REPO, has_fsdp2, run_cli_here, run_cli_many
 
 LOSS_TOL = 1e-6  # per-step |loss difference|, float32 highest (~2 ulps of a loss of 4.2)
 PARAM_TOL = 1e-5  # largest |parameter difference| after the last step, float32
@@ -140,9 +140,11 @@ def check_gathered_export(run, config):
 
 def test_cli_on_a_mesh(tmp_path):
     """`train --mesh` prints the layout before training and evaluates on the mesh; its run
-    resumes without a mesh. `compare --mesh` holds the sharded Flax run against PyTorch. `bench --mesh` reports tokens/s per device, and the parameter and
-    AdamW bytes one device holds, measured from the arrays: what the rules predict
-    (core.sharding.per_device_elements). One layer, as the module's note says."""
+    resumes without a mesh. `compare --mesh` holds the sharded Flax run against PyTorch on
+    two ranks (FSDP2 where the installed torch has it, else DDP). `bench --mesh` reports
+    tokens/s per device, and the parameter and AdamW bytes one device holds, measured from
+    the arrays: what the rules predict (core.sharding.per_device_elements). One layer, as the
+    module's note says."""
     run, mesh = tmp_path / "run", "data=2,fsdp=2,tensor=2"
     tiny = ["--preset", "tiny", "--n-layers", "1", "--batch-size", "4"]
     common = [*tiny, "--synthetic", "--eval-every", "2", "--eval-batches", "2", "--log-every",
@@ -151,7 +153,8 @@ def test_cli_on_a_mesh(tmp_path):
     first, second, compare, bench = run_cli_many(
         ["train", *args, "--stop-at", "2", "--mesh", mesh],
         ["train", *args, "--resume"],
-        ["compare", *common, "--mesh", mesh, "--out", tmp_path / "compare"],
+        ["compare", *common, "--mesh", mesh, "--nproc", "2", *["--fsdp"] * has_fsdp2(),
+         "--out", tmp_path / "compare"],
         ["bench", *tiny, "--warmup", "0", "--steps", "2", "--rounds", "1", "--variants", "flax-jit-fp32,torch-eager-fp32", "--mesh", mesh,
          "--json", tmp_path / "b.json"],
         env={"XLA_FLAGS": EIGHT})
@@ -171,7 +174,8 @@ def test_cli_on_a_mesh(tmp_path):
     assert compare.returncode == 0, compare.stderr[-3000:]
     assert "  pred.weight [64:tensor, 32:fsdp]" in compare.stderr.splitlines()
     report = json.loads((tmp_path / "compare" / "report.json").read_text())
-    assert report["flax_mesh"] == mesh and report["steps"] == 3
+    assert report["flax_mesh"] == mesh and report["steps"] == 3 and report["torch_ranks"] == 2
+    assert report["torch_sharding"] == ("fsdp" if has_fsdp2() else "ddp")
     assert report["max_abs_loss_diff"] <= TRAIN_LOSS_ATOL  # sharded Flax against PyTorch
 
     assert bench.returncode == 0, bench.stderr[-3000:]

@@ -133,6 +133,17 @@ class FSDPBackend(DDPBackend):
                                  options=full)
 
 
+def check(batch_size, ranks, fsdp=False):
+    """Refuse (FlaxGPTError, one line) a run on `ranks` ranks that could not start, before
+    any does: --fsdp on one rank or on a torch without FSDP2, a batch that does not split."""
+    if fsdp and ranks < 2:
+        raise FlaxGPTError("--fsdp shards over several ranks: give --nproc N (N > 1) or start "
+                           "the ranks with torchrun")
+    check_batch(batch_size, ranks)
+    if fsdp:
+        check_fsdp()
+
+
 def check_fsdp():
     """Refuse --fsdp (FlaxGPTError) where the installed torch has no FSDP2."""
     try:
@@ -160,9 +171,7 @@ def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_
     flax_gpt.core.loop.train's `loop_options`; with `fsdp`, under FSDP2 (FSDPBackend), else
     DDP. `writer_factory(out)`: rank 0's metrics sink (TensorBoard), made in that process.
     Returns rank 0's history ([] on torchrun's others)."""
-    check_batch(tc.batch_size, nproc or int(os.environ["WORLD_SIZE"]))
-    if fsdp:
-        check_fsdp()
+    check(tc.batch_size, nproc or int(os.environ["WORLD_SIZE"]), fsdp)
     job = (config, tc, tensors, stream, out, device, writer_factory, fsdp, loop_options)
     if nproc is None:
         return _rank(None, None, None, *job)

@@ -49,17 +49,23 @@ class CompareResult:
 
 
 def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, device="cpu",
-        log_every=10, eval_every=100, eval_batches=20, mesh=None, log=None):
+        log_every=10, eval_every=100, eval_batches=20, mesh=None, log=None, nproc=1,
+        fsdp=False):
     """Train Flax and PyTorch from one seeded init on identical batches; write
     `out`/report.json (per-step losses, differences, val losses, tokens/s, versions, device,
     precision) and `out`/loss.png. Returns a CompareResult. `mesh`: the Flax trainer's device
-    mesh ("data=2,fsdp=2,tensor=2"), its rules sent to `log`."""
+    mesh ("data=2,fsdp=2,tensor=2"), its rules sent to `log`. `nproc`: the PyTorch trainer
+    on that many spawned ranks, DDP or with `fsdp` FSDP2 (torch_reference.distributed)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FlaxGPTError(f"report folder {out} already exists: choose another --out")
     loop.check_options(tc.steps, log_every=log_every, eval_every=eval_every,
                        eval_batches=eval_batches)
     device = experiments.torch_device(device)
+    if nproc > 1 or fsdp:
+        from torch_reference import distributed
+
+        distributed.check(tc.batch_size, nproc, fsdp)
     record = apply_precision(tc.precision)
     config, stream = experiments.make_stream(config, tc, data=data, synthetic=synthetic)
     for framework, place in (("flax", None), ("torch", device)):  # one after the other
@@ -68,7 +74,7 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
     existed = out.exists()  # and is empty
     try:
         return _compare(config, tc, out, stream, record, noise_floor, device, log_every,
-                        eval_every, eval_batches, mesh, log)
+                        eval_every, eval_batches, mesh, log, nproc, fsdp)
     except BaseException:
         # no report, nothing to resume: what was written would only block the same command
         if existed:
@@ -80,7 +86,7 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
 
 
 def _compare(config, tc, out, stream, record, noise_floor, device, log_every, eval_every,
-             eval_batches, mesh, log):
+             eval_batches, mesh, log, nproc, fsdp):
     tensors = random_weights(config, tc.seed)
     runs = [("flax", "flax", tensors), ("torch", "torch", tensors)]
     if noise_floor:
@@ -88,14 +94,21 @@ def _compare(config, tc, out, stream, record, noise_floor, device, log_every, ev
     results = {}
     for label, framework, init in runs:
         print(f"training {label} ...", file=sys.stderr)
-        on_mesh = mesh if framework == "flax" else None
-        trainer = experiments.backend(framework, config, tc, init, device=device, mesh=on_mesh)
-        if on_mesh is not None and log:
-            for line in trainer.layout.lines:
-                log(line)
-        start = time.perf_counter()
-        history = loop.train(trainer, stream, out / label, log_every=log_every,
-                             eval_every=eval_every, eval_batches=eval_batches)
+        options = {"log_every": log_every, "eval_every": eval_every, "eval_batches": eval_batches}
+        start = time.perf_counter()  # with the ranks' start-up, where there are ranks
+        if framework == "torch" and nproc > 1:
+            from torch_reference import distributed
+
+            history = distributed.train(nproc, config, tc, stream, out / label, init,
+                                        device=device, fsdp=fsdp, **options)
+        else:
+            on_mesh = mesh if framework == "flax" else None
+            trainer = experiments.backend(framework, config, tc, init, device=device, mesh=on_mesh)
+            if on_mesh is not None and log:
+                for line in trainer.layout.lines:
+                    log(line)
+            start = time.perf_counter()  # from the built trainer
+            history = loop.train(trainer, stream, out / label, **options)
         steps = [h for h in history if "loss" in h]
         results[label] = {
             "seconds": time.perf_counter() - start,
@@ -111,6 +124,7 @@ def _compare(config, tc, out, stream, record, noise_floor, device, log_every, ev
               "max_abs_loss_diff": float(diff.max()), "final_abs_loss_diff": float(diff[-1]),
               "gap_bar": GAP_BAR, "first_step_above": first_above(diff, GAP_BAR),
               "frameworks": results, "flax_mesh": None if mesh is None else str(mesh),
+              "torch_ranks": nproc, "torch_sharding": ("fsdp" if fsdp else "ddp") if nproc > 1 else None,
               **environment(record, torch_device=device)}
     floor = None
     if noise_floor:
