@@ -30,9 +30,12 @@ REFUSALS = [
     (["--framework", "torch", "--fsdp"], "--fsdp shards over several ranks: give --nproc N"),
     (["--fsdp"], "--fsdp shards the PyTorch trainer over its ranks"),
 ] + [(["--framework", "torch", "--nproc", "2", "--fsdp"], "--fsdp needs FSDP2")] * (not has_fsdp2())
-# FSDP2 from 2 ranks to 1 process (its shards resharded) and back to 2 (the gathered files split)
-FSDP_LEGS = [["--nproc", "2", "--fsdp", "--stop-at", "3"], ["--resume", "--stop-at", "4"],
-             ["--nproc", "2", "--fsdp", "--resume"]] if has_fsdp2() else []
+# FSDP2, into the folder "fsdp": stopped and resumed on 2 ranks, then on 1 process from their
+# shards, then on 2 again from that process's whole files; and unbroken on 2 ranks to step 4
+FSDP = ["--nproc", "2", "--fsdp"]
+FSDP_LEGS = [("fsdp", [*FSDP, "--stop-at", "3"]), ("fsdp", [*FSDP, "--resume", "--stop-at", "4"]),
+             ("fsdp", ["--resume", "--stop-at", "5"]), ("fsdp", [*FSDP, "--resume"]),
+             ("fsdp-unbroken", [*FSDP, "--stop-at", "4"])] if has_fsdp2() else []
 
 
 def records(run):
@@ -47,16 +50,15 @@ def test_two_ranks_train_as_one_process(tmp_path):
     """Two ranks against one process: every step's loss and every evaluation within
     LOSS_TOL, the weights within PARAM_TOL. Rank 0 alone writes; a run stopped and resumed
     on two ranks repeats the unbroken one bit for bit. Under FSDP2 (where the installed
-    torch has it) every rank writes its own checkpoint shards, which restore exactly onto
-    one process; the run goes 2 ranks, 1, 2 and is still held to the one process. Bad
-    settings are refused in one line, before any rank starts."""
-    fsdp = tmp_path / "fsdp"
+    torch has it) the same, and every rank writes its own checkpoint shards, which restore
+    exactly onto one process; the run goes 2 ranks, 1, 2 and is still held to the one
+    process. Bad settings are refused in one line, before any rank starts."""
     done = run_cli_many(
         ["train", *ARGS, "--nproc", "2", "--checkpoint-every", "3", "--out", tmp_path / "ddp"],
         ["train", *ARGS, "--nproc", "2", "--stop-at", "3", "--out", tmp_path / "resumed"],
         ["train", *ARGS, "--nproc", "2", "--resume", "--out", tmp_path / "resumed"],
         ["train", *ARGS, "--out", tmp_path / "one"],
-        *[["train", *ARGS, *leg, "--out", fsdp] for leg in FSDP_LEGS],
+        *[["train", *ARGS, *leg, "--out", tmp_path / folder] for folder, leg in FSDP_LEGS],
         *[["train", "--preset", "tiny", "--synthetic", "--steps", "1",
            "--out", tmp_path / f"refused{i}", *args] for i, (args, _) in enumerate(REFUSALS)])
     ran, refused = done[:4 + len(FSDP_LEGS)], done[4 + len(FSDP_LEGS):]
@@ -79,7 +81,7 @@ def test_two_ranks_train_as_one_process(tmp_path):
     assert losses(tmp_path / "resumed") == losses(ddp)  # == on floats: bitwise
 
     if FSDP_LEGS:
-        check_fsdp(fsdp, one)
+        check_fsdp(tmp_path / "fsdp", tmp_path / "fsdp-unbroken", one)
     for i, (result, (_, message)) in enumerate(zip(refused, REFUSALS)):
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
@@ -87,17 +89,18 @@ def test_two_ranks_train_as_one_process(tmp_path):
         assert not (tmp_path / f"refused{i}").exists()
 
 
-def check_fsdp(run, one):
+def check_fsdp(run, unbroken, one):
     assert max(abs(a - b) for a, b in zip(losses(run), losses(one))) <= LOSS_TOL
     assert len(losses(run)) == STEPS
+    assert losses(run)[:4] == losses(unbroken)  # resumed on 2 ranks: bit for bit
     evals = [{r["step"]: r["val_loss"] for r in records(r) if "val_loss" in r} for r in (run, one)]
-    assert evals[0].keys() == {3, 4, 6} and evals[1].keys() == {3, 6}  # 4: where a leg stopped
+    assert evals[0].keys() == {3, 4, 5, 6} and evals[1].keys() == {3, 6}  # 4, 5: legs' ends
     assert max(abs(evals[0][s] - evals[1][s]) for s in (3, 6)) <= LOSS_TOL
     _, a = weights.load(run / runfolder.WEIGHTS)
     _, b = weights.load(one / runfolder.WEIGHTS)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= PARAM_TOL
 
-    sharded, whole = (run / runfolder.CHECKPOINTS / f"step_0000000{s}" for s in (3, 4))
+    sharded, whole = (run / runfolder.CHECKPOINTS / f"step_0000000{s}" for s in (4, 5))
     files = json.loads((sharded / runfolder.STATE).read_text())["files"]
     assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= files.keys()  # a file per rank
     assert not (whole / runfolder.SHARDED).exists()  # one process writes the gathered files
@@ -108,4 +111,4 @@ def check_fsdp(run, one):
     for name, tensor in restored.canonical().items():
         np.testing.assert_array_equal(tensor, saved[name], err_msg=name)
     adam = restored.train_step.optimizer.state_dict()["state"]
-    assert len(adam) == len(saved) and all(float(s["step"]) == 3 for s in adam.values())
+    assert len(adam) == len(saved) and all(float(s["step"]) == 4 for s in adam.values())
