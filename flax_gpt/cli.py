@@ -612,10 +612,12 @@ def _names(text):
 
 
 def print_bench(report):
+    from flax_gpt.sidebyside.bench import ON_ONE_DEVICE
+
     rows, mesh = [], report.get("mesh")
     for r in report["results"]:
         if "skipped" in r:
-            rows.append([r["variant"], "skipped: " + r["skipped"]] + [""] * (11 if mesh else 8))
+            rows.append([r["variant"], "skipped: " + r["skipped"]] + [""] * (12 if mesh else 8))
             continue
         mem = r["peak_memory_bytes"]
         rows.append([r["variant"], f"{r['compile_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
@@ -624,15 +626,18 @@ def print_bench(report):
                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                      "-" if mem is None else f"{mem / 2**30:.2f}", f"{r['loss']:.4f}"])
         if mesh:
+            scaling = r.get("scaling_efficiency")
             rows[-1][6:6] = [str(r["devices"]), f"{r['tokens_per_s_per_device']:,.0f}",
+                             "-" if scaling is None else f"{100 * scaling:.0f}%",
                              f"{r['param_bytes_per_device'] / 2**20:.3g} + "
                              f"{r['optimizer_bytes_per_device'] / 2**20:.3g}"]
     header = ["variant", "compile s", "median ms", "p10 ms", "p90 ms", "tokens/s",
               f"speed / {report['speedup_of']}", "MFU", "peak GiB", "last loss"]
     if mesh:
-        header[6:6] = ["devices", "tokens/s/device", "params + AdamW MiB/device"]
-        print(f"Flax jit variants on mesh {mesh} of {report['jax_devices']} devices; MFU per "
-              f"device")
+        header[6:6] = ["devices", "tokens/s/device", "scaling", "params + AdamW MiB/device"]
+        print(f"Flax jit variants on mesh {mesh} of {report['jax_devices']} devices, and again "
+              f"on one device ({ON_ONE_DEVICE}); scaling: tokens/s per device over one "
+              f"device's, same batch; MFU per device")
     print_table(header, rows)
     print(f"FLOPs/token {report['flops_per_token']:,} (causal {report['flops_per_token_causal']:,});"
           f" N = {report['matmul_params']:,} matmul parameters: {report['flops_note']}. "

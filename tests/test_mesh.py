@@ -142,9 +142,9 @@ def test_cli_on_a_mesh(tmp_path):
     """`train --mesh` prints the layout before training and evaluates on the mesh; its run
     resumes without a mesh. `compare --mesh` holds the sharded Flax run against PyTorch on
     two ranks (FSDP2 where the installed torch has it, else DDP). `bench --mesh` reports
-    tokens/s per device, and the parameter and AdamW bytes one device holds, measured from
-    the arrays: what the rules predict (core.sharding.per_device_elements). One layer, as the
-    module's note says."""
+    tokens/s per device, the scaling efficiency against the same variant on one device, and
+    the parameter and AdamW bytes one device holds, measured from the arrays: what the rules
+    predict (core.sharding.per_device_elements). One layer, as the module's note says."""
     run, mesh = tmp_path / "run", "data=2,fsdp=2,tensor=2"
     tiny = ["--preset", "tiny", "--n-layers", "1", "--batch-size", "4"]
     common = [*tiny, "--synthetic", "--eval-every", "2", "--eval-batches", "2", "--log-every",
@@ -181,10 +181,15 @@ def test_cli_on_a_mesh(tmp_path):
     assert bench.returncode == 0, bench.stderr[-3000:]
     assert "tokens/s/device" in bench.stdout
     report = json.loads((tmp_path / "b.json").read_text())
-    flax, torch = report["results"]
+    flax, torch, one = report["results"]  # and the sharded variant again on one device
     config = GPTConfig.from_dict(report["config"])
     assert report["mesh"] == mesh and flax["devices"] == 8 and torch["devices"] == 1
+    assert one["variant"] == "flax-jit-fp32@1-device" and one["devices"] == 1
     assert flax["tokens_per_s_per_device"] == pytest.approx(flax["tokens_per_s"] / 8)
+    per_round = [a / 8 / b for a, b in zip(flax["round_tokens_per_s"], one["round_tokens_per_s"])]
+    assert flax["scaling_efficiency"] == pytest.approx(float(np.median(per_round)))
+    assert "scaling_efficiency" not in torch and "scaling_efficiency" not in one
+    assert one["loss"] == pytest.approx(flax["loss"], abs=1e-4)
     assert flax["param_bytes_per_device"] == 4 * per_device_elements(config, MeshShape.parse(mesh))
     assert torch["param_bytes_per_device"] == 4 * per_device_elements(config, MeshShape())
     counts = 8 * len(weights.canonical_shapes(config))  # at most a step count per tensor

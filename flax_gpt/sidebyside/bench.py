@@ -43,8 +43,14 @@ VARIANTS = ("flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32",
             "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "torch-compile-bf16")
 
 
+# With --mesh, each sharded variant runs again on one device under this suffixed name: the
+# baseline of its scaling efficiency.
+ON_ONE_DEVICE = "@1-device"
+
+
 def kind(name):
     """(framework, dtype) of a variant name: what it runs on, and the peak it is held to."""
+    name = name.removesuffix(ON_ONE_DEVICE)
     return ("flax" if name.startswith("flax") else "torch", "bf16" if name.endswith("bf16") else "fp32")
 
 # Dense peak FLOP/s by device-name fragment: (bf16, fp32 without TF32).
@@ -324,7 +330,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     on_gpu = jax.default_backend() == "gpu"
     device_name = jax.devices()[0].device_kind if on_gpu else platform.processor() or "cpu"
 
-    results, built = {}, {}
+    results, built, names = {}, {}, list(variants)
     for name in variants:
         print(f"  building {name} ...", file=sys.stderr, flush=True)
         try:
@@ -332,6 +338,14 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                                                        warmup=warmup, device=device, mesh=jax_mesh)
         except Skip as e:
             results[name] = {"skipped": str(e)}
+    for name in [n for n, v in built.items() if v.devices > 1]:  # the same batch on one device
+        names.append(name + ON_ONE_DEVICE)
+        print(f"  building {names[-1]} ...", file=sys.stderr, flush=True)
+        try:
+            built[names[-1]], results[names[-1]] = build_variant(
+                name, config, tensors, tc, x, y, warmup=warmup, device=device)
+        except Skip as e:
+            results[names[-1]] = {"skipped": str(e)}
 
     round_peaks = {} if on_gpu else {kind(name): [] for name in built}
 
@@ -357,6 +371,9 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 result[label] = None if peaks is None else float(np.median(achieved / peaks))
             result["peak_flops"] = None if peaks is None else float(np.median(peaks))
             result["peak_source"] = source
+            if name + ON_ONE_DEVICE in rates:  # tokens/s per device over one device's, per round
+                result["scaling_efficiency"] = float(np.median(
+                    rates[name] / variant.devices / rates[name + ON_ONE_DEVICE]))
         return {"config": config.to_dict(), "attention": attention, "batch_size": batch_size,
                 "seq_len": config.seq_len, "rounds": rounds, "complete": done == rounds,
                 "matmul_params": matmul_params(config),
@@ -367,7 +384,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 "device": device_name, "torch_device": device,
                 "mesh": None if mesh is None else str(mesh), "jax_devices": jax.device_count(),
                 "speedup_of": next(iter(built), None),
-                "results": [{"variant": name, **results[name]} for name in variants],
+                "results": [{"variant": name, **results[name]} for name in names],
                 "xla_flags": _xla_flags(), **environment(record, torch_device=device)}
 
     for r in range(rounds):
