@@ -16,6 +16,7 @@ experiments (parity, compare, bench) live in flax_gpt.sidebyside.
 """
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import BOS, EOS, TokenDataset
 from flax_gpt.core.errors import CheckpointError, FlaxGPTError
 from flax_gpt.core.hparams import check_sampling
-from flax_gpt.core.sharding import MeshError
+from flax_gpt.core.sharding import MeshError, MeshShape
 from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
 
 FRAMEWORKS = ("flax", "torch")
@@ -255,8 +256,9 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
                        eval_batches=eval_batches, checkpoint_every=checkpoint_every, keep=keep,
                        stop_at=stop_at)
     config, stream = make_stream(config, tc, data=data, synthetic=synthetic)
-    runfolder.check_start(out, runfolder.run_record(framework, config, tc, stream), resume=resume,
-                          stop_at=stop_at)
+    record = runfolder.run_record(framework, config, tc, stream)
+    if processes is None:  # a JAX job's processes check it together, once joined
+        runfolder.check_start(out, record, resume=resume, stop_at=stop_at)
     ranks = 1
     if framework == "torch":
         from torch_reference import distributed
@@ -279,10 +281,19 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
         return TrainResult(framework, Path(out), time.perf_counter() - start, history)
     primary = True
     if processes is not None:
-        from flax_gpt.mesh import barrier, join
+        from flax_gpt.mesh import agree, join
 
         primary = join(processes) == 0
-        barrier("run folder checked")  # by every process, before process 0 writes in it
+        settings = json.dumps([record, str(MeshShape.parse(mesh) if isinstance(mesh, str) else mesh),
+                               str(Path(out).resolve()), resume, stop_at,
+                               log_every, eval_every, eval_batches, checkpoint_every, keep])
+        try:  # process 0 alone probes the lock: two probes at once would see each other's
+            runfolder.check_start(out, record, resume=resume, stop_at=stop_at,
+                                  locked=not primary)
+            problem = None
+        except FlaxGPTError as e:
+            problem = e
+        agree(settings, problem)  # and none writes in the folder before all checked it
     check_memory(config, tc.batch_size, f"training {framework}", training=True,
                  attention=tc.attention, places=[(framework, device)])
     trainer = backend(framework, config, tc, device=device, mesh=mesh)

@@ -11,6 +11,7 @@ gathers of fsdp, the reductions of tensor, the gradient all-reduce of data) is X
 """
 
 import collections
+import hashlib
 
 import jax
 import numpy as np
@@ -19,18 +20,48 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_gpt.core import sharding, weights
-from flax_gpt.core.sharding import AXES, BATCH_AXES, MeshShape
+from flax_gpt.core.sharding import AXES, BATCH_AXES, MeshError, MeshShape
 
 
 def join(processes):
     """Join the multi-process job `processes` (a flax_gpt.core.sharding.Processes) and return
     this process's index: call it before anything else touches JAX's devices. On the CPU the
-    processes' collectives go over gloo."""
+    processes' collectives go over gloo. What JAX cannot start from (settings neither given
+    nor detected) is refused with MeshError."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=processes.coordinator,
-                               num_processes=processes.num_processes,
-                               process_id=processes.process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=processes.coordinator,
+                                   num_processes=processes.num_processes,
+                                   process_id=processes.process_id)
+    except (ValueError, RuntimeError) as e:
+        raise MeshError(f"cannot join the JAX job ({str(e).splitlines()[0]}): give "
+                        f"--coordinator, --num-processes and --process-id (or their JAX_* "
+                        f"variables), or run where JAX detects the job (SLURM, Open MPI, "
+                        f"Kubernetes, Cloud TPU)") from None
     return jax.process_index()
+
+
+def agree(settings, problem=None):
+    """Meet every process of the job and stop them all, each with one line, unless all hold
+    the same `settings` (text: what must not differ between them) and none has a `problem`
+    (the FlaxGPTError it would stop with, or None): a process that went on alone would wait
+    in its first collective for ever."""
+    from jax.experimental import multihost_utils
+
+    digest = int.from_bytes(hashlib.sha256(settings.encode()).digest()[:4], "little") >> 1
+    mine = np.array([digest, problem is not None], np.int32)  # int32: JAX's default width
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    if problem is not None:
+        raise problem
+    refused = np.flatnonzero(every[:, 1]).tolist()
+    if refused:
+        raise MeshError(f"process {refused[0]} of the job refused to start (its stderr says "
+                        f"why), so this one stops too")
+    differ = np.flatnonzero(every[:, 0] != every[0, 0]).tolist()
+    if differ:
+        raise MeshError(f"process {differ[0]} was started with other settings than process 0 "
+                        f"(--mesh, --out or training options): start every process with the "
+                        f"same flags, only --process-id differing")
 
 
 def barrier(name):

@@ -199,29 +199,45 @@ def test_cli_on_a_mesh(tmp_path):
     assert flax["loss"] == pytest.approx(torch["loss"], abs=1e-4)  # the same step, laid out
 
 
+def two_processes(*args, meshes=(MESHES[-1], MESHES[-1])):
+    """`flax-gpt ARGS --mesh MESH` as the two processes of one JAX job, 4 fake devices each,
+    each given its mesh from `meshes`: [(returncode, stdout, stderr)] of process 0, then 1."""
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "flax_gpt", *map(str, args), "--coordinator",
+               f"127.0.0.1:{port}", "--num-processes", "2"]
+    workers = [subprocess.Popen(command + ["--mesh", mesh, "--process-id", str(i)], cwd=REPO,
+                                text=True, env={**os.environ, "XLA_FLAGS": FOUR},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for i, mesh in enumerate(meshes)]
+    return [(w.returncode, *w.communicate(timeout=600)) for w in workers]
+
+
 def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
     """`flax-gpt train` as two JAX processes of 4 fake devices each, on 2x2x2, stopped at
     step 2: each process writes its own shards of the checkpoint (orbax), process 0 alone
-    everything else. The checkpoint resumes in one process of 8 devices laid out 8x1x1 and
-    restores onto one device exactly; the run, joined up, is held to an unbroken run on one
-    device."""
+    everything else. Two processes resume it on another mesh to step 3; one process of 8
+    devices laid out 8x1x1 goes on to step 4, and the step-2 checkpoint restores onto one
+    device exactly. The run, joined up, is held to an unbroken run on one device. Processes
+    started with different settings are all refused, each in one line."""
     from flax_gpt.core.hparams import TrainConfig
     from flax_gpt.train import FlaxBackend
 
     common = ["train", "--preset", "tiny", "--synthetic", "--batch-size", "8", "--steps", "4",
               "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--json"]
     run, single = tmp_path / "run", tmp_path / "single"
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    joined = [sys.executable, "-m", "flax_gpt", *common, "--mesh", MESHES[-1], "--stop-at", "2",
-              "--out", str(run), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    workers = [subprocess.Popen(joined + ["--process-id", str(i)], cwd=REPO, text=True,
-                                env={**os.environ, "XLA_FLAGS": FOUR},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for i in range(2)]
-    (out0, err0), (out1, err1) = (w.communicate(timeout=600) for w in workers)
-    assert [w.returncode for w in workers] == [0, 0], (err0[-2000:], err1[-2000:])
+
+    for code, out, err in two_processes(*common, "--out", tmp_path / "odd",
+                                        meshes=("data=8", "fsdp=8")):
+        lines = [line for line in err.splitlines() if not line.startswith("[Gloo]")]
+        assert code == 2 and out == "" and len(lines) == 1, err[-2000:]
+        assert "process 1 was started with other settings than process 0" in lines[0]
+    assert not (tmp_path / "odd").exists()
+
+    workers = two_processes(*common, "--stop-at", "2", "--out", run)
+    (code0, out0, err0), (code1, out1, err1) = workers
+    assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
     first = json.loads(out0)  # stdout holds the JSON alone: gloo's lines go to stderr
     assert [r["step"] for r in first["history"]] == [1, 2]
     assert out1 == "" and not any(line.startswith("mesh ") for line in err1.splitlines())
@@ -236,15 +252,21 @@ def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
     assert writers == {"ocdbt.process_0", "ocdbt.process_1"}  # each process its own shards
     assert runfolder.WEIGHTS in files
 
+    (code0, out0, err0), (code1, _, err1) = two_processes(
+        *common, "--resume", "--stop-at", "3", "--out", run, meshes=["fsdp=4,tensor=2"] * 2)
+    assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
+    second = json.loads(out0)
+    assert [r["step"] for r in second["history"]] == [3]
     resumed = subprocess.run(
         [sys.executable, "-m", "flax_gpt", *common, "--mesh", MESHES[0], "--out", str(run),
          "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "XLA_FLAGS": EIGHT})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["step"] for r in json.loads(resumed.stdout)["history"]] == [3, 4]
+    third = json.loads(resumed.stdout)
+    assert [r["step"] for r in third["history"]] == [4]
     unbroken = run_cli_here(*common, "--out", single)
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
-    losses = [r["loss"] for r in first["history"] + json.loads(resumed.stdout)["history"]]
+    losses = [r["loss"] for r in first["history"] + second["history"] + third["history"]]
     np.testing.assert_allclose(losses, [r["loss"] for r in json.loads(unbroken.stdout)["history"]],
                                rtol=0, atol=LOSS_TOL)
     (_, ours), (_, theirs) = (weights.load(r / runfolder.WEIGHTS) for r in (run, single))

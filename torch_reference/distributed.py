@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
 from flax_gpt.core import loop, runfolder, weights
@@ -121,16 +121,11 @@ class FSDPBackend(DDPBackend):
             return super().load(folder)
         # a checkpoint of one process or DDP: loaded whole here, then split by FSDP's own
         # full-state-dict loaders
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         whole = TorchBackend(self.config, self.tc, device=self.device)
         whole.load(folder)
-        state, full = whole.state_dicts(), StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, state["model"], options=full)
-        set_optimizer_state_dict(self.model, self.train_step.optimizer, state["optim"],
-                                 options=full)
+        self.set_state_dicts(whole.state_dicts(), StateDictOptions(full_state_dict=True))
 
 
 def check(batch_size, ranks, fsdp=False):
@@ -181,13 +176,16 @@ def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_
     results = mp.get_context("spawn").SimpleQueue()
     try:
         mp.spawn(_spawned, args=(nproc, f"tcp://127.0.0.1:{port}", job, results), nprocs=nproc)
-    except ProcessException:
+    except ProcessException as e:
         errors = []
         while not results.empty():
             kind, payload = results.get()
             errors += [payload] if kind == "error" else []
         if errors:  # a rank's FlaxGPTError, raised here again as one line
             raise FlaxGPTError(errors[0]) from None
+        if isinstance(e, ProcessExitedException):  # killed, or out of memory: not a bug here
+            raise FlaxGPTError(f"{e.msg.strip().replace('process', 'rank', 1)}; the run folder "
+                               f"keeps its last checkpoint: continue with --resume") from None
         raise
     return results.get()[1]
 

@@ -135,8 +135,6 @@ class TorchBackend:
 
     def _load_sharded(self, path):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                             set_optimizer_state_dict)
 
         state = self.state_dicts()  # each tensor laid out as this backend holds it
         try:
@@ -145,5 +143,14 @@ class TorchBackend:
                 dcp.load(state, checkpoint_id=str(path))
         except (OSError, RuntimeError, ValueError, KeyError, dcp.CheckpointException) as e:
             raise CheckpointError(f"{path} cannot be restored: {e}") from None
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.train_step.optimizer, state["optim"])
+        self.set_state_dicts(state)
+
+    def set_state_dicts(self, state, options=None):
+        """Load `state_dicts()`'s kind of state (`options`: torch.distributed.checkpoint's
+        StateDictOptions, e.g. whole tensors into a sharded model)."""
+        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.train_step.optimizer, state["optim"],
+                                 options=options)

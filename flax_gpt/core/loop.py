@@ -57,7 +57,8 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
     writing the run folder.
 
     Returns the per-step records (step, loss, lr, grad_norm, ...) and evaluations. Ctrl-C
-    finishes the step under way, saves a checkpoint and raises KeyboardInterrupt. A loss or
+    finishes the step under way, saves a checkpoint and raises KeyboardInterrupt (in a run
+    of one process; a run on several stops at once, keeping its last checkpoint). A loss or
     gradient norm that is not finite stops the run with DivergedError, keeping the last good
     checkpoint. `progress`: see Progress (None: a bar on a terminal, else plain lines).
     `writer`: an optional metrics sink with `add_scalar(tag, value, step)` and `close()`
@@ -135,8 +136,11 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
 
     step = start
     metrics_file = open(Path(run) / METRICS, "a", encoding="utf-8") if primary else None
+    # Ctrl-C reaches each process of a run on several at its own step, and a checkpoint is
+    # a step they take together: there it stops at once, and the last checkpoint is kept
+    alone = not getattr(backend, "collective", False) and getattr(backend, "world", 1) == 1
     try:
-        with _deferred_interrupt() as interrupted:
+        with _deferred_interrupt(alone) as interrupted:
             while step < end and not interrupted():
                 x, y = step_batch(stream, step, tc.grad_accum)
                 pending.append((step, backend.step(step, x, y)))
@@ -240,10 +244,10 @@ def _duration(seconds):
 
 
 @contextlib.contextmanager
-def _deferred_interrupt():
+def _deferred_interrupt(enabled=True):
     """Ctrl-C sets a flag that the loop reads between steps, so a step is never cut in half."""
     hit = []
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
     previous = signal.signal(signal.SIGINT, lambda *_: hit.append(True))

@@ -296,17 +296,15 @@ def save_checkpoint(run, backend, step, keep, *, primary=True):
             _write_checkpoint(folder, backend, step, backend.save)
             _publish(run, folder, keep)
         return folder
-    if not primary:
-        backend.barrier(f"{folder.name} folder")  # the primary has made the temporary folder
-        backend.save(shared_tmp(folder))
-        backend.barrier(f"{folder.name} written")
-        return folder
 
     def save(tmp):
-        backend.barrier(f"{folder.name} folder")
+        backend.barrier(f"{folder.name} folder")  # the primary has made the temporary folder
         backend.save(tmp)
-        backend.barrier(f"{folder.name} written")
+        backend.barrier(f"{folder.name} written")  # by every process, before it is renamed
 
+    if not primary:
+        save(shared_tmp(folder))
+        return folder
     _write_checkpoint(folder, backend, step, save, shared=True)
     _publish(run, folder, keep)
     return folder
