@@ -211,15 +211,15 @@ def two_processes(*args, meshes=(MESHES[-1], MESHES[-1])):
                                 text=True, env={**os.environ, "XLA_FLAGS": FOUR},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for i, mesh in enumerate(meshes)]
-    return [(w.returncode, *w.communicate(timeout=600)) for w in workers]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    return [(w.returncode, *output) for w, output in zip(workers, outputs)]
 
 
 def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
     """`flax-gpt train` as two JAX processes of 4 fake devices each, on 2x2x2, stopped at
     step 2: each process writes its own shards of the checkpoint (orbax), process 0 alone
-    everything else. Two processes resume it on another mesh to step 3; one process of 8
-    devices laid out 8x1x1 goes on to step 4, and the step-2 checkpoint restores onto one
-    device exactly. The run, joined up, is held to an unbroken run on one device. Processes
+    everything else. Two processes resume it on another mesh to step 3, held to an unbroken
+    run on one device, and the step-2 checkpoint restores onto one device exactly. Processes
     started with different settings are all refused, each in one line."""
     from flax_gpt.core.hparams import TrainConfig
     from flax_gpt.train import FlaxBackend
@@ -230,9 +230,13 @@ def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
 
     for code, out, err in two_processes(*common, "--out", tmp_path / "odd",
                                         meshes=("data=8", "fsdp=8")):
-        lines = [line for line in err.splitlines() if not line.startswith("[Gloo]")]
-        assert code == 2 and out == "" and len(lines) == 1, err[-2000:]
-        assert "process 1 was started with other settings than process 0" in lines[0]
+        # what is not gloo's connection lines (which may interleave with it, mid-line)
+        ours = [line for line in err.splitlines() if "peer ranks" not in line and line.strip()]
+        assert code == 2 and out == "" and len(ours) == 1 and "Traceback" not in err, err
+        assert ours[0].endswith("flax-gpt train: error: process 1 was started with other "
+                                "settings than process 0 (--mesh, --out or training options): "
+                                "start every process with the same flags, only --process-id "
+                                "differing"), ours
     assert not (tmp_path / "odd").exists()
 
     workers = two_processes(*common, "--stop-at", "2", "--out", run)
@@ -257,16 +261,9 @@ def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
     assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
     second = json.loads(out0)
     assert [r["step"] for r in second["history"]] == [3]
-    resumed = subprocess.run(
-        [sys.executable, "-m", "flax_gpt", *common, "--mesh", MESHES[0], "--out", str(run),
-         "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "XLA_FLAGS": EIGHT})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    third = json.loads(resumed.stdout)
-    assert [r["step"] for r in third["history"]] == [4]
-    unbroken = run_cli_here(*common, "--out", single)
+    unbroken = run_cli_here(*common, "--stop-at", "3", "--out", single)
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
-    losses = [r["loss"] for r in first["history"] + second["history"] + third["history"]]
+    losses = [r["loss"] for r in first["history"] + second["history"]]
     np.testing.assert_allclose(losses, [r["loss"] for r in json.loads(unbroken.stdout)["history"]],
                                rtol=0, atol=LOSS_TOL)
     (_, ours), (_, theirs) = (weights.load(r / runfolder.WEIGHTS) for r in (run, single))
