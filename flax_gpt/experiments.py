@@ -257,14 +257,17 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
                        stop_at=stop_at)
     config, stream = make_stream(config, tc, data=data, synthetic=synthetic)
     record = runfolder.run_record(framework, config, tc, stream)
-    if processes is None:  # a JAX job's processes check it together, once joined
-        runfolder.check_start(out, record, resume=resume, stop_at=stop_at)
-    ranks = 1
+    ranks, other_rank = 1, False
     if framework == "torch":
         from torch_reference import distributed
 
-        ranks = int(os.environ["WORLD_SIZE"]) if distributed.under_torchrun() else nproc
+        torchrun = distributed.under_torchrun()
+        ranks = int(os.environ["WORLD_SIZE"]) if torchrun else nproc
+        other_rank = torchrun and int(os.environ["RANK"]) != 0
         distributed.check(tc.batch_size, ranks, fsdp)
+    if processes is None:  # a JAX job's processes check it together, once joined
+        # rank 0 alone probes the lock: two probes at once would see each other's
+        runfolder.check_start(out, record, resume=resume, stop_at=stop_at, locked=other_rank)
     if ranks > 1:
         device = torch_device(device)
         # each rank holds a whole model on its rows (FSDP less); on the CPU the ranks share the
