@@ -287,8 +287,8 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
         from flax_gpt.mesh import agree, join
 
         primary = join(processes) == 0
-        settings = json.dumps([record, str(MeshShape.parse(mesh) if isinstance(mesh, str) else mesh),
-                               str(Path(out).resolve()), resume, stop_at,
+        shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh  # spelled alike
+        settings = json.dumps([record, str(shape), str(Path(out).resolve()), resume, stop_at,
                                log_every, eval_every, eval_batches, checkpoint_every, keep])
         try:  # process 0 alone probes the lock: two probes at once would see each other's
             runfolder.check_start(out, record, resume=resume, stop_at=stop_at,

@@ -124,7 +124,8 @@ def _compare(config, tc, out, stream, record, noise_floor, device, log_every, ev
               "max_abs_loss_diff": float(diff.max()), "final_abs_loss_diff": float(diff[-1]),
               "gap_bar": GAP_BAR, "first_step_above": first_above(diff, GAP_BAR),
               "frameworks": results, "flax_mesh": None if mesh is None else str(mesh),
-              "torch_ranks": nproc, "torch_sharding": ("fsdp" if fsdp else "ddp") if nproc > 1 else None,
+              "torch_ranks": nproc,
+              "torch_sharding": ("fsdp" if fsdp else "ddp") if nproc > 1 else None,
               **environment(record, torch_device=device)}
     floor = None
     if noise_floor:
