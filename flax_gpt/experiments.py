@@ -287,18 +287,22 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
         from flax_gpt.mesh import agree, join
 
         primary = join(processes) == 0
-        shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh  # spelled alike
-        settings = json.dumps([record, str(shape), str(Path(out).resolve()), resume, stop_at,
-                               log_every, eval_every, eval_batches, checkpoint_every, keep])
-        try:  # process 0 alone probes the lock: two probes at once would see each other's
+        shape, problem = mesh, None
+        try:  # what each process might refuse, before they agree to go on
+            shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh  # spelled alike
+            # process 0 alone probes the lock: two probes at once would see each other's
             runfolder.check_start(out, record, resume=resume, stop_at=stop_at,
                                   locked=not primary)
-            problem = None
+            check_memory(config, tc.batch_size, f"training {framework}", training=True,
+                         attention=tc.attention, places=[(framework, device)])
         except FlaxGPTError as e:
             problem = e
+        settings = json.dumps([record, str(shape), str(Path(out).resolve()), resume, stop_at,
+                               log_every, eval_every, eval_batches, checkpoint_every, keep])
         agree(settings, problem)  # and none writes in the folder before all checked it
-    check_memory(config, tc.batch_size, f"training {framework}", training=True,
-                 attention=tc.attention, places=[(framework, device)])
+    else:
+        check_memory(config, tc.batch_size, f"training {framework}", training=True,
+                     attention=tc.attention, places=[(framework, device)])
     trainer = backend(framework, config, tc, device=device, mesh=mesh)
     if mesh is not None and log and primary:
         for line in trainer.layout.lines:

@@ -50,7 +50,13 @@ def agree(settings, problem=None):
 
     digest = int.from_bytes(hashlib.sha256(settings.encode()).digest()[:4], "little") >> 1
     mine = np.array([digest, problem is not None], np.int32)  # int32: JAX's default width
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    try:
+        every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    except Exception as e:  # JaxRuntimeError, whose class moved between JAX versions
+        if problem is not None:
+            raise problem from None
+        raise MeshError(f"another process left the job before the processes agreed to start "
+                        f"(its stderr says why): {str(e).splitlines()[0][:200]}") from None
     if problem is not None:
         raise problem
     refused = np.flatnonzero(every[:, 1]).tolist()

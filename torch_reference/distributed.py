@@ -128,12 +128,13 @@ class FSDPBackend(DDPBackend):
         self.set_state_dicts(whole.state_dicts(), StateDictOptions(full_state_dict=True))
 
 
-def check(batch_size, ranks, fsdp=False):
+def check(batch_size, ranks, fsdp=False, torchrun=True):
     """Refuse (FlaxGPTError, one line) a run on `ranks` ranks that could not start, before
-    any does: --fsdp on one rank or on a torch without FSDP2, a batch that does not split."""
+    any does: --fsdp on one rank or on a torch without FSDP2, a batch that does not split.
+    `torchrun`: the command may also run under torchrun (train; compare may not)."""
     if fsdp and ranks < 2:
-        raise FlaxGPTError("--fsdp shards over several ranks: give --nproc N (N > 1) or start "
-                           "the ranks with torchrun")
+        raise FlaxGPTError("--fsdp shards over several ranks: give --nproc N (N > 1)" +
+                           " or start the ranks with torchrun" * torchrun)
     check_batch(batch_size, ranks)
     if fsdp:
         check_fsdp()
@@ -184,8 +185,11 @@ def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_
         if errors:  # a rank's FlaxGPTError, raised here again as one line
             raise FlaxGPTError(errors[0]) from None
         if isinstance(e, ProcessExitedException):  # killed, or out of memory: not a bug here
-            raise FlaxGPTError(f"{e.msg.strip().replace('process', 'rank', 1)}; the run folder "
-                               f"keeps its last checkpoint: continue with --resume") from None
+            saved = runfolder.checkpoints(out)
+            then = (f"the run folder keeps its last checkpoint, step "
+                    f"{runfolder.checkpoint_step(saved[-1])}: continue with --resume" if saved
+                    else "no checkpoint was written: run the same command again")
+            raise FlaxGPTError(f"{e.msg.strip().replace('process', 'rank', 1)}; {then}") from None
         raise
     return results.get()[1]
 

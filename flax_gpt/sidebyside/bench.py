@@ -341,10 +341,12 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
     for name in [n for n, v in built.items() if v.devices > 1]:  # the same batch on one device
         names.append(name + ON_ONE_DEVICE)
         print(f"  building {names[-1]} ...", file=sys.stderr, flush=True)
-        try:
+        try:  # a model that only fits sharded has no one-device baseline
+            experiments.check_memory(config, batch_size, f"{names[-1]} (scaling's baseline)",
+                                     training=True, attention=attention)
             built[names[-1]], results[names[-1]] = build_variant(
                 name, config, tensors, tc, x, y, warmup=warmup, device=device)
-        except Skip as e:
+        except (Skip, FlaxGPTError) as e:
             results[names[-1]] = {"skipped": str(e)}
 
     round_peaks = {} if on_gpu else {kind(name): [] for name in built}

@@ -65,7 +65,7 @@ def run(config, tc, *, out, data=None, synthetic=False, noise_floor=False, devic
     if nproc > 1 or fsdp:
         from torch_reference import distributed
 
-        distributed.check(tc.batch_size, nproc, fsdp)
+        distributed.check(tc.batch_size, nproc, fsdp, torchrun=False)
     record = apply_precision(tc.precision)
     config, stream = experiments.make_stream(config, tc, data=data, synthetic=synthetic)
     for framework, place in (("flax", None), ("torch", device)):  # one after the other
