@@ -166,6 +166,14 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
                     print(f"interrupted: saved a checkpoint at step {step} in {run}; continue "
                           f"with --resume", file=sys.stderr)
                 raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if primary and not alone:  # stopped at once, mid-step (see above)
+            shown.close()
+            print(f"interrupted: a run on several processes stops without saving; " +
+                  (f"continue from its last checkpoint, step {saved}, with --resume"
+                   if saved is not None else "no checkpoint was written: run the same command "
+                   "again"), file=sys.stderr)
+        raise
     finally:
         if metrics_file:
             metrics_file.close()
