@@ -302,11 +302,12 @@ def compare_forward(fm, tm, ids, labels, precision_name="highest", truth=None):
 
 # ---- training --------------------------------------------------------------------------------
 
-def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
+def train_both(config, tensors, batches, tc, *, torch_device="cpu", on_step=None):
     """Train both frameworks from `tensors` on the same `batches` (a list of (x, y) with
     shape (grad_accum, B, T)); in float32 `highest`, each step's labels are kink-masked from
-    the two models' own forwards at that step. Returns (flax losses, torch losses, flax
-    parameters, torch parameters, kept share of each step)."""
+    the two models' own forwards at that step. `on_step(i, flax parameters, torch
+    parameters)` (canonical tensors) is called after each optimizer step when given. Returns
+    (flax losses, torch losses, flax parameters, torch parameters, kept share of each step)."""
     fm, tm = build_pair(config, tensors, tc.precision, tc.attention, torch_device=torch_device)
     fm.train()
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
@@ -327,6 +328,8 @@ def train_both(config, tensors, batches, tc, *, torch_device="cpu"):
                                           jax.random.fold_in(key, i))
         f_losses.append(metrics["loss"])
         t_losses.append(torch_step(i, *(torch.from_numpy(a).long().to(torch_device) for a in (x, y)))["loss"])
+        if on_step:
+            on_step(i, flax_model.canonical(params, config), torch_model.canonical(tm))
         shown.update(i + 1)
     shown.close()
     return (np.asarray(jax.device_get(f_losses), np.float64),
