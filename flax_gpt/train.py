@@ -157,6 +157,10 @@ def shared_step(key, make):
     return _STEPS[key]
 
 
+def _nonfinite_counts(params):
+    return jax.tree.map(lambda a: jnp.sum(~jnp.isfinite(a)), params)
+
+
 class FlaxBackend:
     """The Flax side of flax_gpt.core.loop.train: model state, jitted step, checkpoint I/O."""
 
@@ -223,6 +227,15 @@ class FlaxBackend:
         if self.collective:
             return canonical(self.layout.gather(self.params), self.config)
         return canonical(self.params, self.config)
+
+    def check_finite(self):
+        """Raise NonFiniteError naming the first canonical tensor that holds NaN or Inf, as
+        weights.save would. With several processes a collective: the counts are reduced over
+        the global arrays and come back replicated, so every process raises alike."""
+        out = {} if self.layout is None else {"out_shardings": self.layout.replicated}
+        counts = nnx.to_pure_dict(jax.jit(_nonfinite_counts, **out)(self.params))
+        weights.refuse_nonfinite((name, int(weights.flax_leaf(counts, name)))
+                                 for name in weights.canonical_shapes(self.config))
 
     def save(self, folder):
         """The checkpoint files into `folder`: the canonical weights, gathered, and the

@@ -7,6 +7,7 @@ is each run's two spawned ranks.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -118,3 +119,54 @@ def check_fsdp(run, unbroken, one):
         np.testing.assert_array_equal(tensor, saved[name], err_msg=name)
     adam = restored.train_step.optimizer.state_dict()["state"]
     assert len(adam) == len(saved) and all(float(s["step"]) == 4 for s in adam.values())
+
+
+def poisoned_run(args, env, timeout=600):
+    """`flax-gpt ARGS` through tests/poisoned.py (the parameters NaN after a chosen step)."""
+    return subprocess.run([sys.executable, "tests/poisoned.py", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+def diverged_at_4(run, config):
+    """The one line a run of one process stops with when its step-4 weights hold NaN."""
+    n = int(np.prod(weights.canonical_shapes(config)["embed.token.weight"]))
+    return (f"flax-gpt train: error: step 4: the weights hold NaN or Inf (tensor "
+            f"'embed.token.weight' holds {n} NaN or Inf value(s)), so training diverged and "
+            f"stopped; its last good checkpoint, step 2, is kept in {run}. Lower --lr (or keep "
+            f"--grad-clip on) and train again")
+
+
+def check_refused_at_4(result, run, saves, config):
+    """Exit 2 with the one line of one process, nothing of checkpoint 4 written by any rank,
+    and checkpoint 2 kept whole and restorable."""
+    errors = [line for line in result.stderr.splitlines()
+              if line.strip() and not line.startswith("step ")]  # not the progress lines
+    assert result.returncode == 2 and errors == [diverged_at_4(run, config)], result.stderr
+    written = saves.read_text().split()
+    assert written and all("step_00000002" in name for name in written), written
+    assert sorted(p.name for p in (run / runfolder.CHECKPOINTS).iterdir()) == ["step_00000002"]
+    _, latest = weights.load(run / runfolder.WEIGHTS)  # refuses NaN: these are step 2's
+    record = runfolder.read_record(run)
+    restored = TorchBackend(GPTConfig.from_dict(record["model"]), TrainConfig(**record["train"]))
+    restored.load(run / runfolder.CHECKPOINTS / "step_00000002")
+    for name, tensor in restored.canonical().items():
+        np.testing.assert_array_equal(tensor, latest[name], err_msg=name)
+
+
+def test_no_rank_writes_a_checkpoint_of_non_finite_weights(tmp_path):
+    """The parameters turn NaN in step 4, whose loss is still finite (tests/poisoned.py):
+    under DDP on rank 1 alone (a replica gone bad, which rank 0, the one that writes, does
+    not see in its own weights), under FSDP2 on every rank's shards. The ranks agree before
+    any of them writes a file of checkpoint 4, and the run stops as one process does: exit
+    2, one line, checkpoint 2 kept and restorable."""
+    config = GPTConfig.preset("tiny")
+    common = ["train", "--framework", "torch", "--preset", "tiny", "--synthetic", "--steps", "4",
+              "--batch-size", "4", "--warmup-steps", "1", "--checkpoint-every", "2",
+              "--eval-every", "0", "--nproc", "2"]
+    legs = [("ddp", [], {"POISON_RANK": "1"})] + [("fsdp", ["--fsdp"], {})] * has_fsdp2()
+    for name, args, env in legs:
+        run, saves = tmp_path / name, tmp_path / f"{name}.saves"
+        result = poisoned_run([*common, *args, "--out", run],
+                              {"POISON_STEP": "3", "SAVES_LOG": str(saves), **env})
+        check_refused_at_4(result, run, saves, config)

@@ -199,17 +199,18 @@ def test_cli_on_a_mesh(tmp_path):
     assert flax["loss"] == pytest.approx(torch["loss"], abs=1e-4)  # the same step, laid out
 
 
-def two_processes(*args, meshes=(MESHES[-1], MESHES[-1])):
+def two_processes(*args, meshes=(MESHES[-1], MESHES[-1]), main=("-m", "flax_gpt"), env=None):
     """`flax-gpt ARGS --mesh MESH` as the two processes of one JAX job, 4 fake devices each,
-    each given its mesh from `meshes`: [(returncode, stdout, stderr)] of process 0, then 1."""
+    each given its mesh from `meshes`: [(returncode, stdout, stderr)] of process 0, then 1.
+    `main`: what runs the CLI (a script such as tests/poisoned.py); `env`: more variables."""
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "flax_gpt", *map(str, args), "--coordinator",
-               f"127.0.0.1:{port}", "--num-processes", "2"]
+    command = [sys.executable, *main, *map(str, args), "--coordinator", f"127.0.0.1:{port}",
+               "--num-processes", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": FOUR, **(env or {})}
     workers = [subprocess.Popen(command + ["--mesh", mesh, "--process-id", str(i)], cwd=REPO,
-                                text=True, env={**os.environ, "XLA_FLAGS": FOUR},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for i, mesh in enumerate(meshes)]
     outputs = [w.communicate(timeout=600) for w in workers]
     return [(w.returncode, *output) for w, output in zip(workers, outputs)]
@@ -277,3 +278,38 @@ def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
     for name, tensor in one.canonical().items():
         np.testing.assert_array_equal(tensor, saved[name], err_msg=name)
     assert int(one.opt_state[1][0].count) == 2  # AdamW's step count came back too
+
+
+def test_two_processes_write_no_shard_of_non_finite_weights(tmp_path):
+    """The parameters turn NaN in step 4, whose loss is still finite (tests/poisoned.py), on
+    two JAX processes of 4 fake devices each: they agree before either writes a shard of
+    checkpoint 4, and each stops as one process does, exit 2 with its one line; checkpoint 2
+    is kept and restores onto one device."""
+    from flax_gpt.core.hparams import TrainConfig
+    from flax_gpt.train import FlaxBackend
+
+    run, saves = tmp_path / "run", tmp_path / "saves"
+    config = GPTConfig.preset("tiny")
+    n = int(np.prod(weights.canonical_shapes(config)["embed.token.weight"]))
+    line = (f"flax-gpt train: error: step 4: the weights hold NaN or Inf (tensor "
+            f"'embed.token.weight' holds {n} NaN or Inf value(s)), so training diverged and "
+            f"stopped; its last good checkpoint, step 2, is kept in {run}. Lower --lr (or keep "
+            f"--grad-clip on) and train again")
+    for code, out, err in two_processes(
+            "train", "--preset", "tiny", "--synthetic", "--batch-size", "8", "--steps", "4",
+            "--warmup-steps", "1", "--checkpoint-every", "2", "--eval-every", "0", "--out", run,
+            main=["tests/poisoned.py"], env={"POISON_STEP": "3", "SAVES_LOG": str(saves)}):
+        # not gloo's connection lines (on either stream), the mesh's table or the progress
+        # lines of process 0
+        ours = [text for text in err.splitlines() if "error" in text]
+        assert code == 2 and ours == [line] and "Traceback" not in err, err[-3000:]
+        assert not [text for text in out.splitlines() if "peer ranks" not in text], out
+    written = saves.read_text().split()
+    assert written == [".step_00000002.tmp"] * 2  # by each process, its shards; none of step 4
+    assert sorted(p.name for p in (run / runfolder.CHECKPOINTS).iterdir()) == ["step_00000002"]
+    checkpoint = run / runfolder.CHECKPOINTS / "step_00000002"
+    _, latest = weights.load(run / runfolder.WEIGHTS)  # refuses NaN: these are step 2's
+    one = FlaxBackend(config, TrainConfig(steps=4, batch_size=8, warmup_steps=1))
+    one.load(checkpoint)  # its shards, onto one device
+    for name, tensor in one.canonical().items():
+        np.testing.assert_array_equal(tensor, latest[name], err_msg=name)

@@ -19,6 +19,7 @@ the same number of labels, which SPEC.md's labels give (seq_len - 1 in every row
 that breaks this is refused rather than averaged wrongly.
 """
 
+import logging
 import os
 import socket
 import warnings
@@ -40,6 +41,8 @@ from torch_reference.train import TorchBackend, TrainStep
 class DDPBackend(TorchBackend):
     """TorchBackend on one rank of a process group: the model wrapped in DDP for the train
     step, each global batch cut to this rank's rows, the loss averaged over the ranks."""
+
+    collective = False  # every rank holds the whole state: rank 0 alone writes checkpoints
 
     def __init__(self, config, tc, tensors=None, *, device="cpu"):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -66,6 +69,17 @@ class DDPBackend(TorchBackend):
             raise FlaxGPTError(f"step {index}: the ranks' rows hold {per_rank.tolist()} labels; "
                                f"data parallel training needs the same number on every rank")
         return super().step(index, self.rows(x), self.rows(y))
+
+    def check_finite(self):
+        """Raise NonFiniteError naming the first canonical tensor that holds NaN or Inf, as
+        weights.save would, on every rank alike (a collective): each rank counts what it
+        holds, and the counts are summed over the shards of FSDP, or the largest taken of
+        DDP's replicas."""
+        held = self.model.state_dict()  # canonical names; DTensors of local shards under FSDP
+        counts = torch.stack([(~torch.isfinite(getattr(t, "to_local", lambda: t)())).sum()
+                              for t in held.values()])
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM if self.collective else dist.ReduceOp.MAX)
+        weights.refuse_nonfinite(zip(held, counts.tolist()))
 
     def fetch(self, metrics):
         """The metrics of one step: the loss averaged over the ranks (a collective, which every
@@ -175,6 +189,11 @@ def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
+    # once a rank failed, spawn terminates the others with a warning line each: the failure
+    # is reported below, in one line
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
     try:
         mp.spawn(_spawned, args=(nproc, f"tcp://127.0.0.1:{port}", job, results), nprocs=nproc)
     except ProcessException as e:
@@ -191,6 +210,8 @@ def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_
                     else "no checkpoint was written: run the same command again")
             raise FlaxGPTError(f"{e.msg.strip().replace('process', 'rank', 1)}; {then}") from None
         raise
+    finally:
+        spawn_log.setLevel(level)
     return results.get()[1]
 
 

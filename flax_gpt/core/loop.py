@@ -20,7 +20,8 @@ import numpy as np
 from flax_gpt.core.config import check_number
 from flax_gpt.core.errors import DivergedError, NonFiniteError
 from flax_gpt.core.runfolder import (METRICS, check_unfinished, latest_checkpoint,
-                                     load_checkpoint, open_run, save_checkpoint)
+                                     load_checkpoint, open_run, save_checkpoint,
+                                     spans_processes)
 from flax_gpt.core.streams import check_stream, step_batch
 
 PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines (a log, not a terminal)
@@ -58,8 +59,9 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
 
     Returns the per-step records (step, loss, lr, grad_norm, ...) and evaluations. Ctrl-C
     finishes the step under way, saves a checkpoint and raises KeyboardInterrupt (in a run
-    of one process; a run on several stops at once, keeping its last checkpoint). A loss or
-    gradient norm that is not finite stops the run with DivergedError, keeping the last good
+    of one process; a run on several stops at once, keeping its last checkpoint). A loss,
+    gradient norm or checkpoint's weights that are not finite stop the run with
+    DivergedError (every process of a run on several alike), keeping the last good
     checkpoint. `progress`: see Progress (None: a bar on a terminal, else plain lines).
     `writer`: an optional metrics sink with `add_scalar(tag, value, step)` and `close()`
     (TensorBoard's SummaryWriter), which the loop closes.
@@ -138,7 +140,7 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
     metrics_file = open(Path(run) / METRICS, "a", encoding="utf-8") if primary else None
     # Ctrl-C reaches each process of a run on several at its own step, and a checkpoint is
     # a step they take together: there it stops at once, and the last checkpoint is kept
-    alone = not getattr(backend, "collective", False) and getattr(backend, "world", 1) == 1
+    alone = not spans_processes(backend)
     try:
         with _deferred_interrupt(alone) as interrupted:
             while step < end and not interrupted():

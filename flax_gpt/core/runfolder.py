@@ -280,6 +280,12 @@ def checkpoint_step(folder):
     return int(Path(folder).name.removeprefix("step_"))
 
 
+def spans_processes(backend):
+    """Whether `backend` is one process of a run on several: its state spread over them
+    (`collective`), or held whole by each of its `world` ranks (data parallel)."""
+    return getattr(backend, "collective", False) or getattr(backend, "world", 1) > 1
+
+
 def save_checkpoint(run, backend, step, keep, *, primary=True):
     """Write checkpoint `step` of `backend` into `run`, keeping the last `keep`.
 
@@ -287,9 +293,15 @@ def save_checkpoint(run, backend, step, keep, *, primary=True):
     state is spread over processes (`backend.collective`) is saved by every process at once:
     each writes its own shards into one temporary folder (`backend.save`), and the primary
     then checksums it and renames it into place, between barriers that every process meets.
+    Weights holding NaN or Inf are refused (NonFiniteError) before anything is written: on
+    several processes by all of them alike (`backend.check_finite`, a collective).
     """
     run = Path(run)
     folder = run / CHECKPOINTS / f"step_{step:08d}"
+    if spans_processes(backend):
+        # weights.save checks only the gathered weights, on the primary, after every process
+        # wrote its shards; and a rank that stopped alone would leave the others waiting
+        backend.check_finite()
     collective = getattr(backend, "collective", False)
     if not collective:
         if primary:

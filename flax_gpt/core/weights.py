@@ -81,10 +81,17 @@ def precision_of(tensors):
 
 def check_finite(tensors):
     """Raise NonFiniteError naming the first tensor that holds NaN or Inf."""
-    for name, tensor in tensors.items():
-        if not np.isfinite(tensor).all():
-            n = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))
-            raise NonFiniteError(f"tensor {name!r} holds {n} NaN or Inf value(s)")
+    refuse_nonfinite((name, np.size(t) - np.count_nonzero(np.isfinite(t)))
+                     for name, t in tensors.items())
+
+
+def refuse_nonfinite(counts):
+    """Raise NonFiniteError naming the first of `counts` ((name, how many of its values are
+    NaN or Inf) pairs, in canonical order) with any: also the check of a state spread over
+    processes, whose backends count their own shards and add the counts up."""
+    for name, n in counts:
+        if n:
+            raise NonFiniteError(f"tensor {name!r} holds {int(n)} NaN or Inf value(s)")
 
 
 def save(path, config, tensors, *, allow_nonfinite=False):
@@ -197,15 +204,21 @@ def from_flax(config, tree):
     """The pure-dict Flax parameter tree -> canonical tensors (numpy, state_dict order)."""
     tensors = {}
     for name in canonical_shapes(config):
-        path, leaf = _flax_path(name)
-        node = tree
-        try:
-            for part in (*path, leaf):
-                node = node[part]
-        except (KeyError, TypeError):
-            raise WeightsError(f"Flax parameters have no {'/'.join(map(str, (*path, leaf)))} "
-                               f"for canonical tensor {name!r}") from None
-        array = np.asarray(node)
-        tensors[name] = np.ascontiguousarray(array.T) if leaf == "kernel" else array
+        array = np.asarray(flax_leaf(tree, name))
+        tensors[name] = np.ascontiguousarray(array.T) if flax_key(name)[1] else array
     check(config, tensors)
     return tensors
+
+
+def flax_leaf(tree, name):
+    """The leaf of canonical tensor `name` in a pure-dict Flax tree, as the tree holds it (a
+    kernel transposed), or whatever a tree of the parameters' shape holds there."""
+    key, _ = flax_key(name)
+    node = tree
+    try:
+        for part in key:
+            node = node[part]
+    except (KeyError, TypeError):
+        raise WeightsError(f"Flax parameters have no {'/'.join(map(str, key))} for canonical "
+                           f"tensor {name!r}") from None
+    return node
