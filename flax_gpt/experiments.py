@@ -163,24 +163,35 @@ def memory_limit(framework, device=None):
 
 
 def check_memory(config, batch_size, what, *, training, attention="explicit", places=(("flax", None),),
-                 kv_cache=False, hint=memory.SMALLER):
+                 kv_cache=False, hint=memory.SMALLER, precision="highest", mesh=None):
     """Refuse `config` (ConfigError, one line) where it cannot fit: one model in each of
     `places` ((framework, torch device) pairs, all resident at once), on `batch_size` rows
-    (with decoding's key/value cache: `kv_cache`); `hint` says what to change. Before anything is built or compiled:
-    otherwise the OOM killer ends the run, silently."""
+    (with decoding's key/value cache: `kv_cache`) at `precision`; `hint` says what to change.
+    Before anything is built or compiled: otherwise the OOM killer ends the run, silently.
+    `mesh` (a MeshShape or its text): the Flax model is sharded over it, and each device
+    holds its share (memory.estimate); held to one device's memory on a GPU, and on the host
+    as this process's devices of the mesh together, since they share its memory."""
+    shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
     needs = {}
     for framework, device in places:
         limit, where = memory_limit(framework, device)
+        sharded = shape if framework == "flax" else None
         # flash kernels (fused attention on a GPU) never hold the T x T scores
         need = memory.estimate(config, batch_size, training=training, kv_cache=kv_cache,
-                               scores=not (where == GPU_MEMORY and attention == "fused"))
+                               scores=not (where == GPU_MEMORY and attention == "fused"),
+                               precision=precision, mesh=sharded)
+        if sharded is not None and where == HOST_MEMORY:
+            import jax
+
+            need = need * max(1, sharded.size // jax.process_count())
         if where in needs:
             need, limit = needs[where][0] + need, min(filter(None, (limit, needs[where][1])),
                                                       default=None)
         needs[where] = (need, limit)
     for where, (need, limit) in needs.items():
         memory.check(need, f"{what} (batch {batch_size} x seq_len {config.seq_len}, d_model "
-                           f"{config.d_model}, {config.n_layers} layers)", limit=limit, where=where,
+                           f"{config.d_model}, {config.n_layers} layers"
+                           f"{f', mesh {shape}' if shape else ''})", limit=limit, where=where,
                      hint=hint)
 
 
@@ -273,7 +284,7 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
         # each rank holds a whole model on its rows (FSDP less); on the CPU the ranks share the
         # host's memory
         check_memory(config, tc.batch_size // ranks, f"training {framework} on {ranks} ranks",
-                     training=True, attention=tc.attention,
+                     training=True, attention=tc.attention, precision=tc.precision,
                      places=[(framework, device)] * (1 if device.startswith("cuda") else ranks))
         start = time.perf_counter()
         history = distributed.train(
@@ -294,7 +305,8 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
             runfolder.check_start(out, record, resume=resume, stop_at=stop_at,
                                   locked=not primary)
             check_memory(config, tc.batch_size, f"training {framework}", training=True,
-                         attention=tc.attention, places=[(framework, device)])
+                         attention=tc.attention, places=[(framework, device)],
+                         precision=tc.precision, mesh=shape)
         except FlaxGPTError as e:
             problem = e
         settings = json.dumps([record, str(shape), str(Path(out).resolve()), resume, stop_at,
@@ -302,7 +314,8 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
         agree(settings, problem)  # and none writes in the folder before all checked it
     else:
         check_memory(config, tc.batch_size, f"training {framework}", training=True,
-                     attention=tc.attention, places=[(framework, device)])
+                     attention=tc.attention, places=[(framework, device)],
+                     precision=tc.precision, mesh=mesh)
     trainer = backend(framework, config, tc, device=device, mesh=mesh)
     if mesh is not None and log and primary:
         for line in trainer.layout.lines:
@@ -333,9 +346,9 @@ def run_model(run, record, batch_size, what, precision=None, framework="flax"):
         from flax_gpt.model import build
 
     config = GPTConfig.from_dict(record["model"])
-    check_memory(config, batch_size, what, training=False, places=((framework, None),),
-                 kv_cache=what == "generating")
     precision = precision or ("float64" if record["train"].get("precision") == "float64" else "highest")
+    check_memory(config, batch_size, what, training=False, places=((framework, None),),
+                 kv_cache=what == "generating", precision=precision)
     precisions.apply(precision)
     return build(config, runfolder.checkpoint_weights(run, config), precision=precision)
 

@@ -15,6 +15,7 @@ from flax_gpt.core.config import ConfigError, GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import (CheckpointError, DatasetError, DivergedError, NonFiniteError, WeightsError)
 from flax_gpt.core.hparams import TrainConfig, check_sampling
+from flax_gpt.core.sharding import MeshShape, per_device_elements
 from flax_gpt.core.streams import DatasetStream
 from tests.conftest import FakeBackend, text
 from tests.datasets import prepare_dataset
@@ -303,6 +304,68 @@ def test_memory_check_refuses_what_cannot_fit():
         memory.check(need, "training", 10**9, "here")
     memory.check(memory.estimate(CONFIG, 16, training=True), "training", 10**9, "here")
     memory.check(need, "training", None, "nowhere known")  # no limit known: no check
+
+
+def test_memory_estimate_counts_8_bytes_a_value_in_float64():
+    small = GPTConfig.preset("small")
+    single, double = (memory.estimate(small, 16, training=True, precision=p)
+                      for p in ("highest", "float64"))
+    assert double.parts["weights"] == 2 * single.parts["weights"] == 8 * memory.parameter_count(small)
+    assert double.parts == {part: 2 * n for part, n in single.parts.items()}  # activations too
+    # bf16 keeps float32 master weights (its bf16 activations counted as float32)
+    assert memory.estimate(small, 16, training=True, precision="bf16").parts == single.parts
+
+
+def test_memory_estimate_on_a_mesh_is_what_one_device_holds():
+    small = GPTConfig.preset("small")
+    whole = memory.estimate(small, 16, training=True)
+    fsdp = memory.estimate(small, 16, training=True, mesh=MeshShape(fsdp=8))
+    assert fsdp.parts["weights"] == 4 * per_device_elements(small, MeshShape(fsdp=8))
+    # all but pred.bias (11548 values, which 8 does not divide) split 8 ways
+    assert fsdp.parts["weights"] == pytest.approx(whole.parts["weights"] / 8, rel=1e-2)
+    assert fsdp.parts["gradients and AdamW moments"] == 3 * fsdp.parts["weights"]
+    for part in ("activations", "attention scores", "logits"):  # the rows split 8 ways
+        assert fsdp.parts[part] == whole.parts[part] // 8
+    data = memory.estimate(small, 16, training=True, mesh=MeshShape(data=8))
+    assert data.parts["weights"] == whole.parts["weights"]  # replicated
+    assert data.parts["activations"] == whole.parts["activations"] // 8
+    tensor = memory.estimate(small, 16, training=True, mesh=MeshShape(tensor=4))
+    assert tensor.parts["attention scores"] == whole.parts["attention scores"] // 4  # by heads
+    assert tensor.parts["logits"] == whole.parts["logits"] // 4  # by vocabulary, 4 x 2887
+    # residual stream, LayerNorms and projections whole (6 of B x T x d); the rest by 4
+    b, t, d, f = 16, small.seq_len, small.d_model, small.d_ff
+    assert tensor.parts["activations"] == small.n_layers * b * t * (6 * d + d + f // 2) * 4
+    double = memory.estimate(small, 16, training=True, mesh=MeshShape(fsdp=8), precision="float64")
+    assert double.parts == {part: 2 * n for part, n in fsdp.parts.items()}
+
+
+def test_check_memory_holds_a_mesh_to_each_devices_memory_and_float64_to_8_bytes(monkeypatch):
+    from flax_gpt import experiments
+
+    small = GPTConfig.preset("small")
+    whole = memory.estimate(small, 16, training=True).total
+    sharded = memory.estimate(small, 16, training=True, mesh=MeshShape(fsdp=8)).total
+    place = [experiments.GPU_MEMORY]
+
+    def check(limit, **options):
+        monkeypatch.setattr(experiments, "memory_limit", lambda *_: (limit, place[0]))
+        experiments.check_memory(small, 16, "training", training=True, **options)
+
+    # a GPU's memory holds each device's share, not the whole model
+    with pytest.raises(ConfigError, match="training .* needs at least .* of the GPU's memory"):
+        check(whole // 2)
+    check(whole // 2, mesh="fsdp=8")
+    # float64: twice the bytes, sharded or not
+    check(whole * 3 // 2)
+    with pytest.raises(ConfigError, match="needs at least"):
+        check(whole * 3 // 2, precision="float64")
+    check(sharded * 3 // 2, mesh="fsdp=8")
+    with pytest.raises(ConfigError, match="needs at least"):
+        check(sharded * 3 // 2, mesh="fsdp=8", precision="float64")
+    # the mesh's fake CPU devices all hold their shares in the host's one memory
+    place[0] = experiments.HOST_MEMORY
+    with pytest.raises(ConfigError, match="needs at least .* of this machine's physical memory"):
+        check(whole // 2, mesh="fsdp=8")
 
 
 def test_train_refuses_a_config_that_cannot_fit_before_building(tmp_path):

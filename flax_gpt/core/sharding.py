@@ -112,6 +112,12 @@ def tensor_split(name, config):
     return None
 
 
+def tensor_ways(size, mesh):
+    """The parts the tensor axis splits a dimension of `size` (n_heads, d_ff, the vocabulary
+    size) into: mesh.tensor where it divides, else 1 (left whole)."""
+    return mesh.tensor if size % mesh.tensor == 0 else 1
+
+
 def rules(config, mesh):
     """{canonical name: (axis or None per dimension, canonical layout)} for every tensor.
 
@@ -121,7 +127,7 @@ def rules(config, mesh):
     for name, shape in canonical_shapes(config).items():
         spec = [None] * len(shape)
         split = tensor_split(name, config)
-        if mesh.tensor > 1 and split and split[1] % mesh.tensor == 0:
+        if split and tensor_ways(split[1], mesh) > 1:
             spec[split[0]] = "tensor"
         if mesh.fsdp > 1:
             free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % mesh.fsdp == 0]
@@ -162,14 +168,17 @@ def describe(config, mesh):
 
 def per_device_elements(config, mesh):
     """Parameter elements each device holds under `rules` (the AdamW moments hold twice as
-    many): the figure `bench --mesh` measures from the arrays themselves."""
-    sizes, specs = mesh.to_dict(), rules(config, mesh)
+    many): the figure `bench --mesh` measures from the arrays themselves. Every layer is
+    laid out alike, so one is counted for all: the memory check must refuse a config of a
+    million layers, not list them."""
+    one = config.replace(n_layers=1)
+    sizes, specs = mesh.to_dict(), rules(one, mesh)
     total = 0
-    for name, shape in canonical_shapes(config).items():
+    for name, shape in canonical_shapes(one).items():
         n = 1
         for dim, axis in zip(shape, specs[name]):
             n *= dim // sizes[axis] if axis else dim
-        total += n
+        total += n * (config.n_layers if name.startswith("decoder.layers.") else 1)
     return total
 
 
