@@ -215,12 +215,22 @@ def run_parity(args):
     print_table(["quantity", "max abs diff", "max rel diff", "tolerance", "pass", "note"],
                 [[row.quantity, f"{row.max_abs:.3e}", f"{row.max_rel:.3e}",
                   "-" if row.tolerance is None else f"{row.tolerance:.1e}",
-                  "-" if row.passed is None else ("yes" if row.passed else "NO"), row.note]
+                  row.verdict, row.note]
                  for row in r.rows])
     env = r.environment
     print(f"config {json.dumps(r.config, sort_keys=True)}, attention {r.attention}")
-    print(f"precision {args.precision} on {env['jax_device']} (jax) / {env['torch_device']} (torch)"
-          f": {'all within tolerance' if r.passed else 'FAILED: ' + ', '.join(r.failed)}")
+    if r.train_config:
+        tc = r.train_config
+        print(f"AdamW: {tc['steps']} steps of {tc['grad_accum']} x {tc['batch_size']} rows, lr "
+              f"{tc['lr']:g} (warmup {tc['warmup_steps']}, cosine), clip {tc['grad_clip']:.4g} "
+              f"(median gradient norm of the first steps)")
+    verdict = ("FAILED: " + ", ".join(r.failed) if r.failed else
+               "all within tolerance" if r.passed else "nothing was judged")
+    print(f"precision {args.precision} ({env['matmul_dtype']} matmuls) on {env['jax_device']} "
+          f"(jax) / {env['torch_device']} (torch): {verdict}")
+    if r.inconclusive:
+        print("inconclusive (too few labels kept to judge; the float64 judgement decides): "
+              + ", ".join(r.inconclusive))
     if r.divergence:
         print("where they part: " + ", ".join(f"{k} {v}" for k, v in r.divergence.items()))
     if args.json:

@@ -14,7 +14,7 @@ def apply(name):
     jax.config.update("jax_enable_x64", precision.param_dtype_name(name) == "float64")
     jax.config.update("jax_default_matmul_precision",
                       "highest" if precision.full_precision_matmuls(name) else None)
-    return {**precision.record(name), "jax_enable_x64": bool(jax.config.jax_enable_x64),
+    return {**precision.record(name, jax.default_backend()), "jax_enable_x64": bool(jax.config.jax_enable_x64),
             "jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
 
 

@@ -11,13 +11,16 @@ import pytest
 
 from flax_gpt.core.data import IGNORE_INDEX
 from flax_gpt.sidebyside import pair, parity, tolerances
-from flax_gpt.sidebyside.tolerances import GRAD_RTOL, MIN_KEPT_SHARE
+from flax_gpt.sidebyside.tolerances import GRAD_RTOL
 from parity_tests.conftest import CONFIGS, batch, tensors_for
 
 ROW, POSITION, UNIT = 1, 5, 7
 NUDGE = 1e-6  # above the frameworks' ~1e-7 disagreement (the first test checks the flip is seen),
 #               small enough that the 2e-6 bias difference moves nothing else past GRAD_RTOL
 BIAS = "decoder.layers.0.ffn.fc1.bias"
+# Flips are rare between two correct float32 forwards of these small models: at most this
+# share of a batch's labels is masked (a higher one would point at a real difference).
+NEARLY_EVERY = 0.95
 
 
 def split_pair():
@@ -68,7 +71,7 @@ def test_identical_weights_keep_nearly_every_label(name):
     x, y = batch(config, 3, config.seq_len, seed=9)
     fm, tm = pair.build_pair(config, tensors_for(name))
     masked, _ = parity.kink_free_labels(fm, tm, x, y)
-    assert parity.kept_share(masked, y) >= MIN_KEPT_SHARE
+    assert parity.kept_share(masked, y) >= NEARLY_EVERY
 
 
 def test_flax_relu_walk_is_the_models_own_forward(config_name):

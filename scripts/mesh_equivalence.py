@@ -288,7 +288,7 @@ def kink_free(config, tc, tensors, batches, mesh):
         for m in range(len(x)):
             inputs = [flax_relu_inputs(nnx.merge(r.graphdef, r.params, r.rest), x[m])[0]
                       for r in runs]
-            masked[m], n = labels_before_flips(*inputs, y[m])
+            masked[m], n = labels_before_flips(y[m], *inputs)
             flips += n
         kept.append(kept_share(masked, y))
         for r, out in zip(runs, losses):

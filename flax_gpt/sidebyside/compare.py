@@ -15,7 +15,6 @@ from flax_gpt import experiments
 from flax_gpt.core import loop
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.files import save_figure, write_json
-from flax_gpt.core.precision import compute_dtype_name
 from flax_gpt.sidebyside.pair import apply_precision, environment, nudged, random_weights
 from flax_gpt.sidebyside.tolerances import (DIRECT, TRUTH_FLOOR_ULPS, TRUTH_RATIO, TRUTH_WINDOW,
                                             truth_floor, window_medians)
@@ -135,14 +134,15 @@ def _compare(config, tc, out, stream, record, noise_floor, device, log_every, ev
             "loss_diff": floor.tolist(), "max_abs_loss_diff": float(floor.max()),
             "final_abs_loss_diff": float(floor[-1]),
             "first_step_above": first_above(floor, GAP_BAR)}
-    report["judgement"] = judge(diff, floor, tc.precision, float(np.max(losses["torch"])))
+    report["judgement"] = judge(diff, floor, tc.precision, float(np.max(losses["torch"])),
+                                record["matmul_dtype"])
     result = CompareResult(out, report)
     write_json(result.report_path, report)
     plot(result.plot_path, results, diff, unigram, floor)
     return result
 
 
-def judge(diff, floor, precision, loss_scale):
+def judge(diff, floor, precision, loss_scale, matmul_dtype):
     """Is the Flax-PyTorch gap what floating point allows? In float64: every step within the
     float64 parity tolerance. Otherwise, against the noise floor (PyTorch against itself from
     weights one ulp away): in every window of TRUTH_WINDOW steps, the median gap at most
@@ -155,7 +155,7 @@ def judge(diff, floor, precision, loss_scale):
     if floor is None:
         return {"rule": "none: pass --noise-floor to judge a float32 run", "passed": None}
     gap, noise = window_medians(diff), window_medians(floor)
-    bounds = TRUTH_RATIO * noise + truth_floor(compute_dtype_name(precision), loss_scale)
+    bounds = TRUTH_RATIO * noise + truth_floor(matmul_dtype, loss_scale)
     return {"rule": f"median |flax - torch| of each {TRUTH_WINDOW}-step window <= {TRUTH_RATIO:g} x "
                     f"that of |torch - torch one ulp away| + {TRUTH_FLOOR_ULPS} ulps of the loss",
             "window_gap": gap.tolist(), "window_noise_floor": noise.tolist(),

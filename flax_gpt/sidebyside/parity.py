@@ -7,6 +7,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +25,16 @@ from flax_gpt.core.hparams import TrainConfig, check_seed
 from flax_gpt.core.loop import Progress
 from flax_gpt.core.progress import print_progress
 from flax_gpt.core.streams import synthetic_batch
-from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment, random_weights
+from flax_gpt.sidebyside.pair import (apply_precision, build_pair, build_torch, environment,
+                                     random_weights)
 from flax_gpt.core.precision import compute_dtype_name
-from flax_gpt.sidebyside.tolerances import (DIRECT, MIN_KEPT_SHARE, TRUTH_RATIO, TRUTH_WINDOW, Row,
-                                            is_inert, judged, max_abs_rel, truth_floor,
-                                            window_medians)
-from flax_gpt.train import make_train_step, optimizer
+from flax_gpt.sidebyside.tolerances import (DIRECT, MIN_EVIDENCE_SHARE, TRUTH_RATIO,
+                                            TRUTH_WINDOW, Row, is_inert, judged, max_abs_rel,
+                                            truth_floor, window_medians)
+from flax_gpt.train import make_train_step, optimizer, shared_step
 from torch_reference import model as torch_model
 from torch_reference import precision as torch_precision
-from torch_reference.train import TrainStep
+from torch_reference.train import TrainStep, global_norm
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -47,9 +49,10 @@ def _flax_forward(graphdef, params, rest, ids, labels):
 
 
 def _numpy(t):
-    """A framework array as numpy, bf16 widened to float32, float64 kept."""
+    """A framework array as numpy, bf16 widened to float32, float64 kept: a copy, never a
+    view (a parameter's .grad is accumulated into by the next backward)."""
     if isinstance(t, torch.Tensor):
-        return t.detach().to(torch_model.at_least_float32(t.dtype)).cpu().numpy()
+        return t.detach().to(torch_model.at_least_float32(t.dtype)).cpu().numpy().copy()
     return np.asarray(t.astype(flax_model.at_least_float32(t.dtype)))
 
 
@@ -141,22 +144,27 @@ def flax_relu_inputs(fm, ids):
     return _numpy(inputs), _numpy(last)
 
 
-def kink_free_labels(fm, tm, ids, labels):
+def kink_free_labels(fm, tm, ids, labels, truth_model=None):
     """(`labels` with each row ignored from its first ReLU flip on, number of flips).
 
-    A flip is a ReLU input on opposite sides of 0 in the two frameworks' own forwards: the
-    one place where two correct float32 computations take different branches, and the
-    gradients then truly differ by that unit's whole contribution. Under the causal mask
-    position t feeds only the outputs of positions >= t, so ignoring those labels leaves the
-    loss, and every gradient, free of the flip.
+    A flip is a ReLU input on opposite sides of 0 in two of the forwards: Flax's, PyTorch's
+    and, given `truth_model`, the float64 one's. It is the one place where two correct
+    computations take different branches, and their gradients then truly differ by that
+    unit's whole contribution (AdamW, which divides by sqrt(v), carries it on at full size).
+    Under the causal mask position t feeds only the outputs of positions >= t, so ignoring
+    those labels leaves the loss, and every gradient, free of the flip in all of them.
     """
-    return labels_before_flips(flax_relu_inputs(fm, ids)[0], torch_relu_inputs(tm, ids), labels)
+    inputs = [flax_relu_inputs(fm, ids)[0], torch_relu_inputs(tm, ids)]
+    if truth_model is not None:
+        inputs.append(torch_relu_inputs(truth_model, ids))
+    return labels_before_flips(labels, *inputs)
 
 
-def labels_before_flips(inputs, other_inputs, labels):
-    """(`labels` with each row ignored from the first position where the two runs' ReLU
-    inputs, (L, B, T, F) each, lie on opposite sides of 0; the number of such inputs)."""
-    flipped = (inputs > 0) != (other_inputs > 0)  # (L, B, T, F)
+def labels_before_flips(labels, *inputs):
+    """(`labels` with each row ignored from the first position where the runs' ReLU inputs,
+    (L, B, T, F) each, do not all lie on one side of 0; the number of such inputs)."""
+    positive = [z > 0 for z in inputs]
+    flipped = np.any([p != positive[0] for p in positive[1:]], axis=0)  # (L, B, T, F)
     reached = np.cumsum(flipped.any(axis=(0, 3)), axis=1) > 0  # (B, T): at or after a flip
     return np.where(reached, IGNORE_INDEX, labels), int(flipped.sum())
 
@@ -185,9 +193,13 @@ def output_grad_row(f_out, t_out, tol, kept=None):
     diffs = {n: max_abs_rel(f, t) for n, f, t in zip(names, f_out, t_out)}  # (abs, rel)
     per_layer = {n: rel for n, (_, rel) in diffs.items()}
     worst = max(names, key=lambda n: np.nan_to_num(per_layer[n], nan=np.inf))
-    ok = kept is None or kept >= MIN_KEPT_SHARE
     return judged(f"output gradients ({len(names)} outputs)", *diffs[worst], tol.grad_rel,
-                  per_layer[worst], note=f"worst: {worst}", ok=ok, figures={"per_layer_rel": per_layer})
+                  per_layer[worst], note=f"worst: {worst}{kept_note(kept)}", kept=kept,
+                  figures={"per_layer_rel": per_layer, "kept_share": kept})
+
+
+def kept_note(kept):
+    return "" if kept is None else f"; {kept:.1%} of labels kept (labels after a ReLU flip masked)"
 
 
 def direct_rows(f, t, tol, *, grads=None, kept=None):
@@ -203,13 +215,8 @@ def direct_rows(f, t, tol, *, grads=None, kept=None):
     live = [name for name in t_grads if not is_inert(name)]
     per_tensor = {name: max_abs_rel(f_grads[name], t_grads[name]) for name in live}
     worst = max(live, key=lambda name: np.nan_to_num(per_tensor[name][1], nan=np.inf))
-    note = f"worst: {worst}"
-    ok = True
-    if kept is not None:
-        note += f"; {kept:.1%} of labels kept (labels after a ReLU flip masked)"
-        ok = kept >= MIN_KEPT_SHARE
     rows.append(judged(f"gradients ({len(live)} tensors)", *per_tensor[worst], tol.grad_rel,
-                       per_tensor[worst][1], note=note, ok=ok,
+                       per_tensor[worst][1], note=f"worst: {worst}{kept_note(kept)}", kept=kept,
                        figures={"per_tensor_rel": {n: r for n, (_, r) in per_tensor.items()},
                                 "kept_share": kept}))
     largest = max(float(np.max(np.abs(t_grads[name]))) for name in live)
@@ -217,35 +224,41 @@ def direct_rows(f, t, tol, *, grads=None, kept=None):
                 for name in t_grads if is_inert(name))
     rel = inert / largest if largest else float("nan")
     rows.append(judged("key-bias gradients (exactly 0)", inert, rel, tol.grad_rel, rel,
-                       note="|value| in either, relative to the largest gradient"))
+                       note="|value| in either, relative to the largest gradient", kept=kept))
     return rows
 
 
-def truth_row(quantity, f_err, t_err, compute_dtype, scale, note=""):
-    """Flax's error against the truth, passing when <= TRUTH_RATIO x PyTorch's + a floor."""
+def truth_row(quantity, f_err, t_err, compute_dtype, scale, note="", kept=None):
+    """Flax's error against the truth, passing when <= TRUTH_RATIO x PyTorch's + a floor
+    (inconclusive when measured on less than MIN_EVIDENCE_SHARE of the labels)."""
     bound = TRUTH_RATIO * t_err + truth_floor(compute_dtype, scale)
     return judged(f"{quantity} vs float64", f_err, f_err / t_err if t_err else float("inf"),
-                  bound, f_err, note=note,
+                  bound, f_err, note=note, kept=kept,
                   figures={"flax_error": f_err, "torch_error": t_err, "bound": bound})
 
 
-def truth_rows(f, t, truth, compute_dtype):
+def truth_rows(f, t, truth, compute_dtype, *, grads=None, kept=None):
     """Each framework's error against the float64 `truth` (torch_outputs of a float64
-    model): every layer, the logits, the loss and every gradient (worst tensor by ratio)."""
+    model): every layer, the logits, the loss and every gradient (worst tensor by ratio).
+    `grads`: (flax, torch, truth) gradients from the same kink-masked labels, keeping `kept`
+    (default: those of f, t and truth)."""
     rows = []
     for (name, fv, tv), (_, truth_v, _) in zip(forward_pairs(f, t), forward_pairs(truth, truth)):
         rows.append(truth_row(name, max_abs_rel(fv, truth_v)[0], max_abs_rel(tv, truth_v)[0],
                               compute_dtype, float(np.max(np.abs(truth_v)))))
     rows.append(truth_row("loss", abs(f[0] - truth[0]), abs(t[0] - truth[0]), compute_dtype,
                           abs(truth[0])))
-    grad_rows = {name: truth_row(name, max_abs_rel(f[3][name], g)[1], max_abs_rel(t[3][name], g)[1],
-                                 compute_dtype, 1.0)
-                 for name, g in truth[3].items() if not is_inert(name)}
-    worst = max(grad_rows, key=lambda n: grad_rows[n].max_abs - grad_rows[n].tolerance)
+    f_grads, t_grads, truth_grads = grads or (f[3], t[3], truth[3])
+    grad_rows = {name: truth_row(name, max_abs_rel(f_grads[name], g)[1],
+                                 max_abs_rel(t_grads[name], g)[1], compute_dtype, 1.0, kept=kept)
+                 for name, g in truth_grads.items() if not is_inert(name)}
+    worst = max(grad_rows, key=lambda n: np.nan_to_num(grad_rows[n].max_abs - grad_rows[n].tolerance,
+                                                       nan=np.inf))
     row = grad_rows[worst]
     row.quantity = f"gradients ({len(grad_rows)} tensors, relative) vs float64"
-    row.passed = all(r.passed for r in grad_rows.values())
-    row.note = f"tightest: {worst}"
+    if not row.inconclusive:
+        row.passed = all(r.passed for r in grad_rows.values())
+    row.note = "; ".join(n for n in (f"tightest: {worst}{kept_note(kept)}", row.note) if n)
     rows.append(row)
     return rows
 
@@ -271,80 +284,142 @@ def bf16_rows(f, t, truth=None):
     return rows
 
 
-def compare_forward(fm, tm, ids, labels, precision_name="highest", truth=None):
+def masks_kinks(precision_name, matmul_dtype):
+    """Whether float32 comparisons at this precision mask labels downstream of ReLU flips:
+    where matmuls run in full float32 (highest, and default on a CPU), two correct runs
+    differ by a few ulps and a flip is a rare event that decides a whole comparison. In TF32
+    and bf16 flips are everywhere in both frameworks alike, and errors are judged whole."""
+    return precision_name != "float64" and matmul_dtype == "float32"
+
+
+def compare_forward(fm, tm, ids, labels, precision_name="highest", truth_model=None,
+                    matmul_dtype=None):
     """Rows for every layer's output, the logits, the loss and every gradient on one batch:
-    judged directly in float64 and float32 `highest`, and against `truth` (torch_outputs of
-    a float64 model from the same weights) whenever it is given."""
+    judged directly in float64 and float32 `highest`, and each framework against
+    `truth_model` (a float64 PyTorch model of the same weights) whenever it is given.
+
+    Forward values and the loss are compared on all labels. In float32 (masks_kinks) the
+    gradients of all three runs come from the same labels, masked downstream of every ReLU
+    flip among them; the rows say what share they kept, and are inconclusive below
+    MIN_EVIDENCE_SHARE. `matmul_dtype`: the ulp the truth judgement uses (default: the
+    precision's compute dtype; "tfloat32" where TF32 ran)."""
+    matmul_dtype = matmul_dtype or compute_dtype_name(precision_name)
     f = flax_outputs(fm, ids, labels)
     t = torch_outputs(tm, ids, labels, precision_name)
+    truth = None if truth_model is None else torch_outputs(truth_model, ids, labels, "float64")
+    grad_labels, kept = labels, None
+    if masks_kinks(precision_name, matmul_dtype):
+        grad_labels, _ = kink_free_labels(fm, tm, ids, labels, truth_model)
+        kept = kept_share(grad_labels, labels)
+    grads = (flax_outputs(fm, ids, grad_labels)[3], torch_outputs(tm, ids, grad_labels, precision_name)[3])
     rows = []
-    if precision_name == "float64":
-        rows += direct_rows(f, t, DIRECT["float64"])
-        rows.append(output_grad_row(flax_output_grads(fm, ids, labels),
-                                    torch_output_grads(tm, ids, labels, precision_name), DIRECT["float64"]))
-    elif precision_name == "highest":
-        masked, _ = kink_free_labels(fm, tm, ids, labels)
-        grads = (flax_outputs(fm, ids, masked)[3], torch_outputs(tm, ids, masked)[3])
-        kept = kept_share(masked, labels)
-        rows += direct_rows(f, t, DIRECT["highest"], grads=grads, kept=kept)
-        rows.append(output_grad_row(flax_output_grads(fm, ids, masked),
-                                    torch_output_grads(tm, ids, masked), DIRECT["highest"], kept))
-    else:  # default (TF32 on a GPU) and bf16: Flax against PyTorch is reported, not judged
+    if precision_name in DIRECT:  # float64 and highest: Flax against PyTorch, judged
+        rows += direct_rows(f, t, DIRECT[precision_name], grads=grads, kept=kept)
+        rows.append(output_grad_row(flax_output_grads(fm, ids, grad_labels),
+                                    torch_output_grads(tm, ids, grad_labels, precision_name),
+                                    DIRECT[precision_name], kept))
+    else:  # default and bf16: Flax against PyTorch is reported, not judged
         rows += [Row(f"{name}: flax - torch", *max_abs_rel(fv, tv), None, None)
                  for name, fv, tv in forward_pairs(f, t)[-1:]]
         rows.append(Row("loss: flax - torch", *max_abs_rel(f[0], t[0]), None, None))
     if precision_name == "bf16":
         rows += bf16_rows(f, t, truth)
     if truth is not None:
-        rows += truth_rows(f, t, truth, compute_dtype_name(precision_name))
+        truth_grads = torch_outputs(truth_model, ids, grad_labels, "float64")[3]
+        rows += truth_rows(f, t, truth, matmul_dtype, grads=(*grads, truth_grads), kept=kept)
     return rows
 
 
 # ---- training --------------------------------------------------------------------------------
 
-def train_both(config, tensors, batches, tc, *, torch_device="cpu", on_step=None):
+class Trajectory(NamedTuple):
+    """One AdamW run: per-step losses and global gradient norms (before the clip), and the
+    canonical parameters after the last step."""
+
+    losses: np.ndarray
+    grad_norms: np.ndarray
+    params: dict
+
+
+class TrainingRun(NamedTuple):
+    """Flax and PyTorch (and the float64 truth, when it ran beside them) trained in lockstep
+    on the same labels; `kept`: the share of labels each step kept (empty when nothing was
+    masked)."""
+
+    flax: Trajectory
+    torch: Trajectory
+    truth: Trajectory | None
+    kept: list
+
+
+def train_both(config, tensors, batches, tc, *, torch_device="cpu", truth=False,
+               mask_kinks=False, on_step=None):
     """Train both frameworks from `tensors` on the same `batches` (a list of (x, y) with
-    shape (grad_accum, B, T)); in float32 `highest`, each step's labels are kink-masked from
-    the two models' own forwards at that step. `on_step(i, flax parameters, torch
-    parameters)` (canonical tensors) is called after each optimizer step when given. Returns
-    (flax losses, torch losses, flax parameters, torch parameters, kept share of each step)."""
+    shape (grad_accum, B, T)) in lockstep, and with `truth` a float64 PyTorch run beside them.
+
+    With `mask_kinks` (float32), each step's labels are masked downstream of every ReLU flip
+    among the runs' own forwards at that step (kink_free_labels), the same labels for all of
+    them, and the run stops before a step that would keep less than MIN_EVIDENCE_SHARE of
+    its labels (a step that keeps none has a NaN loss). `on_step(i, flax parameters, torch
+    parameters)` (canonical tensors) is called after each optimizer step when given.
+    Returns a TrainingRun."""
     fm, tm = build_pair(config, tensors, tc.precision, tc.attention, torch_device=torch_device)
     fm.train()
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     tx = optimizer(tc)
     opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx)
-    torch_step = TrainStep(tm, tc, device=torch_device)
+    # one compilation for every run of this config and these hyperparameters (the sweeps)
+    step = shared_step(("parity", config, tc), lambda: make_train_step(graphdef, tx))
+    torch_steps = [TrainStep(tm, tc, device=torch_device)]
+    if truth:
+        truth_model = build_torch(config, tensors, "float64", tc.attention, torch_device=torch_device)
+        torch_steps.append(TrainStep(truth_model, tc.replace(precision="float64"), device=torch_device))
     key = jax.random.key(tc.seed)
-    f_losses, t_losses, kept = [], [], []
+    f_metrics, t_metrics, kept = [], [[] for _ in torch_steps], []
     shown = Progress(len(batches))  # a bar on a terminal, plain lines in a log
     for i, (x, y) in enumerate(batches):
-        if tc.precision == "highest":
+        if mask_kinks:
             current = nnx.merge(graphdef, params, rest)
-            masked = np.stack([kink_free_labels(current, tm, xm, ym)[0] for xm, ym in zip(x, y)])
+            masked = np.stack([kink_free_labels(current, tm, xm, ym, truth_model if truth else None)[0]
+                               for xm, ym in zip(x, y)])
             kept.append(kept_share(masked, y))
+            if not kept[-1] >= MIN_EVIDENCE_SHARE:
+                break
             y = masked
         params, opt_state, metrics = step(params, opt_state, rest, jnp.asarray(x), jnp.asarray(y),
                                           jax.random.fold_in(key, i))
-        f_losses.append(metrics["loss"])
-        t_losses.append(torch_step(i, *(torch.from_numpy(a).long().to(torch_device) for a in (x, y)))["loss"])
+        f_metrics.append(metrics)
+        xt, yt = (torch.from_numpy(a).long().to(torch_device) for a in (x, y))
+        for torch_step, out in zip(torch_steps, t_metrics):
+            out.append(torch_step(i, xt, yt))
         if on_step:
             on_step(i, flax_model.canonical(params, config), torch_model.canonical(tm))
         shown.update(i + 1)
     shown.close()
-    return (np.asarray(jax.device_get(f_losses), np.float64),
-            np.asarray([float(t) for t in t_losses]), flax_model.canonical(params, config),
-            torch_model.canonical(tm), kept)
+    flax_run = trajectory(jax.device_get(f_metrics), flax_model.canonical(params, config))
+    torch_runs = [trajectory([{k: float(v) for k, v in m.items()} for m in out],
+                             torch_model.canonical(ts.model)) for ts, out in zip(torch_steps, t_metrics)]
+    return TrainingRun(flax_run, torch_runs[0], torch_runs[1] if truth else None, kept)
 
 
-def train_truth(config, tensors, batches, tc, *, torch_device="cpu"):
-    """Per-step losses of the float64 run (PyTorch) that float32, TF32 and bf16 runs are
-    judged against."""
-    _, tm = build_pair(config, tensors, "float64", tc.attention, torch_device=torch_device)
-    torch_step = TrainStep(tm, tc.replace(precision="float64"), device=torch_device)
-    return np.asarray([float(torch_step(i, *(torch.from_numpy(a).long().to(torch_device)
-                                              for a in (x, y)))["loss"])
-                       for i, (x, y) in enumerate(batches)])
+def trajectory(metrics, params):
+    return Trajectory(np.asarray([m["loss"] for m in metrics], np.float64),
+                      np.asarray([m["grad_norm"] for m in metrics], np.float64), params)
+
+
+def probe_clip(config, tensors, batches, *, torch_device="cpu"):
+    """A global-norm clip that the parity run's first steps straddle: the median of the
+    gradient norms that `tensors` have on each of `batches` (float64, PyTorch), so that the
+    clipping branch of both trainers runs on some steps and not on others."""
+    tm = build_torch(config, tensors, "float64", torch_device=torch_device)
+    norms = []
+    for x, y in batches:
+        tm.zero_grad(set_to_none=True)
+        for xm, ym in zip(x, y):  # accumulated as the trainers do: loss / grad_accum per micro-batch
+            ids, labels = (torch.from_numpy(a).long().to(torch_device) for a in (xm, ym))
+            (torch_model.cross_entropy(tm(ids), labels) / len(x)).backward()
+        norms.append(float(global_norm([p.grad for p in tm.parameters()])))
+    return float(np.median(norms))
 
 
 def first_step_above(diff, tolerance):
@@ -353,73 +428,145 @@ def first_step_above(diff, tolerance):
     return int(above[0]) + 1 if len(above) else None
 
 
-def compare_training(config, tensors, batches, tc, *, truth=None, torch_device="cpu"):
-    """Rows for each step's loss and the final parameters: direct in float64 and `highest`;
-    against `truth` (train_truth's losses) in window medians whenever it is given."""
-    f_losses, t_losses, f_params, t_params, kept = train_both(config, tensors, batches, tc,
-                                                              torch_device=torch_device)
-    steps = len(batches)
-    diff = np.abs(f_losses - t_losses)
-    rows = []
-    tol = DIRECT.get(tc.precision)
-    if tol is None:
-        rows.append(Row(f"train loss, {steps} AdamW steps: flax - torch", *max_abs_rel(f_losses, t_losses),
-                        None, None))
-    else:
-        ok, note = True, ""
-        if kept:
-            ok = min(kept) >= MIN_KEPT_SHARE
-            note = (f"kept share of labels per step: min {min(kept):.1%}, mean {np.mean(kept):.1%} "
-                    f"(labels after a ReLU flip masked)")
-        rows.append(judged(f"train loss, each of {steps} AdamW steps", *max_abs_rel(f_losses, t_losses),
-                           tol.train_loss, np.max(diff) if steps else float("nan"), note=note, ok=ok,
-                           figures={"flax": f_losses.tolist(), "torch": t_losses.tolist(),
-                                    "kept_share": kept,
-                                    "first_step_above": first_step_above(diff, tol.train_loss)}))
-        live = [name for name in t_params if not is_inert(name)]
-        per_tensor = {name: max_abs_rel(f_params[name], t_params[name]) for name in live}
-        worst = max(live, key=lambda name: np.nan_to_num(per_tensor[name][0], nan=np.inf))
-        rows.append(judged(f"parameters after {steps} steps", *per_tensor[worst], tol.train_params,
-                           per_tensor[worst][0], note=f"worst: {worst}"))
-        inert = [name for name in t_params if is_inert(name)]
-        rows.append(Row("key biases after training (no effect on the loss)",
-                        *max(max_abs_rel(f_params[name], t_params[name]) for name in inert),
-                        None, None, note="Adam steps on a gradient of rounding noise"))
-    if truth is not None:
-        f_win = window_medians(np.abs(f_losses - truth))
-        t_win = window_medians(np.abs(t_losses - truth))
-        dtype = compute_dtype_name(tc.precision)
-        bounds = TRUTH_RATIO * t_win + truth_floor(dtype, float(np.max(np.abs(truth))))
-        worst = int(np.argmax(f_win - bounds))
-        rows.append(judged(f"train loss vs float64, medians of {TRUTH_WINDOW}-step windows",
-                           f_win[worst], f_win[worst] / t_win[worst] if t_win[worst] else float("inf"),
-                           float(bounds[worst]), f_win[worst], ok=bool(np.all(f_win <= bounds)),
-                           note=f"tightest window: steps {worst * TRUTH_WINDOW + 1}-"
-                                f"{min((worst + 1) * TRUTH_WINDOW, steps)}",
-                           figures={"flax_window_errors": f_win.tolist(),
-                                    "torch_window_errors": t_win.tolist(),
-                                    "bounds": bounds.tolist(), "truth": truth.tolist()}))
+def clipped_note(run, clip):
+    """How often each framework's clipping branch ran: 'clipped on a/N (flax), b/N (torch)'."""
+    if not clip:
+        return "no clipping"
+    return "clipped on " + ", ".join(f"{int(np.sum(t.grad_norms > clip))}/{len(t.grad_norms)} steps ({who})"
+                                     for who, t in (("flax", run.flax), ("torch", run.torch)))
+
+
+def direct_training_rows(run, tol, steps, clip):
+    """Each step's loss and the final parameters, Flax against PyTorch: judged on the steps
+    the run made (a kink-masked run stops where the evidence runs thin)."""
+    f, t = run.flax, run.torch
+    done = len(f.losses)
+    diff = np.abs(f.losses - t.losses)
+    kept = evidence(run, steps)
+    rows = [judged(f"train loss, each of {steps} AdamW steps", *max_abs_rel(f.losses, t.losses),
+                   tol.train_loss, np.max(diff) if done else float("nan"),
+                   note=training_note(run, steps, clip), kept=kept,
+                   figures={"flax": f.losses.tolist(), "torch": t.losses.tolist(),
+                            "kept_share": run.kept, "flax_grad_norms": f.grad_norms.tolist(),
+                            "torch_grad_norms": t.grad_norms.tolist(),
+                            "first_step_above": first_step_above(diff, tol.train_loss)})]
+    live = [name for name in t.params if not is_inert(name)]
+    per_tensor = {name: max_abs_rel(f.params[name], t.params[name]) for name in live}
+    worst = max(live, key=lambda name: np.nan_to_num(per_tensor[name][0], nan=np.inf))
+    rows.append(judged(f"parameters after {done} steps", *per_tensor[worst], tol.train_params,
+                       per_tensor[worst][0], note=f"worst: {worst}", kept=kept,
+                       figures={"per_tensor_abs": {n: a for n, (a, _) in per_tensor.items()}}))
+    inert = [name for name in t.params if is_inert(name)]
+    rows.append(Row("key biases after training (no effect on the loss)",
+                    *max(max_abs_rel(f.params[name], t.params[name]) for name in inert),
+                    None, None, note="Adam steps on a gradient of rounding noise"))
     return rows
 
 
+def evidence(run, steps):
+    """The share of labels a training comparison rests on: None when nothing was masked,
+    the smallest share of a step made, or (no step made) the share that stopped it."""
+    if not run.kept:
+        return None
+    return min(run.kept[:len(run.flax.losses)]) if len(run.flax.losses) else run.kept[-1]
+
+
+def training_note(run, steps, clip):
+    """How often each framework clipped, the kept share, and where a masked run stopped."""
+    note = clipped_note(run, clip)
+    if run.kept:
+        note += (f"; kept share of labels per step: min {min(run.kept):.1%}, mean "
+                 f"{np.mean(run.kept):.1%} (labels after a ReLU flip masked)")
+    done = len(run.flax.losses)
+    if done < steps:
+        note += f"; compared on steps 1-{done} of {steps}: step {done + 1} kept {run.kept[-1]:.1%}"
+    return note
+
+
+def truth_training_rows(run, steps, clip, matmul_dtype):
+    """Each framework's run against the float64 run on the same labels: the loss in medians
+    of TRUTH_WINDOW-step windows, and the parameters after the last step (worst tensor's
+    error relative to its largest |value|)."""
+    truth = run.truth
+    done = len(truth.losses)
+    f_win = window_medians(np.abs(run.flax.losses - truth.losses))
+    t_win = window_medians(np.abs(run.torch.losses - truth.losses))
+    bounds = TRUTH_RATIO * t_win + truth_floor(matmul_dtype, float(np.max(np.abs(truth.losses),
+                                                                          initial=0.0)))
+    excess = f_win - bounds  # NaN first: a NaN window fails, and is the one shown
+    worst = int(np.argmax(np.where(np.isnan(excess), np.inf, excess))) if done else 0
+    above = first_step_above(excess, 0)  # 1-based window
+    kept = evidence(run, steps)
+    nan = float("nan")
+    rows = [judged(f"train loss vs float64, medians of {TRUTH_WINDOW}-step windows",
+                   f_win[worst] if done else nan,
+                   f_win[worst] / t_win[worst] if done and t_win[worst] else float("inf"),
+                   float(bounds[worst]) if done else nan, f_win[worst] if done else nan,
+                   note=(f"tightest window: steps {worst * TRUTH_WINDOW + 1}-"
+                         f"{min((worst + 1) * TRUTH_WINDOW, done)}; " + training_note(run, steps, clip)),
+                   kept=kept,
+                   figures={"flax_window_errors": f_win.tolist(), "torch_window_errors": t_win.tolist(),
+                            "bounds": bounds.tolist(), "truth": truth.losses.tolist(),
+                            "first_step_above": above and (above - 1) * TRUTH_WINDOW + 1})]
+
+    def worst_rel(params):  # the worst tensor's max |error| / max |truth|
+        return max(max_abs_rel(params[name], g)[1] for name, g in truth.params.items()
+                   if not is_inert(name))
+
+    rows.append(truth_row(f"parameters after {done} steps (relative, worst tensor)",
+                          worst_rel(run.flax.params), worst_rel(run.torch.params), matmul_dtype,
+                          1.0, kept=kept))
+    return rows
+
+
+def compare_training(config, tensors, batches, tc, *, truth=True, torch_device="cpu",
+                     matmul_dtype=None):
+    """Rows for each step's loss and the final parameters. float64: Flax against PyTorch,
+    nothing masked. Otherwise both frameworks train in lockstep with the float64 truth
+    (`truth`) on the same labels (kink-masked among all three where masks_kinks says so):
+    Flax against PyTorch directly in `highest` (judged) or reported, and each framework
+    against the truth."""
+    matmul_dtype = matmul_dtype or compute_dtype_name(tc.precision)
+    steps = len(batches)
+    run = train_both(config, tensors, batches, tc, torch_device=torch_device,
+                     truth=truth and tc.precision != "float64",
+                     mask_kinks=masks_kinks(tc.precision, matmul_dtype))
+    if tc.precision in DIRECT:
+        rows = direct_training_rows(run, DIRECT[tc.precision], steps, tc.grad_clip)
+    else:  # default and bf16: Flax against PyTorch is reported, not judged
+        rows = [Row(f"train loss, {steps} AdamW steps: flax - torch",
+                    *max_abs_rel(run.flax.losses, run.torch.losses), None, None,
+                    note=training_note(run, steps, tc.grad_clip))]
+    if run.truth is not None:
+        rows += truth_training_rows(run, steps, tc.grad_clip, matmul_dtype)
+    return rows
+
+
+# probe_clip reads the gradient norms of this many first steps
+CLIP_PROBE_STEPS = 5
+
+
 def default_train_config(precision_name="highest", attention="explicit"):
-    """The short AdamW run of the parity suite: real hyperparameters, warmup then cosine."""
-    return TrainConfig(steps=50, batch_size=4, lr=1e-3, warmup_steps=5, weight_decay=0.1,
-                       grad_clip=1.0, precision=precision_name, attention=attention)
+    """The short AdamW run of the parity suite: real hyperparameters, warmup then cosine,
+    two micro-batches a step (run() sets the clip with probe_clip)."""
+    return TrainConfig(steps=50, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=5,
+                       weight_decay=0.1, grad_clip=1.0, precision=precision_name,
+                       attention=attention)
 
 
-def parity_batches(config, dataset, batch_size, seq_len, n, seed):
-    """n batches of shape (1, B, T): from the dataset (shuffled rows) or random tokens."""
+def parity_batches(config, dataset, batch_size, seq_len, n, seed, grad_accum=1):
+    """n batches of shape (grad_accum, B, T): from the dataset (shuffled rows) or random tokens."""
     if dataset is None:
-        return [tuple(a[None] for a in synthetic_batch(config.vocab_size, batch_size, seq_len,
-                                                       seed + i, ignored_row=True))
-                for i in range(n)]
-    out, epoch = [], 0
-    while len(out) < n:
-        out += [(x[None], y[None]) for x, y in
-                dataset.batches("train", batch_size, seq_len, shuffle=True, seed=seed, epoch=epoch)]
-        epoch += 1
-    return out[:n]
+        micro = [synthetic_batch(config.vocab_size, batch_size, seq_len, seed + i, ignored_row=True)
+                 for i in range(n * grad_accum)]
+    else:
+        micro, epoch = [], 0
+        while len(micro) < n * grad_accum:
+            micro += list(dataset.batches("train", batch_size, seq_len, shuffle=True, seed=seed,
+                                          epoch=epoch))
+            epoch += 1
+    return [tuple(np.stack(part) for part in zip(*micro[i:i + grad_accum]))  # (grad_accum, B, T)
+            for i in range(0, n * grad_accum, grad_accum)]
 
 
 # ---- the experiment ------------------------------------------------------------------------
@@ -435,14 +582,20 @@ class ParityResult:
     data: str
     rows: list  # of Row
     environment: dict  # versions, devices, precision: merged into the JSON's top level
+    train_config: dict = None  # the AdamW run's hyperparameters, the probed clip included
 
     @property
     def failed(self):
         return [r.quantity for r in self.rows if r.passed is False]
 
     @property
+    def inconclusive(self):
+        return [r.quantity for r in self.rows if r.inconclusive]
+
+    @property
     def passed(self):
-        return not self.failed
+        """No row failed, and at least one was judged and passed: nothing passes on nothing."""
+        return not self.failed and any(r.passed for r in self.rows)
 
     @property
     def divergence(self):
@@ -462,7 +615,7 @@ class ParityResult:
                 per = r.figures.get(figure)
                 if per:
                     top = [n for n in reversed(list(per)) if not per[n] <= r.tolerance]
-                    if top:  # none: the row failed on its kept share alone
+                    if top:
                         out[key] = top[0]
             if r.figures.get("first_step_above"):
                 out["training_step"] = r.figures["first_step_above"]
@@ -471,8 +624,10 @@ class ParityResult:
     def to_dict(self):
         return {"config": self.config, "attention": self.attention, "batch_size": self.batch_size,
                 "train_steps": self.train_steps, "data": self.data,
+                "train_config": self.train_config,
                 "rows": [dataclasses.asdict(r) for r in self.rows], "passed": self.passed,
-                "divergence": self.divergence, **self.environment}
+                "inconclusive": self.inconclusive, "divergence": self.divergence,
+                **self.environment}
 
 
 def run(config=None, *, weights_path=None, data=None, precision="highest", attention="explicit",
@@ -481,10 +636,13 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
     loss and every gradient on one batch, then `train_steps` AdamW steps on the same batches.
 
     float64 and float32 `highest` are judged Flax against PyTorch; every precision but
-    float64 is also judged against the float64 result from the same weights and batches.
-    The weights come from `weights_path` (a canonical file) or a seeded PyTorch init of
-    `config`; batches from the dataset folder `data` or random tokens. PyTorch runs on
-    `torch_device` (default: cuda when available). Returns a ParityResult.
+    float64 is also judged against a float64 PyTorch run from the same weights, batches and
+    labels (the verdict: Flax as accurate as PyTorch). The AdamW run exercises every branch
+    of both trainers' step: warmup then cosine decay, two micro-batches a step, and a clip
+    that some steps exceed and others do not (probe_clip). The weights come from
+    `weights_path` (a canonical file) or a seeded PyTorch init of `config`; batches from
+    the dataset folder `data` or random tokens. PyTorch runs on `torch_device` (default:
+    cuda when available). Returns a ParityResult.
     """
     if (config is None) == (weights_path is None):
         raise FlaxGPTError("parity takes a model config or a weights file (which carries its "
@@ -513,26 +671,27 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
                              places=[("flax", None), ("torch", torch_device)])
     if not weights_path:
         tensors = random_weights(config, seed)
-    batches = parity_batches(config, dataset, batch_size, config.seq_len, max(train_steps, 1), seed)
+    batches = parity_batches(config, dataset, batch_size, config.seq_len, max(train_steps, 1), seed,
+                             tc.grad_accum)
     x, y = batches[0]
-    truth = train_truth_losses = None
-    if precision != "float64":
-        progress("float64 truth: forward and backward")
-        apply_precision("float64")
-        _, truth_model = build_pair(config, tensors, "float64", attention, torch_device=torch_device)
-        truth = torch_outputs(truth_model, x[0], y[0], "float64")
-        if train_steps:
-            progress(f"float64 truth: {train_steps} AdamW steps")
-            train_truth_losses = train_truth(config, tensors, batches[:train_steps], tc,
-                                             torch_device=torch_device)
     record = apply_precision(precision)  # before this precision's models are built
-    progress(f"{precision}: forward and backward")
-    fm, tm = build_pair(config, tensors, precision, attention, torch_device=torch_device)
-    rows = compare_forward(fm, tm, x[0], y[0], precision, truth=truth)
+    truth_model = None
+    if precision != "float64":  # PyTorch in float64 needs no switch of JAX's
+        truth_model = build_torch(config, tensors, "float64", attention, torch_device=torch_device)
     if train_steps:
-        progress(f"{precision}: {train_steps} AdamW steps in both frameworks")
-        rows += compare_training(config, tensors, batches[:train_steps], tc,
-                                 truth=train_truth_losses, torch_device=torch_device)
+        progress("probing the clip: gradient norms of the first steps, float64")
+        tc = tc.replace(grad_clip=probe_clip(config, tensors, batches[:CLIP_PROBE_STEPS],
+                                             torch_device=torch_device))
+    progress(f"{precision}: forward and backward" + ("" if truth_model is None else ", and the float64 truth"))
+    fm, tm = build_pair(config, tensors, precision, attention, torch_device=torch_device)
+    rows = compare_forward(fm, tm, x[0], y[0], precision, truth_model=truth_model,
+                           matmul_dtype=record["matmul_dtype"])
+    if train_steps:
+        progress(f"{precision}: {train_steps} AdamW steps in both frameworks"
+                 + ("" if truth_model is None else " and the float64 truth, in lockstep"))
+        rows += compare_training(config, tensors, batches[:train_steps], tc, torch_device=torch_device,
+                                 matmul_dtype=record["matmul_dtype"])
     return ParityResult(config.to_dict(), attention, batch_size, train_steps,
                         str(Path(data)) if data else "random", rows,
-                        environment(record, torch_device=torch_device))
+                        environment(record, torch_device=torch_device),
+                        tc.to_dict() if train_steps else None)
