@@ -1,11 +1,11 @@
 """An independent float64 implementation of SPEC.md, for the parity suite only.
 
 It imports nothing from flax_gpt or torch_reference: its own positional table, causal mask,
-attention, LayerNorm, loss, learning-rate schedule and AdamW, written from SPEC.md and the
-documented training algorithm, with torch float64 autograd for gradients only. It reads a
-canonical weights file with safetensors alone. A bug that both frameworks share through the
-project's common modules (positional table, schedule, init, loss conventions) cannot hide
-from it.
+attention, LayerNorm, labels, loss, learning-rate schedule and AdamW, written from SPEC.md
+and the documented training algorithm, with torch float64 autograd for gradients only. It
+reads a canonical weights file with safetensors alone. A bug that both frameworks share
+through the project's common modules (positional table, learning-rate schedule, labels, loss
+conventions) cannot hide from it.
 """
 
 import json
@@ -72,6 +72,15 @@ def forward(config, w, ids):
     return x @ w["pred.weight"].T + w["pred.bias"], outputs
 
 
+def labels(ids):
+    """SPEC.md's labels of rows of token ids: y[:, :-1] = x[:, 1:] (the next token inside the
+    row) and y[:, -1] = -100 (the last position has none)."""
+    ids = torch.as_tensor(np.asarray(ids)).long()
+    y = torch.full_like(ids, IGNORE)
+    y[..., :-1] = ids[..., 1:]
+    return y
+
+
 def loss_of(logits, labels):
     """Mean negative log-likelihood over labels != -100."""
     logp = torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
@@ -82,7 +91,8 @@ def loss_of(logits, labels):
 
 def loss_and_grads(config, w, ids, labels):
     """(loss, logits, layer outputs, {name: gradient}) in float64."""
-    w = {n: t.detach().clone().requires_grad_(True) for n, t in w.items()}
+    # new leaves over the same storage: no copy, and the caller's tensors stay as they were
+    w = {n: t.detach().requires_grad_(True) for n, t in w.items()}
     logits, outputs = forward(config, w, torch.as_tensor(ids).long())
     loss = loss_of(logits, torch.as_tensor(labels).long())
     loss.backward()
@@ -99,22 +109,30 @@ def schedule(step, steps, lr, warmup, min_ratio):
     return low + (lr - low) * (1 + math.cos(math.pi * t)) / 2
 
 
-def train(config, w, batches, *, steps, lr, warmup, min_ratio, b1, b2, eps, weight_decay, clip):
+def train(config, w, id_batches, *, steps, lr, warmup, min_ratio, b1, b2, eps, weight_decay, clip):
     """AdamW (decoupled weight decay on every parameter, global-norm clipping, gradients of
-    loss / n summed over the n micro-batches of each step) over `batches` of (x, y) with
-    shape (n, B, T). Returns the per-step losses and the final weights."""
-    w = {n: t.clone() for n, t in w.items()}
+    loss / n summed over the n micro-batches of each step) over `id_batches`, token ids of
+    shape (n, B, L), one per step. A generator: yields (loss, gradient norm before clipping,
+    weights) after every step, so that a caller compares each step's weights as they come
+    and keeps none; the weights dict is the live one, which the next step overwrites.
+
+    The labels are derived here from the ids by SPEC.md's rule, never taken from the caller.
+    Rows longer than the model's context (L > seq_len) are cut to it after their labels are
+    derived: a row cut from a longer stream keeps the stream's next token as the label of
+    its last position (with seq_len 1, SPEC's rule alone would ignore every position)."""
+    T = config["seq_len"]
+    w = dict(w)  # each step replaces the tensors, never writes into them: the caller's stay
     m = {n: torch.zeros_like(t) for n, t in w.items()}
     v = {n: torch.zeros_like(t) for n, t in w.items()}
-    losses = []
-    for s, (x, y) in enumerate(batches):
-        grads, loss = {n: torch.zeros_like(t) for n, t in w.items()}, 0.0
+    for s, ids in enumerate(id_batches):
+        x, y = torch.as_tensor(np.asarray(ids)).long()[..., :T], labels(ids)[..., :T]
+        grads, loss = {}, 0.0
         for xm, ym in zip(x, y):
             micro, _, _, g = loss_and_grads(config, w, xm, ym)
             loss += micro / len(x)
-            for n in grads:
-                grads[n] += g[n] / len(x)
-        losses.append(loss)
+            for n, gn in g.items():  # summed in micro-batch order
+                grads[n] = grads[n] + gn / len(x) if n in grads else gn / len(x)
+            del g
         total = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
         if clip and total > clip:
             grads = {n: g * (clip / total) for n, g in grads.items()}
@@ -125,4 +143,6 @@ def train(config, w, batches, *, steps, lr, warmup, min_ratio, b1, b2, eps, weig
             v[n] = b2 * v[n] + (1 - b2) * grads[n] ** 2
             step = (m[n] / (1 - b1 ** t)) / (torch.sqrt(v[n] / (1 - b2 ** t)) + eps)
             w[n] = w[n] - rate * (step + weight_decay * w[n])
-    return np.asarray(losses), w
+        del grads
+        yield loss, total, w
+

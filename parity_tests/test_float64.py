@@ -157,7 +157,8 @@ def stream_batches(config, run, seed=100):
     stream). The reference gets the 2-token rows and does the same cut itself."""
     T, V = config.seq_len, config.vocab_size
     row = T + 1 if T == 1 else T
-    starts = np.random.default_rng(seed).integers(0, V, (run.steps * run.grad_accum * run.batch_size, 1))
+    rows = run.steps * run.grad_accum * run.batch_size
+    starts = np.random.default_rng(seed).integers(0, V, (rows, 1))
     stream = ((starts + np.arange(row)) % V).reshape(-1)
     dataset = TokenDataset(itos=[str(i) for i in range(V)], train=stream, val=stream, manifest={})
     source = DatasetStream(dataset, run.batch_size, row, seed)
@@ -232,6 +233,7 @@ def train_in_lockstep(tmp_path, name, run=None):
                           warmup=tc.warmup_steps, min_ratio=tc.min_lr_ratio, b1=tc.beta1,
                           b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
                           clip=tc.grad_clip)
+    del ref_weights  # the reference's first step replaces them: not kept beside its own
     out = Lockstep()
 
     def on_step(i, f, t):
