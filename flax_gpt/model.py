@@ -135,10 +135,16 @@ class MaskedMultiHeadAttention(nnx.Module):
         H, dk = self.n_heads, d // self.n_heads
         return tuple(t.reshape(B, T, H, dk) for t in (self.q(x), self.k(x), self.v(x)))  # (B, T, H, dk)
 
-    @staticmethod
-    def fused_attention(q, k, v, mask=None):
+    def fused_attention(self, q, k, v, mask=None):
         """jax.nn.dot_product_attention on (B, T, H, dk) arrays (softmax in float32 inside,
-        for bf16 inputs too): causal without `mask`, else `mask` as in masked_softmax."""
+        for bf16 inputs too): causal without `mask`, else `mask` as in masked_softmax.
+
+        That softmax is float32 for float64 inputs too (jax/_src/nn/functions.py casts the
+        logits down), which left the float64 tier ~1e-10 apart from PyTorch's exact float64
+        SDPA: in float64 the same function is written out (no dropout: fused has none)."""
+        if q.dtype == jnp.float64:
+            T = q.shape[1]
+            return self.masked_softmax(q, k, v, self.causal_mask[:T, :T] if mask is None else mask)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
 
     def masked_softmax(self, q, k, v, mask):
