@@ -545,7 +545,9 @@ def run_decode_parity(args):
     for b, prompt in enumerate(r.prompts):
         print(f"[{b}] {prompt!r} -> {r.texts['flax'][b]}")
     steps = len(c.step_logits_diff)
-    print(f"{r.precision}: {'same tokens' if c.agree else f'tokens differ from step {c.first_mismatch}'}"
+    verdict = ("same tokens" if c.agree else "NaN in the logits" if c.first_mismatch is None
+               else f"tokens differ from step {c.first_mismatch}")
+    print(f"{r.precision}: {verdict}"
           f" over {steps} steps ({c.slides} window slides); max |logits flax - torch| "
           f"{c.max_logits_diff:.2e} while the texts were the same; smallest top-two gap "
           f"{min(c.step_top2_gap):.2e}; first near tie: "

@@ -2,6 +2,8 @@
 every step (ragged prompts, across window slides), Flax against PyTorch token for token
 (greedy and sampled), and the inverse-CDF sampling rule itself."""
 
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from flax_gpt.sidebyside import decoding, pair
 from flax_gpt.sidebyside.tolerances import DIRECT
 from flax_gpt.train import FlaxBackend
 from parity_tests.conftest import CONFIGS, tensors_for
+from tests.conftest import assert_close
 from torch_reference import sample as torch_sample
 
 GENERATE = {"flax": flax_gpt.generate, "torch": torch_reference.generate}
@@ -76,8 +79,8 @@ def test_cached_decode_is_the_full_forward_at_every_step(config_name, framework,
     out = GENERATE[framework](model, prompts, n, temperature=0, return_logits=True)
     assert out.slides >= 2 and [len(t) for t in out.tokens] == [n] * 3
     assert out.logits[0].dtype == (np.float64 if precision == "float64" else np.float32)
-    np.testing.assert_allclose(np.stack(out.logits), reference_logits(framework, model, prompts, out.tokens),
-                               rtol=0, atol=DIRECT[precision].layers)
+    assert_close(np.stack(out.logits), reference_logits(framework, model, prompts, out.tokens),
+                 rtol=0, atol=DIRECT[precision].layers)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -90,9 +93,9 @@ def test_window_keep_and_fused_attention(framework, keep, attention):
     prompts = ragged_prompts(config, seed=1)
     out = GENERATE[framework](model, prompts, 40, temperature=0, window_keep=keep, return_logits=True)
     assert out.slides >= 2
-    np.testing.assert_allclose(np.stack(out.logits),
-                               reference_logits(framework, model, prompts, out.tokens, keep),
-                               rtol=0, atol=DIRECT["highest"].layers)
+    assert_close(np.stack(out.logits),
+                 reference_logits(framework, model, prompts, out.tokens, keep),
+                 rtol=0, atol=DIRECT["highest"].layers)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -145,7 +148,7 @@ def test_flax_and_torch_greedy_agree(trained_tiny):
         assert c.first_near_tie is None and c.agree, (precision_name, c.first_near_tie, c.first_mismatch)
         assert c.slides >= 3 and len(c.step_logits_diff) == 60
         assert c.max_logits_diff <= DIRECT[precision_name].layers, precision_name
-        assert min(c.step_top2_gap) > TRAINED_TOP2_GAP  # trained: no step is close to a tie
+        assert np.min(c.step_top2_gap) > TRAINED_TOP2_GAP  # trained: no step is close to a tie
         assert c.flax[0][:4] == [9, 10, 11, 12]  # it learned to count
 
 
@@ -187,6 +190,26 @@ def test_tokens_that_part_at_a_near_tie_are_reported_there():
     same = decoding.compare_generation(fm, pair.build_pair(config, leading(b))[1], [[1], [2, 3]], 4,
                                        temperature=0)
     assert same.agree and same.flax == [[b] * 4, [b] * 4]
+
+
+@pytest.mark.parametrize("nan_in", ["flax", "both"])
+def test_a_nan_at_any_step_fails_the_comparison(nan_in):
+    """Finite logits at steps 0 and 2, NaN at step 1 (in Flax's, or in both at the same
+    place): the maximum is NaN and the comparison does not agree, though the tokens do. A
+    Python max() over the steps would have kept step 0's 0.1 and passed."""
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(2, 5)) for _ in range(3)]
+    flax_logits = [a + 0.1 for a in logits]
+    flax_logits[1][0, 3] = np.nan
+    if nan_in == "both":
+        logits[1][0, 3] = np.nan
+    tokens = [[1, 2, 3], [4, 0, 2]]
+    c = decoding.compare_outputs(SimpleNamespace(tokens=tokens, logits=flax_logits, slides=0),
+                                 SimpleNamespace(tokens=tokens, logits=logits, slides=0))
+    assert c.first_mismatch is None and len(c.step_logits_diff) == 3
+    assert np.isnan(c.step_logits_diff[1]) and c.step_logits_diff[0] == pytest.approx(0.1)
+    assert np.isnan(c.max_logits_diff) and not c.agree
+    assert not c.to_dict()["agree"]
 
 
 def test_sampling_with_one_seed_gives_the_same_tokens_in_both(precision):

@@ -10,6 +10,7 @@ from flax_gpt import model as flax_model
 from flax_gpt.sidebyside import pair, parity, tolerances
 from flax_gpt.core.config import GPTConfig
 from parity_tests.conftest import batch
+from tests.conftest import assert_close
 from torch_reference import model as torch_model
 
 RATE = 0.25
@@ -24,8 +25,8 @@ def dropout_pair():
 def test_eval_mode_is_deterministic_and_equal(dropout_pair):
     config, (fm, tm) = dropout_pair
     x, y = batch(config, 2, config.seq_len)
-    np.testing.assert_allclose(parity.flax_outputs(fm, x, y)[1], parity.torch_outputs(tm, x, y)[1],
-                               rtol=0, atol=tolerances.LOGITS_ATOL)
+    assert_close(parity.flax_outputs(fm, x, y)[1], parity.torch_outputs(tm, x, y)[1],
+                 rtol=0, atol=tolerances.LOGITS_ATOL)
 
 
 def test_train_mode_drops_at_the_rate(dropout_pair):

@@ -22,6 +22,7 @@ from flax_gpt.sidebyside import pair, parity, tolerances
 from flax_gpt.sidebyside.tolerances import DIRECT
 from parity_tests import reference
 from parity_tests.conftest import CONFIGS, batch, tensors_for
+from tests.conftest import assert_close, assert_same
 
 F64 = DIRECT["float64"]
 REFERENCE_LOGITS_ATOL = 1e-12  # both frameworks against the independent implementation
@@ -74,18 +75,18 @@ def test_frameworks_and_reference_agree_in_float64(float64, tmp_path, name):
     for out in (parity.flax_outputs(fm, x, y), parity.torch_outputs(tm, x, y)):
         loss, logits, hidden, grads = out
         assert logits.dtype == np.float64
-        np.testing.assert_allclose(logits, r_logits.numpy(), rtol=0, atol=REFERENCE_LOGITS_ATOL)
+        assert_close(logits, r_logits.numpy(), rtol=0, atol=REFERENCE_LOGITS_ATOL)
         for mine, theirs in zip(hidden["layers"], r_layers):
-            np.testing.assert_allclose(mine, theirs.numpy(), rtol=0, atol=REFERENCE_LOGITS_ATOL)
-        np.testing.assert_allclose(loss, r_loss, rtol=0, atol=F64.loss)
+            assert_close(mine, theirs.numpy(), rtol=0, atol=REFERENCE_LOGITS_ATOL)
+        assert_close(loss, r_loss, rtol=0, atol=F64.loss)
         largest = max(float(g.abs().max()) for g in r_grads.values())
         assert largest > 0, "no gradient to compare"
         for n, g in r_grads.items():
             # the key bias's gradient is exactly 0 (rounding noise), and with seq_len 1 so are
             # q's and k's (softmax over one key is 1): those are judged against the largest
             scale = largest if tolerances.is_inert(n) else float(g.abs().max()) or largest
-            np.testing.assert_allclose(grads[n], g.numpy(), rtol=0,
-                                       atol=REFERENCE_GRAD_RTOL * scale, err_msg=n)
+            assert_close(grads[n], g.numpy(), rtol=0,
+                         atol=REFERENCE_GRAD_RTOL * scale, err_msg=n)
 
 
 def training_batches(config, n, grad_accum=1, seed=0):
@@ -381,7 +382,7 @@ def test_a_float64_model_loads_from_a_float32_file_exactly(float64, tmp_path):
     for model in (flax_gpt.model.canonical(fm), torch_reference.model.canonical(tm)):
         for n, t in tensors_for("tiny").items():
             assert model[n].dtype == np.float64
-            np.testing.assert_array_equal(model[n], t.astype(np.float64))
+            assert_same(model[n], t.astype(np.float64))
     flax_gpt.save(fm, tmp_path / "f64.safetensors")  # a float64 model's own file keeps float64
     _, saved = weights.load(tmp_path / "f64.safetensors")
     assert weights.precision_of(saved) == "float64"

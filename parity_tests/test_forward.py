@@ -18,6 +18,7 @@ from flax_gpt.core.hparams import TrainConfig
 from flax_gpt.sidebyside import pair, parity, tolerances
 from flax_gpt.sidebyside.tolerances import GRAD_RTOL, LOGITS_ATOL, LOSS_ATOL
 from parity_tests.conftest import CONFIGS, batch, tensors_for
+from tests.conftest import assert_close
 from torch_reference import model as torch_model
 
 
@@ -35,8 +36,8 @@ def assert_gradients_close(grads, reference):
         if tolerances.is_inert(name):  # analytically zero: both must be zero up to rounding
             assert np.abs(f).max() <= GRAD_RTOL * largest and np.abs(t).max() <= GRAD_RTOL * largest
         else:
-            np.testing.assert_allclose(f, t, rtol=0, atol=GRAD_RTOL * np.abs(t).max(),
-                                       err_msg=name)
+            assert_close(f, t, rtol=0, atol=GRAD_RTOL * np.abs(t).max(),
+                         err_msg=name)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -44,12 +45,12 @@ def test_layers_logits_and_loss(config_name, batch_size):
     config = CONFIGS[config_name]
     x, y = batch(config, batch_size, config.seq_len, seed=batch_size)
     (f_loss, f_logits, f_hidden, _), (t_loss, t_logits, t_hidden, _) = outputs(config_name, x, y)
-    np.testing.assert_allclose(f_hidden["embed"], t_hidden["embed"], rtol=0, atol=LOGITS_ATOL)
+    assert_close(f_hidden["embed"], t_hidden["embed"], rtol=0, atol=LOGITS_ATOL)
     assert len(f_hidden["layers"]) == len(t_hidden["layers"]) == config.n_layers
     for i, (f, t) in enumerate(zip(f_hidden["layers"], t_hidden["layers"])):
-        np.testing.assert_allclose(f, t, rtol=0, atol=LOGITS_ATOL, err_msg=f"layer {i}")
-    np.testing.assert_allclose(f_logits, t_logits, rtol=0, atol=LOGITS_ATOL)
-    np.testing.assert_allclose(f_loss, t_loss, rtol=0, atol=LOSS_ATOL)
+        assert_close(f, t, rtol=0, atol=LOGITS_ATOL, err_msg=f"layer {i}")
+    assert_close(f_logits, t_logits, rtol=0, atol=LOGITS_ATOL)
+    assert_close(f_loss, t_loss, rtol=0, atol=LOSS_ATOL)
     assert np.isfinite(f_loss)  # seq_len 1 too: conftest.batch gives it real labels
 
 
@@ -67,8 +68,8 @@ def test_fused_attention_is_the_same_function(config_name):
     x, y = batch(config, 3, config.seq_len, seed=11)
     flax_explicit, reference = outputs(config_name, x, y)
     for loss, logits, _, grads in (*outputs(config_name, x, y, attention="fused"), flax_explicit):
-        np.testing.assert_allclose(logits, reference[1], rtol=0, atol=LOGITS_ATOL)
-        np.testing.assert_allclose(loss, reference[0], rtol=0, atol=LOSS_ATOL, equal_nan=True)
+        assert_close(logits, reference[1], rtol=0, atol=LOGITS_ATOL)
+        assert_close(loss, reference[0], rtol=0, atol=LOSS_ATOL)
         assert_gradients_close(grads, reference[3])
 
 
@@ -79,9 +80,9 @@ def test_fully_ignored_rows_do_not_change_the_mean():
     (f_loss, *_), (t_loss, *_) = outputs("tiny", x, y)
     keep = [0, 2]
     (f_kept, *_), (t_kept, *_) = outputs("tiny", x[keep], y[keep])
-    np.testing.assert_allclose(f_loss, t_loss, rtol=0, atol=LOSS_ATOL)
-    np.testing.assert_allclose(f_loss, f_kept, rtol=0, atol=LOSS_ATOL)
-    np.testing.assert_allclose(t_loss, t_kept, rtol=0, atol=LOSS_ATOL)
+    assert_close(f_loss, t_loss, rtol=0, atol=LOSS_ATOL)
+    assert_close(f_loss, f_kept, rtol=0, atol=LOSS_ATOL)
+    assert_close(t_loss, t_kept, rtol=0, atol=LOSS_ATOL)
 
 
 def test_all_ignored_batch_is_nan_in_both():
@@ -106,8 +107,11 @@ def test_property_any_batch_and_length(batch_size, seq_len, seed):
     with torch.no_grad():
         t_logits = tm(torch.from_numpy(x).long())
         t_loss = float(torch_model.cross_entropy(t_logits, torch.from_numpy(y).long()))
-    np.testing.assert_allclose(f_logits, t_logits.numpy(), rtol=0, atol=LOGITS_ATOL)
-    np.testing.assert_allclose(f_loss, t_loss, rtol=0, atol=LOSS_ATOL, equal_nan=True)
+    assert_close(f_logits, t_logits.numpy(), rtol=0, atol=LOGITS_ATOL)
+    if np.all(y == IGNORE_INDEX):  # a mean over no labels: NaN in both, and nowhere else
+        assert np.isnan(f_loss) and np.isnan(t_loss), (f_loss, t_loss)
+    else:
+        assert_close(f_loss, t_loss, rtol=0, atol=LOSS_ATOL)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -133,7 +137,7 @@ def test_key_bias_cannot_change_the_output():
                              pair.build_pair(config, shifted)):
         is_flax = hasattr(before, "config") and not hasattr(before, "state_dict")
         run = parity.flax_outputs if is_flax else parity.torch_outputs
-        np.testing.assert_allclose(run(after, x, y)[1], run(before, x, y)[1], rtol=0, atol=1e-6)
+        assert_close(run(after, x, y)[1], run(before, x, y)[1], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])

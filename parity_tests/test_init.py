@@ -2,12 +2,12 @@
 N(0, 1) embeddings, LayerNorm ones/zeros. Their statistics must match (the values, of course,
 do not)."""
 
-import numpy as np
 import torch
 from flax import nnx
 
 from flax_gpt import model as flax_model
 from flax_gpt.core.config import EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig
+from tests.conftest import assert_close, assert_same
 from torch_reference import model as torch_model
 
 STD_RTOL = 0.05  # sampling error of a std over >= 4096 draws is under 2%
@@ -25,10 +25,10 @@ def test_init_statistics_match():
             value = tensors[name]
             if "layer_norm" in name:
                 expected = 1.0 if name.endswith("weight") else 0.0
-                np.testing.assert_array_equal(value, expected, err_msg=name)
+                assert_same(value, expected, err_msg=name)
             elif name.endswith("bias"):
-                np.testing.assert_array_equal(value, 0.0, err_msg=name)
+                assert_same(value, 0.0, err_msg=name)
             else:
                 std = EMBED_INIT_STD if name == "embed.token.weight" else LINEAR_INIT_STD
-                np.testing.assert_allclose(value.std(), std, rtol=STD_RTOL, err_msg=name)
-                np.testing.assert_allclose(value.mean(), 0.0, atol=std * MEAN_RTOL, err_msg=name)
+                assert_close(value.std(), std, rtol=STD_RTOL, atol=0, err_msg=name)
+                assert_close(value.mean(), 0.0, rtol=0, atol=std * MEAN_RTOL, err_msg=name)

@@ -8,6 +8,7 @@ from flax_gpt.sidebyside.parity import parity_batches
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.sidebyside.tolerances import MIN_EVIDENCE_SHARE, TRAIN_LOSS_ATOL, TRAIN_PARAM_ATOL
+from tests.conftest import assert_close, assert_same
 from tests.datasets import prepare_dataset
 
 STEPS = 30  # the long run is test_float64's 300 steps of tiny; 30 keep the suite in its time
@@ -41,10 +42,10 @@ def test_adamw_run_matches(dataset, shape, grad_accum, grad_clip, attention):
                                               run.torch.params)
     assert len(f_losses) == len(run.kept) == STEPS and min(run.kept) >= MIN_EVIDENCE_SHARE, run.kept
     if grad_clip:  # the clipping branch ran in both, at the same steps
-        np.testing.assert_array_equal(run.flax.grad_norms > grad_clip, run.torch.grad_norms > grad_clip)
-    np.testing.assert_allclose(f_losses, t_losses, rtol=0, atol=TRAIN_LOSS_ATOL)
+        assert_same(run.flax.grad_norms > grad_clip, run.torch.grad_norms > grad_clip)
+    assert_close(f_losses, t_losses, rtol=0, atol=TRAIN_LOSS_ATOL)
     assert np.mean(t_losses[-5:]) < np.mean(t_losses[:5]) - 0.5, "the run must actually learn"
     for name in t_params:
         if not tolerances.is_inert(name):
-            np.testing.assert_allclose(f_params[name], t_params[name], rtol=0,
-                                       atol=TRAIN_PARAM_ATOL, err_msg=name)
+            assert_close(f_params[name], t_params[name], rtol=0,
+                         atol=TRAIN_PARAM_ATOL, err_msg=name)

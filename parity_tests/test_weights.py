@@ -14,6 +14,7 @@ from flax_gpt.sidebyside import parity, tolerances
 from flax_gpt.core import weights
 from flax_gpt.core.errors import WeightsError
 from parity_tests.conftest import CONFIGS, batch, tensors_for
+from tests.conftest import assert_close
 from torch_reference import model as torch_model
 
 
@@ -50,8 +51,8 @@ def test_loaded_models_agree(tmp_path):
     weights.save(tmp_path / "w.safetensors", config, tensors_for("d36-3heads"))
     fm, tm = flax_gpt.load(tmp_path / "w.safetensors"), torch_reference.load(tmp_path / "w.safetensors")
     x, y = batch(config, 2, config.seq_len)
-    np.testing.assert_allclose(parity.flax_outputs(fm, x, y)[1], parity.torch_outputs(tm, x, y)[1],
-                               rtol=0, atol=tolerances.LOGITS_ATOL)
+    assert_close(parity.flax_outputs(fm, x, y)[1], parity.torch_outputs(tm, x, y)[1],
+                 rtol=0, atol=tolerances.LOGITS_ATOL)
 
 
 def test_canonical_names_are_the_torch_state_dict():

@@ -20,6 +20,27 @@ def text(lines, seed):
     return "".join(" ".join(rng.choice(WORDS, rng.integers(3, 10))) + " .\n" for _ in range(lines))
 
 
+def assert_close(actual, desired, *, rtol, atol, err_msg=""):
+    """np.testing.assert_allclose where NaN never passes: numpy's default (equal_nan=True)
+    takes a NaN on both sides for agreement, so two runs that both diverged would match.
+    Where NaN is the expected result, assert it with np.isnan."""
+    import numpy as np
+
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol, equal_nan=False,
+                               err_msg=err_msg)
+
+
+def assert_same(actual, desired, err_msg=""):
+    """np.testing.assert_array_equal where NaN never passes (numpy takes NaNs at the same
+    positions for equal)."""
+    import numpy as np
+
+    np.testing.assert_array_equal(actual, desired, err_msg=err_msg)
+    actual = np.asarray(actual)
+    if np.issubdtype(actual.dtype, np.inexact):
+        assert not np.isnan(actual).any(), f"NaN in both: {err_msg}"
+
+
 def run_cli(*args, env=None, cwd=None):
     """Run `python -m flax_gpt ARGS` in a subprocess (in the repository, or `cwd` with the
     repository on the path); return the CompletedProcess."""

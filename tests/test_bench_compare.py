@@ -6,7 +6,7 @@ import numpy as np
 
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.sidebyside import bench
-from tests.conftest import run_cli
+from tests.conftest import assert_close, assert_same, run_cli
 from tests.datasets import prepare_dataset
 
 
@@ -42,7 +42,7 @@ def test_bench_command_sweeps_batch_sizes(tmp_path):
         assert results["flax-jit-fp32"]["peak_memory_bytes"] > 0  # XLA's footprint of the step
         assert results["torch-eager-fp32"]["peak_memory_bytes"] is None  # untracked on CPU
         losses = [r["loss"] for r in results.values()]
-        np.testing.assert_allclose(losses, losses[0], atol=1e-4)  # the variants computed the same
+        assert_close(losses, losses[0], rtol=0, atol=1e-4)  # the variants computed the same
         assert report["complete"] and report["rounds"] == 2
         assert report["speedup_of"] == "flax-jit-fp32" and results["flax-jit-fp32"]["speedup"] == 1.0
         assert all(r["speedup"] > 0 for r in results.values())
@@ -78,7 +78,7 @@ def test_compare_command(tmp_path, shakespeare):
     runs = report["frameworks"]
     assert len(runs["flax"]["loss"]) == len(runs["torch"]["loss"]) == len(runs["torch-1ulp"]["loss"]) == 4
     floor = report["noise_floor"]
-    np.testing.assert_array_equal(
+    assert_same(
         floor["loss_diff"], np.abs(np.subtract(runs["torch"]["loss"], runs["torch-1ulp"]["loss"])))
     assert floor["max_abs_loss_diff"] <= 1e-5  # one ulp stays one ulp's worth over 4 steps
     assert report["unigram_baseline_loss"] > 0 and report["precision"] == "highest"
@@ -94,7 +94,7 @@ def test_nudged_moves_every_weight_one_ulp():
     moved = nudged(tensors)
     for name, t in tensors.items():
         assert moved[name].dtype == np.float32 and (moved[name] > t).all()
-        np.testing.assert_array_equal(np.nextafter(moved[name], np.float32(-np.inf)), t)
+        assert_same(np.nextafter(moved[name], np.float32(-np.inf)), t)
 
 
 def test_compare_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch):

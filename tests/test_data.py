@@ -14,7 +14,7 @@ from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import DatasetError
 from flax_gpt.core.files import sha256_bytes, sha256_file
 from tests import datasets
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, assert_same, run_cli
 from tests.datasets import prepare_dataset
 
 
@@ -138,9 +138,9 @@ def test_batch_layout_is_spec(counting_ds, batch_size, seq_len):
     for b, (x, y) in enumerate(batches):
         assert x.shape == y.shape == (batch_size, seq_len)
         assert x.dtype == y.dtype == np.int32
-        np.testing.assert_array_equal(x, rows[b * batch_size:(b + 1) * batch_size])
-        np.testing.assert_array_equal(y[:, :-1], x[:, 1:])
-        np.testing.assert_array_equal(y[:, -1], data.IGNORE_INDEX)
+        assert_same(x, rows[b * batch_size:(b + 1) * batch_size])
+        assert_same(y[:, :-1], x[:, 1:])
+        assert_same(y[:, -1], data.IGNORE_INDEX)
 
 
 def test_drop_last_false_yields_the_short_batch(counting_ds):
@@ -155,7 +155,7 @@ def test_shuffle_is_a_seeded_permutation(counting_ds):
         return np.concatenate([x for x, _ in counting_ds.batches("train", 4, 8, **kw)])
 
     plain, shuffled = rows(), rows(shuffle=True, seed=3)
-    np.testing.assert_array_equal(shuffled, rows(shuffle=True, seed=3))
+    assert_same(shuffled, rows(shuffle=True, seed=3))
     assert not np.array_equal(plain, shuffled)
     assert not np.array_equal(shuffled, rows(shuffle=True, seed=3, epoch=1))
     assert not np.array_equal(shuffled, rows(shuffle=True, seed=4))
@@ -168,8 +168,8 @@ def test_start_resumes_the_same_sequence(counting_ds):
     resumed = list(counting_ds.batches("train", 3, 6, shuffle=True, seed=1, epoch=2, start=4))
     assert len(resumed) == len(full) - 4
     for (x0, y0), (x1, y1) in zip(full[4:], resumed):
-        np.testing.assert_array_equal(x0, x1)
-        np.testing.assert_array_equal(y0, y1)
+        assert_same(x0, x1)
+        assert_same(y0, y1)
 
 
 def test_seq_len_larger_than_split_is_refused(counting_ds):

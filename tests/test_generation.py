@@ -7,6 +7,7 @@ import pytest
 from flax_gpt.core import generation
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.generation import GenerationError, Sampling
+from tests.conftest import assert_same
 
 
 @pytest.mark.parametrize("seq_len,keep,lengths", [
@@ -106,7 +107,7 @@ def test_loop_follows_the_window_rule(cached, keep):
         assert tokens == [generation.window_length(len(p) + s, S, k) for s in range(20)]
     assert out.slides > 0 and out.steps == 20 and len(out.logits) == 20
     rng = np.random.default_rng(5)  # one uniform per row per step, in order
-    np.testing.assert_array_equal(np.stack(decoder.draws), [rng.random(3) for _ in range(20)])
+    assert_same(np.stack(decoder.draws), [rng.random(3) for _ in range(20)])
 
 
 def test_loop_stops_rows_and_streams():

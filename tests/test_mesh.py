@@ -26,7 +26,8 @@ from flax_gpt.core import runfolder, weights
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.sharding import MeshShape, per_device_elements, rules
 from flax_gpt.sidebyside.tolerances import TRAIN_LOSS_ATOL
-from tests.conftest import REPO, has_fsdp2, run_cli_here, run_cli_many
+from tests.conftest import (REPO, assert_close, assert_same, has_fsdp2, run_cli_here,
+                            run_cli_many)
 
 LOSS_TOL = 1e-6  # per-step |loss difference|, float32 highest (~2 ulps of a loss of 4.2)
 PARAM_TOL = 1e-5  # largest |parameter difference| after the last step, float32
@@ -265,18 +266,18 @@ def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
     unbroken = run_cli_here(*common, "--stop-at", "3", "--out", single)
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     losses = [r["loss"] for r in first["history"] + second["history"]]
-    np.testing.assert_allclose(losses, [r["loss"] for r in json.loads(unbroken.stdout)["history"]],
-                               rtol=0, atol=LOSS_TOL)
+    assert_close(losses, [r["loss"] for r in json.loads(unbroken.stdout)["history"]],
+                 rtol=0, atol=LOSS_TOL)
     (_, ours), (_, theirs) = (weights.load(r / runfolder.WEIGHTS) for r in (run, single))
     assert ours.keys() == theirs.keys()
     for name in ours:
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=PARAM_TOL, err_msg=name)
+        assert_close(ours[name], theirs[name], rtol=0, atol=PARAM_TOL, err_msg=name)
 
     config, saved = weights.load(checkpoint / runfolder.WEIGHTS)  # gathered by process 0
     one = FlaxBackend(config, TrainConfig(steps=4, batch_size=8, lr=3e-3))
     one.load(checkpoint)  # onto this process's one device
     for name, tensor in one.canonical().items():
-        np.testing.assert_array_equal(tensor, saved[name], err_msg=name)
+        assert_same(tensor, saved[name], err_msg=name)
     assert int(one.opt_state[1][0].count) == 2  # AdamW's step count came back too
 
 
@@ -312,4 +313,4 @@ def test_two_processes_write_no_shard_of_non_finite_weights(tmp_path):
     one = FlaxBackend(config, TrainConfig(steps=4, batch_size=8, warmup_steps=1))
     one.load(checkpoint)  # its shards, onto one device
     for name, tensor in one.canonical().items():
-        np.testing.assert_array_equal(tensor, latest[name], err_msg=name)
+        assert_same(tensor, latest[name], err_msg=name)

@@ -27,6 +27,7 @@ from flax_gpt.core.data import TokenDataset  # noqa: E402
 from flax_gpt.core.errors import DatasetError  # noqa: E402
 from flax_gpt.core.files import sha256_bytes  # noqa: E402
 from tests import datasets  # noqa: E402
+from tests.conftest import assert_same  # noqa: E402
 
 TOKENIZER = get_tokenizer("basic_english")
 PROVENANCE = ("implementation", "torchtext_version")  # the manifest keys that name who wrote it
@@ -58,7 +59,7 @@ def test_prepared_folder_equals_direct_torchtext(shakespeare, shakespeare_datase
     assert ds.itos[:3] == ["<unk>", "<bos>", "<eos>"]
     for split, split_lines in (("train", train), ("val", val)):
         expected = [i for tokens in split_lines for i in [1, *vocab(tokens), 2]]
-        np.testing.assert_array_equal(ds.split(split), np.asarray(expected))
+        assert_same(ds.split(split), np.asarray(expected))
     assert ds.train.dtype == np.uint16
     assert (ds.val == data.UNK).any(), "validation words unseen in training must map to <unk>"
 

@@ -17,7 +17,7 @@ from flax_gpt.core.streams import SyntheticStream, step_batch
 from flax_gpt.experiments import backend as make_backend
 from flax_gpt.sidebyside.pair import apply_precision
 from flax_gpt.sidebyside.tolerances import LOSS_ATOL
-from tests.conftest import run_cli, run_cli_many
+from tests.conftest import assert_close, run_cli, run_cli_many
 from tests.datasets import prepare_dataset
 
 apply_precision("highest")
@@ -46,7 +46,7 @@ def losses(history):
 
 def test_learning_rate_table():
     lrs = learning_rates(TrainConfig(steps=10, lr=1.0, warmup_steps=4, min_lr_ratio=0.1))
-    np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])
+    assert_close(lrs[:4], [0.25, 0.5, 0.75, 1.0], rtol=0, atol=0)
     assert lrs[4] == 1.0 and np.isclose(lrs[-1], 0.1) and np.all(np.diff(lrs[4:]) < 0)
 
 

@@ -37,14 +37,15 @@ class GenerationComparison:
     torch: list
     first_mismatch: int = None  # first step at which some row's tokens differ (None: never)
     first_near_tie: int = None  # first step with a row whose top two logits are within 2x the difference
-    max_logits_diff: float = 0.0  # max |flax - torch| over the compared steps
+    max_logits_diff: float = 0.0  # max |flax - torch| over the compared steps (NaN if any is)
     step_logits_diff: list = None  # per compared step, max over rows
     step_top2_gap: list = None  # per compared step, the smallest top-two gap over rows (PyTorch's logits)
     slides: int = 0
 
     @property
     def agree(self):
-        return self.first_mismatch is None
+        """Same tokens, and no NaN among the compared logits (NaN is never agreement)."""
+        return self.first_mismatch is None and not np.isnan(self.max_logits_diff)
 
     def to_dict(self):
         return {**asdict(self), "agree": self.agree}
@@ -61,6 +62,12 @@ def compare_generation(fm, tm, prompt_ids, max_new_tokens, **options):
     precision) with the same `options` (those of flax_gpt.generate) and compare them."""
     f = flax_gpt.generate(fm, prompt_ids, max_new_tokens, return_logits=True, **options)
     t = torch_reference.generate(tm, prompt_ids, max_new_tokens, return_logits=True, **options)
+    return compare_outputs(f, t)
+
+
+def compare_outputs(f, t):
+    """The comparison of two generations (each with `tokens`, per-step `logits` and
+    `slides`, as generate returns them with return_logits)."""
     out = GenerationComparison(f.tokens, t.tokens, step_logits_diff=[], step_top2_gap=[],
                                slides=f.slides)
     for step, (fl, tl) in enumerate(zip(f.logits, t.logits)):
@@ -74,7 +81,9 @@ def compare_generation(fm, tm, prompt_ids, max_new_tokens, **options):
         if not all(same):
             out.first_mismatch = step
             break
-    out.max_logits_diff = max(out.step_logits_diff, default=0.0)
+    # np.max, not max(): a NaN at any step makes the maximum NaN (max() keeps a number seen
+    # before it), and NaN fails every bound and `agree`
+    out.max_logits_diff = float(np.max(out.step_logits_diff)) if out.step_logits_diff else 0.0
     if out.first_mismatch is None and f.tokens != t.tokens:  # one side stopped earlier
         out.first_mismatch = len(out.step_logits_diff)
     return out
