@@ -165,7 +165,8 @@ def memory_limit(framework, device=None):
 def check_memory(config, batch_size, what, *, training, attention="explicit", places=(("flax", None),),
                  kv_cache=False, hint=memory.SMALLER, precision="highest", mesh=None):
     """Refuse `config` (ConfigError, one line) where it cannot fit: one model in each of
-    `places` ((framework, torch device) pairs, all resident at once), on `batch_size` rows
+    `places` ((framework, torch device) pairs, or (framework, torch device, precision) for a
+    model at a precision of its own; all resident at once), on `batch_size` rows
     (with decoding's key/value cache: `kv_cache`) at `precision`; `hint` says what to change.
     Before anything is built or compiled: otherwise the OOM killer ends the run, silently.
     `mesh` (a MeshShape or its text): the Flax model is sharded over it, and each device
@@ -173,13 +174,13 @@ def check_memory(config, batch_size, what, *, training, attention="explicit", pl
     as this process's devices of the mesh together, since they share its memory."""
     shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
     needs = {}
-    for framework, device in places:
+    for framework, device, *own in places:
         limit, where = memory_limit(framework, device)
         sharded = shape if framework == "flax" else None
         # flash kernels (fused attention on a GPU) never hold the T x T scores
         need = memory.estimate(config, batch_size, training=training, kv_cache=kv_cache,
                                scores=not (where == GPU_MEMORY and attention == "fused"),
-                               precision=precision, mesh=sharded)
+                               precision=own[0] if own else precision, mesh=sharded)
         if sharded is not None and where == HOST_MEMORY:
             import jax
 

@@ -195,8 +195,9 @@ def false_alarms(configs, *, precisions, seeds, datasets, attentions, rewrites=R
                  rewrite_configs=None, train_steps=20, batch_size=4, log=print):
     """Run parity on correct code over the grid configs x precisions x seeds x datasets
     (None: random tokens; a dataset folder: real ones) x attentions, then each rewrite over
-    `rewrite_configs` (default: the first config) x precisions x seeds x datasets, on the
-    attention path it touches. Returns a SweepResult."""
+    `rewrite_configs` (default: the first config; pick one whose sqrt(head_dim) is not a
+    power of two, or the scale rewrites change no bit) x precisions x seeds x datasets, on
+    the attention path it touches. Returns a SweepResult."""
     result = SweepResult()
     grid = [(name, p, s, d, a, None) for name, p, s, d, a in
             itertools.product(configs, precisions, seeds, datasets, attentions)]

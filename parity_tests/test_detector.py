@@ -1,0 +1,104 @@
+"""No false alarms: `flax-gpt parity` passes on correct code over seeds, random and real
+tokens, explicit and fused attention, every precision, and equivalent rewrites of one
+framework (parity_tests/detector.py; the full grid is its command, see README)."""
+
+import pytest
+
+from flax_gpt.core.precision import PRECISIONS
+from flax_gpt.sidebyside import pair, parity
+from parity_tests import detector
+from parity_tests.conftest import CONFIGS
+from tests.datasets import prepare_dataset
+
+# Training is what costs (one compilation of the step per probed clip): `tiny` with the
+# first seed trains TRAIN_STEPS steps; every config and seed compares forward and backward.
+TRAIN_STEPS = 8
+SWEPT = {"tiny": CONFIGS["tiny"], "d36-3heads": CONFIGS["d36-3heads"], "one-head": CONFIGS["one-head"]}
+TRAINED = {"tiny": CONFIGS["tiny"]}
+
+
+@pytest.fixture(scope="module")
+def real(shakespeare, tmp_path_factory):
+    """tinyshakespeare through the project's pipeline, a 512-token vocabulary."""
+    out = tmp_path_factory.mktemp("detector") / "ds"
+    prepare_dataset([(shakespeare.name, shakespeare.read_bytes())], out, max_vocab=512)
+    return str(out)
+
+
+def assert_no_false_alarm(result, expected_runs):
+    assert len(result.runs) == expected_runs, "a run of the grid is missing"
+    alarms = [(r.preset, r.precision, r.seed, r.data, r.attention, r.patch, r.failed)
+              for r in result.false_alarms]
+    assert not alarms, alarms
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_no_false_alarm_over_seeds_data_and_attention(precision, real):
+    forward = detector.false_alarms(SWEPT, precisions=[precision], seeds=[0, 1, 2],
+                                    datasets=[None, real], attentions=["explicit", "fused"],
+                                    rewrites=[], train_steps=0)
+    assert_no_false_alarm(forward, len(SWEPT) * 3 * 2 * 2)
+
+
+# The judged tiers train on random and real tokens, the others once each.
+TRAINED_GRID = {"float64": [None, "real"], "highest": [None, "real"], "default": ["real"], "bf16": [None]}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_no_false_alarm_in_training(precision, real):
+    datasets = [real if d == "real" else d for d in TRAINED_GRID[precision]]
+    trained = detector.false_alarms(TRAINED, precisions=[precision], seeds=[0], datasets=datasets,
+                                    attentions=["explicit"], rewrites=[], train_steps=TRAIN_STEPS)
+    assert_no_false_alarm(trained, len(TRAINED) * len(datasets))
+
+
+@pytest.mark.parametrize("rewrite", detector.REWRITES, ids=lambda p: p.name)
+def test_equivalent_rewrites_pass(rewrite):
+    """In float64, the tier where a rewrite's rounding is most likely to be mistaken for a
+    bug; on d36-3heads, whose sqrt(dk) = sqrt(12) is not a power of two (on `tiny`, 1 / 4 is
+    exact and the scale rewrites would change no bit)."""
+    attention = "explicit" if rewrite.attention == "any" else rewrite.attention
+    run = detector.parity_run("d36-3heads", CONFIGS["d36-3heads"], "float64", 0, None, attention,
+                              rewrite, train_steps=TRAIN_STEPS)
+    assert run.passed, (run.failed, run.divergence)
+
+
+def test_a_rewrite_is_in_force_only_for_its_run():
+    """The rewrite really runs (its result differs from the unpatched one in the last bits),
+    and is gone after the run."""
+    from flax_gpt import model as flax_model
+
+    original = flax_model.MaskedMultiHeadAttention.masked_softmax
+    config = CONFIGS["d36-3heads"]  # sqrt(12): the reciprocal rounds differently
+    tensors = pair.random_weights(config)
+    x, y = parity.parity_batches(config, None, 2, config.seq_len, 1, 0)[0]
+    fm, _ = pair.build_pair(config, tensors)
+    before = parity.flax_outputs(fm, x[0], y[0])[1]
+    with detector.patched(detector.REWRITES[0]):
+        assert flax_model.MaskedMultiHeadAttention.masked_softmax is not original
+        during = parity.flax_outputs(fm, x[0], y[0])[1]
+    assert flax_model.MaskedMultiHeadAttention.masked_softmax is original
+    assert (before != during).any(), "the rewrite changed no bit: was it in force?"
+    assert abs(before - during).max() < 1e-5
+
+
+def test_the_sweep_counts_a_failure_as_a_false_alarm():
+    """The harness can report what it exists to find: a run on broken code is counted."""
+    broken = detector.Patch("torch: head scaled", "torch", "a bug, as a stand-in for a false alarm",
+                            lambda set_: set_(detector.torch_model.GPT, "forward", _scaled_forward))
+    result = detector.false_alarms({"tiny": CONFIGS["tiny"]}, precisions=["float64"], seeds=[0],
+                                   datasets=[None], attentions=["explicit"], rewrites=[broken],
+                                   train_steps=0)
+    assert [r.patch for r in result.false_alarms] == [broken.name]
+    assert result.to_dict()["false_alarms"] == 1
+
+
+_unpatched_forward = detector.torch_model.GPT.forward
+
+
+def _scaled_forward(self, ids, **kw):
+    out = _unpatched_forward(self, ids, **kw)
+    if isinstance(out, tuple):
+        return out[0] * 1.001, out[1]
+    return out * 1.001
+
