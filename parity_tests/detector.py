@@ -169,48 +169,29 @@ class SweepResult:
     command: str = ""
 
     @property
-    def false_alarms(self):
-        return [r for r in self.runs if not r.passed]
-
-    def to_dict(self):
-        return {"command": self.command, "runs": [dataclasses.asdict(r) for r in self.runs],
-                "total": len(self.runs), "false_alarms": len(self.false_alarms),
-                "with_inconclusive_rows": sum(bool(r.inconclusive) for r in self.runs)}
-
-
-def parity_run(config_name, config, precision, seed, data, attention, patch=None, *,
-               train_steps, batch_size=4, progress=None):
-    """parity.run with `patch` in force; a Run."""
-    start = time.perf_counter()
-    with patched(patch):
-        r = parity.run(config, data=data, precision=precision, attention=attention, seed=seed,
-                       train_steps=train_steps, batch_size=batch_size,
-                       progress=progress or (lambda *_: None))
-    return Run(config_name, precision, seed, "real" if data else "random", attention,
-               patch and patch.name, r.passed, r.failed, r.inconclusive, r.divergence,
-               time.perf_counter() - start)
-
-
-def false_alarms(configs, *, precisions, seeds, datasets, attentions, rewrites=REWRITES,
+    def false_alarms(configs, *, precisions, seeds, datasets, attentions, rewrites=REWRITES,
                  rewrite_configs=None, train_steps=20, batch_size=4, log=print):
     """Run parity on correct code over the grid configs x precisions x seeds x datasets
     (None: random tokens; a dataset folder: real ones) x attentions, then each rewrite over
-    `rewrite_configs` (default: the first config; pick one whose sqrt(head_dim) is not a
-    power of two, or the scale rewrites change no bit) x precisions x seeds x datasets, on
-    the attention path it touches. Returns a SweepResult."""
-    result = SweepResult()
-    grid = [(name, p, s, d, a, None) for name, p, s, d, a in
+    `rewrite_configs` (a dict like `configs`; default: the first config; pick one whose
+    sqrt(head_dim) is not a power of two, or the scale rewrites change no bit) x precisions
+    x seeds x datasets, on the attention path it touches. `train_steps`: AdamW steps of
+    every run, or a dict of them by config name. Returns a SweepResult."""
+    rewrite_configs = rewrite_configs or dict(list(configs.items())[:1])
+    grid = [(name, configs[name], p, s, d, a, None) for name, p, s, d, a in
             itertools.product(configs, precisions, seeds, datasets, attentions)]
     for patch in rewrites:
         on = attentions if patch.attention == "any" else [patch.attention]
-        grid += [(name, p, s, d, a, patch) for name, p, s, d, a in
-                 itertools.product(rewrite_configs or list(configs)[:1], precisions, seeds, datasets, on)]
-    for i, (name, precision, seed, data, attention, patch) in enumerate(grid):
-        run = parity_run(name, configs[name], precision, seed, data, attention, patch,
-                         train_steps=train_steps, batch_size=batch_size)
+        grid += [(name, rewrite_configs[name], p, s, d, a, patch) for name, p, s, d, a in
+                 itertools.product(rewrite_configs, precisions, seeds, datasets, on)]
+    result = SweepResult()
+    for i, (name, config, precision, seed, data, attention, patch) in enumerate(grid):
+        steps = train_steps[name] if isinstance(train_steps, dict) else train_steps
+        run = parity_run(name, config, precision, seed, data, attention, patch,
+                         train_steps=steps, batch_size=batch_size)
         result.runs.append(run)
         log(f"[{i + 1}/{len(grid)}] {name} {precision} seed {seed} {run.data} {attention}"
-            f"{' + ' + patch.name if patch else ''}: "
+            f"{' + ' + patch.name if patch else ''}, {steps} steps: "
             f"{'pass' if run.passed else 'FALSE ALARM: ' + ', '.join(run.failed)}"
             f"{' (inconclusive: ' + ', '.join(run.inconclusive) + ')' if run.inconclusive else ''}"
             f" in {run.seconds:.1f} s")
@@ -219,12 +200,16 @@ def false_alarms(configs, *, precisions, seeds, datasets, attentions, rewrites=R
 
 # ---- the command -----------------------------------------------------------------------------
 
-# The full sweep's grid: every preset at a context the 2-core CPU runs in minutes.
+# The full sweep's grid: every preset, at a context and a number of AdamW steps that the
+# 2-core CPU runs in minutes (gpt2-124m: forward and backward only), and for the rewrites
+# a config whose sqrt(head_dim) = sqrt(12) is not a power of two (every preset's is).
 FULL_CONFIGS = {
-    "tiny": GPTConfig.preset("tiny"),
-    "small": GPTConfig.preset("small"),
-    "gpt2-124m@32": GPTConfig.preset("gpt2-124m", seq_len=32),
+    "tiny": (GPTConfig.preset("tiny"), 20),
+    "small": (GPTConfig.preset("small"), 10),
+    "gpt2-124m@32": (GPTConfig.preset("gpt2-124m", seq_len=32), 0),
 }
+REWRITE_CONFIG = ("d36-3heads", GPTConfig(vocab_size=97, seq_len=12, d_model=36, n_heads=3,
+                                          n_layers=2, d_ff=50), 20)
 
 
 def main(argv=None):
@@ -239,14 +224,27 @@ def main(argv=None):
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     s.add_argument("--data", type=Path, help="a prepared dataset folder: real tokens beside random ones")
     s.add_argument("--attentions", nargs="+", choices=["explicit", "fused"], default=["explicit", "fused"])
-    s.add_argument("--train-steps", type=int, default=20)
+    s.add_argument("--rewrite-seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the rewrites' runs (default 0)")
+    s.add_argument("--no-rewrites", action="store_true", help="the grid alone")
+    s.add_argument("--torch-threads", type=int, default=None,
+                   help="PyTorch's intra-op threads (1 on a machine shared with other work: "
+                        "its spinning threads slow every step there)")
     s.add_argument("--json", type=Path, required=True, help="where the result goes")
     args = p.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     command = "python -m parity_tests.detector " + " ".join(argv if argv is not None else sys.argv[1:])
     datasets = [None] + ([str(args.data)] if args.data else [])
-    result = false_alarms({n: FULL_CONFIGS[n] for n in args.configs}, precisions=args.precisions,
-                          seeds=args.seeds, datasets=datasets, attentions=args.attentions,
-                          train_steps=args.train_steps)
+    name, config, rewrite_steps = REWRITE_CONFIG
+    steps = {n: FULL_CONFIGS[n][1] for n in args.configs} | {name: rewrite_steps}
+    grid = dict(precisions=args.precisions, datasets=datasets, attentions=args.attentions,
+                train_steps=steps)
+    result = false_alarms({n: FULL_CONFIGS[n][0] for n in args.configs}, seeds=args.seeds,
+                          rewrites=[], **grid)
+    if not args.no_rewrites:
+        result.runs += false_alarms({}, seeds=args.rewrite_seeds, rewrite_configs={name: config},
+                                    **grid).runs
     result.command = command
     from flax_gpt.core.files import write_json
     from flax_gpt.sidebyside.pair import environment
