@@ -169,7 +169,29 @@ class SweepResult:
     command: str = ""
 
     @property
-    def false_alarms(configs, *, precisions, seeds, datasets, attentions, rewrites=REWRITES,
+    def false_alarms(self):
+        return [r for r in self.runs if not r.passed]
+
+    def to_dict(self):
+        return {"command": self.command, "runs": [dataclasses.asdict(r) for r in self.runs],
+                "total": len(self.runs), "false_alarms": len(self.false_alarms),
+                "with_inconclusive_rows": sum(bool(r.inconclusive) for r in self.runs)}
+
+
+def parity_run(config_name, config, precision, seed, data, attention, patch=None, *,
+               train_steps, batch_size=4, progress=None):
+    """parity.run with `patch` in force; a Run."""
+    start = time.perf_counter()
+    with patched(patch):
+        r = parity.run(config, data=data, precision=precision, attention=attention, seed=seed,
+                       train_steps=train_steps, batch_size=batch_size,
+                       progress=progress or (lambda *_: None))
+    return Run(config_name, precision, seed, "real" if data else "random", attention,
+               patch and patch.name, r.passed, r.failed, r.inconclusive, r.divergence,
+               time.perf_counter() - start)
+
+
+def false_alarms(configs, *, precisions, seeds, datasets, attentions, rewrites=REWRITES,
                  rewrite_configs=None, train_steps=20, batch_size=4, log=print):
     """Run parity on correct code over the grid configs x precisions x seeds x datasets
     (None: random tokens; a dataset folder: real ones) x attentions, then each rewrite over
