@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_check.sh [--out DIR]            # on a GPU machine
 #   scripts/gpu_check.sh --device cpu --out DIR # the smoke mode: the same commands, tiny shapes
+#   scripts/gpu_check.sh --checks bench         # some of the checks: parity, compare, bench
 #
 # It needs a Python with torch, jax and flax already installed (nothing is installed, nothing
 # is downloaded, torchtext is not needed): the checkout is put on PYTHONPATH. It runs
@@ -15,25 +16,40 @@
 #      which compiles for minutes on a CPU, and PyTorch bf16, which a CPU without native
 #      bf16 ran for over 5 minutes on `tiny`);
 # and writes every JSON and PNG into DIR (default benchmarks/results/gpu_check), then prints a
-# summary, one line per file. The exit status is 1 if any check failed, after all have run.
+# summary, one line per file. The exit status is 1 if any check failed, after all have run: a
+# bench variant that crashed fails (one that cannot run here, e.g. without torch.compile, is
+# skipped, with its reason).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 device=cuda
 out="$repo/benchmarks/results/gpu_check"
+checks=parity,compare,bench
+usage="pass --device cuda|cpu, --out DIR and --checks parity,compare,bench"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device|--out)
-      [ $# -ge 2 ] || { echo "gpu_check.sh: $1 needs a value: pass --device cuda|cpu and --out DIR" >&2; exit 2; }
-      if [ "$1" = --device ]; then device=$2; else out=$2; fi
+    --device|--out|--checks)
+      [ $# -ge 2 ] || { echo "gpu_check.sh: $1 needs a value: $usage" >&2; exit 2; }
+      case "$1" in --device) device=$2 ;; --out) out=$2 ;; *) checks=$2 ;; esac
       shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$1': pass --device cuda|cpu and --out DIR" >&2; exit 2 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1': $usage" >&2; exit 2 ;;
   esac
 done
 case "$device" in
   cuda|cpu) ;;
   *) echo "gpu_check.sh: --device must be cuda or cpu, got '$device'" >&2; exit 2 ;;
 esac
+IFS=, read -ra chosen <<< "$checks"
+[ ${#chosen[@]} -gt 0 ] || {
+  echo "gpu_check.sh: --checks needs at least one of parity, compare, bench" >&2; exit 2; }
+for c in "${chosen[@]}"; do
+  case "$c" in
+    parity|compare|bench) ;;
+    *) echo "gpu_check.sh: --checks takes parity, compare and bench, comma-separated; got '$c'" >&2
+       exit 2 ;;
+  esac
+done
+wanted() { [[ ",$checks," == *",$1,"* ]]; }
 [ -n "$out" ] || { echo "gpu_check.sh: --out needs a folder" >&2; exit 2; }
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -67,22 +83,28 @@ check() {  # check NAME COMMAND...: run one flax-gpt command, keep going if it f
   python -m flax_gpt "$@" || failed+=("$name")
 }
 
-for preset in "${presets[@]}"; do
-  steps=$([ "$preset" = tiny ] && echo "$train_steps" || echo "$big_steps")
-  for precision in highest default bf16; do
-    check "parity-$preset-$precision" parity --preset "$preset" --precision "$precision" \
-      --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_$precision.json"
+if wanted parity; then
+  for preset in "${presets[@]}"; do
+    steps=$([ "$preset" = tiny ] && echo "$train_steps" || echo "$big_steps")
+    for precision in highest default bf16; do
+      check "parity-$preset-$precision" parity --preset "$preset" --precision "$precision" \
+        --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_$precision.json"
+    done
+    check "parity-$preset-fused" parity --preset "$preset" --attention fused --precision highest \
+      --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_fused.json"
   done
-  check "parity-$preset-fused" parity --preset "$preset" --attention fused --precision highest \
-    --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_fused.json"
-done
-check parity-tiny-float64 parity --preset tiny --precision float64 --train-steps "$train_steps" \
-  --torch-device "$device" --json "$out/parity_tiny_float64.json"
-check "compare-$compare_preset" compare --preset "$compare_preset" --synthetic \
-  --steps "$compare_steps" --eval-every 0 --noise-floor --device "$device" \
-  --out "$out/compare_$compare_preset"
-check "bench-${bench[1]}" bench "${bench[@]}" --device "$device" \
-  --json "$out/bench_${bench[1]}.json" --plot "$out/bench_${bench[1]}.png"
+  check parity-tiny-float64 parity --preset tiny --precision float64 --train-steps "$train_steps" \
+    --torch-device "$device" --json "$out/parity_tiny_float64.json"
+fi
+if wanted compare; then
+  check "compare-$compare_preset" compare --preset "$compare_preset" --synthetic \
+    --steps "$compare_steps" --eval-every 0 --noise-floor --device "$device" \
+    --out "$out/compare_$compare_preset"
+fi
+if wanted bench; then  # exits 1 when a variant crashed
+  check "bench-${bench[1]}" bench "${bench[@]}" --device "$device" \
+    --json "$out/bench_${bench[1]}.json" --plot "$out/bench_${bench[1]}.png"
+fi
 
 python - "$out" <<'EOF' || failed+=(summary)
 import json
@@ -96,8 +118,9 @@ for path in sorted(Path(sys.argv[1]).rglob("*.json")):
         failed = [r["quantity"] for r in d["rows"] if r.get("passed") is False]
         line = "passed" if d["passed"] else f"FAILED: {', '.join(failed)}"
         print(f"  {path.name}: {d['precision']} on {d['jax_device']} / {d['torch_device']}: {line}")
-    elif "results" in d:  # bench: a variant that could not run is reported as skipped
-        rates = ", ".join(f"{r['variant']} skipped ({r['skipped']})" if "skipped" in r else
+    elif "results" in d:  # bench: a variant that could not run is skipped, one that raised crashed
+        rates = ", ".join(f"{r['variant']} {'CRASHED' if r.get('crashed') else 'skipped'} "
+                          f"({r['skipped']})" if "skipped" in r else
                           f"{r['variant']} {r['tokens_per_s']:,.0f} tok/s "
                           f"({'-' if r.get('mfu') is None else format(r['mfu'], '.0%')} MFU)"
                           for r in d["results"])

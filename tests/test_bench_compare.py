@@ -51,6 +51,29 @@ def test_bench_command_sweeps_batch_sizes(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_crashed_variant_is_reported_apart_from_a_skipped_one(monkeypatch):
+    """A variant that cannot run here is skipped with its reason; one that raises is
+    reported too, marked `crashed` (the CLI then exits 1; tests/test_gpu_check.py sees the
+    other variants run beside it)."""
+
+    def torch_variant(name, *args):
+        if "compile" in name:
+            raise bench.Skip("torch.compile unavailable: not on this machine")
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(bench, "torch_variant", torch_variant)
+    variants = ["torch-eager-fp32", "torch-compile-fp32"]
+    report = bench.bench(GPTConfig.preset("tiny"), batch_size=1, variants=variants, warmup=0,
+                         steps=1)
+    results = {r["variant"]: r for r in report["results"]}
+    assert results["torch-eager-fp32"] == {
+        "variant": "torch-eager-fp32", "crashed": True, "skipped": "RuntimeError: broken on purpose"}
+    assert "crashed" not in results["torch-compile-fp32"]
+    assert results["torch-compile-fp32"]["skipped"].startswith("torch.compile unavailable")
+    assert bench.BenchResult([1], [report]).crashed == [
+        (1, "torch-eager-fp32", "RuntimeError: broken on purpose")]
+
+
 def test_bench_reports_after_every_round():
     seen = []
     report = bench.bench(GPTConfig.preset("tiny"), batch_size=1, variants=["flax-jit-fp32"],

@@ -128,6 +128,16 @@ class Skip(Exception):
     """A variant that cannot run here, with the reason."""
 
 
+class Crash(Skip):
+    """A variant that raised while it was built, compiled or timed: reported beside the
+    skipped ones (no figures), but marked `crashed`, a failure of the benchmark."""
+
+
+def not_run(e):
+    """The result of a variant that did not run: its reason, and whether it crashed."""
+    return {"skipped": str(e), **({"crashed": True} if isinstance(e, Crash) else {})}
+
+
 class Variant:
     """One variant, built: `step(i)` runs train step i and returns something `sync` waits on;
     `read_loss()` reads the last loss; `memory()` its peak bytes (None where untracked);
@@ -292,8 +302,8 @@ def build_variant(name, config, tensors, tc, x, y, *, warmup, device, mesh=None)
                          "optimizer_bytes_per_device": optimizer_bytes}
     except Skip:
         raise
-    except Exception as e:  # a broken backend is a result to report, not a crash
-        raise Skip(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # reported, and the other variants still run; a failure all the same
+        raise Crash(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
 
 
 def summary(variant, tokens):
@@ -337,7 +347,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
             built[name], results[name] = build_variant(name, config, tensors, tc, x, y,
                                                        warmup=warmup, device=device, mesh=jax_mesh)
         except Skip as e:
-            results[name] = {"skipped": str(e)}
+            results[name] = not_run(e)
     for name in [n for n, v in built.items() if v.devices > 1]:  # the same batch on one device
         names.append(name + ON_ONE_DEVICE)
         print(f"  building {names[-1]} ...", file=sys.stderr, flush=True)
@@ -347,7 +357,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
             built[names[-1]], results[names[-1]] = build_variant(
                 name, config, tensors, tc, x, y, warmup=warmup, device=device)
         except (Skip, FlaxGPTError) as e:
-            results[names[-1]] = {"skipped": str(e)}
+            results[names[-1]] = not_run(e)
 
     round_peaks = {} if on_gpu else {kind(name): [] for name in built}
 
@@ -395,7 +405,7 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
             try:
                 variant.run(steps, timed=True)
             except Exception as e:  # e.g. out of memory once every variant is resident
-                results[name] = {"skipped": f"{type(e).__name__} while timing: {str(e)[:200]}"}
+                results[name] = not_run(Crash(f"{type(e).__name__} while timing: {str(e)[:200]}"))
                 del built[name]
         for k, peaks in round_peaks.items():  # beside the steps: a drifting CPU moves both alike
             peaks.append(measured_cpu_peak(*k))
@@ -428,6 +438,12 @@ class BenchResult:
     @property
     def complete(self):
         return len(self.reports) == len(self.batch_sizes) and all(r["complete"] for r in self.reports)
+
+    @property
+    def crashed(self):
+        """(batch size, variant, reason) of each variant that crashed."""
+        return [(rep["batch_size"], r["variant"], r["skipped"]) for rep in self.reports
+                for r in rep["results"] if r.get("crashed")]
 
     def to_dict(self):
         if len(self.batch_sizes) == 1:
