@@ -1,0 +1,46 @@
+"""The mutation catalogue in the suite (parity_tests/mutations.py): each planted bug, in the
+first of the tiers it must be caught in, fails the comparison and is located where it is.
+
+One test per mutation, so that xdist spreads them. Ordered so that compiled functions are
+shared: PyTorch and numpy bugs first (they keep every JAX compilation), then the bugs in
+code JAX traces, each of which clears JAX's caches around itself.
+"""
+
+import pytest
+
+from flax_gpt.sidebyside import pair
+from parity_tests import mutations
+from parity_tests.mutations import DECODE, SHARED, MUTATIONS, REFERENCE
+
+
+def order(m):
+    return (m.retrace or m.harness is not None, m.tiers[0] != "highest", m.kind == SHARED)
+
+
+@pytest.fixture(autouse=True)
+def highest_after():
+    """The suite's float32 `highest` after each test (a mutation leaves its tier set)."""
+    yield
+    pair.apply_precision("highest")
+
+
+def test_the_catalogue_covers_every_kind():
+    """At least 15 distinct bugs, in both frameworks and the shared core, of every kind."""
+    assert len(MUTATIONS) >= 15 and len({m.name for m in MUTATIONS}) == len(MUTATIONS)
+    assert {m.patch.framework for m in MUTATIONS} >= {"flax", "torch", "core"}
+    assert {m.kind for m in MUTATIONS} == {mutations.FORWARD, mutations.TRAINING, DECODE, SHARED}
+
+
+@pytest.mark.parametrize("name", [m.name for m in sorted(MUTATIONS, key=order)])
+def test_mutation_is_caught_and_located(name):
+    m = mutations.BY_NAME[name]
+    tier = m.tiers[0]
+    o = mutations.check(m, tier)
+    assert o.caught, f"{name} not caught in {tier}: {o.details}"
+    assert o.located, f"{name} in {tier}: divergence {o.divergence}, expected {o.expected}, failed {o.failed}"
+    if m.harness:  # the comparison the harness builds passes on correct code
+        assert o.details["control_passed"], o.details["control_failed"]
+    if m.kind == DECODE:  # training and forward parity never read the cache
+        assert o.details["forward_parity_passed"]
+    if tier == REFERENCE:  # shared code: the two frameworks agree with each other all along
+        assert not o.details["framework_failures"], o.details["framework_failures"]
