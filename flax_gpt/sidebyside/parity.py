@@ -321,11 +321,12 @@ def compare_forward(fm, tm, ids, labels, precision_name="highest", truth_model=N
     f = flax_outputs(fm, ids, labels)
     t = torch_outputs(tm, ids, labels, precision_name)
     truth = None if truth_model is None else torch_outputs(truth_model, ids, labels, "float64")
-    grad_labels, kept = labels, None
+    grad_labels, kept, grads = labels, None, (f[3], t[3])
     if masks_kinks(precision_name, matmul_dtype):
         grad_labels, _ = kink_free_labels(fm, tm, ids, labels, truth_model)
         kept = kept_share(grad_labels, labels)
-    grads = (flax_outputs(fm, ids, grad_labels)[3], torch_outputs(tm, ids, grad_labels, precision_name)[3])
+        grads = (flax_outputs(fm, ids, grad_labels)[3],
+                 torch_outputs(tm, ids, grad_labels, precision_name)[3])
     rows = []
     if precision_name in DIRECT:  # float64 and highest: Flax against PyTorch, judged
         rows += direct_rows(f, t, DIRECT[precision_name], grads=grads, kept=kept)
@@ -339,7 +340,7 @@ def compare_forward(fm, tm, ids, labels, precision_name="highest", truth_model=N
     if precision_name == "bf16":
         rows += bf16_rows(f, t, truth)
     if truth is not None:
-        truth_grads = torch_outputs(truth_model, ids, grad_labels, "float64")[3]
+        truth_grads = truth[3] if kept is None else torch_outputs(truth_model, ids, grad_labels, "float64")[3]
         rows += truth_rows(f, t, truth, matmul_dtype, grads=(*grads, truth_grads), kept=kept)
     return rows
 

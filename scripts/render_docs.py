@@ -1,0 +1,133 @@
+"""Render the measured tables of README.md (and docs/*.md) from the committed result files.
+
+Every measured table sits between `<!-- render: KIND FILE -->` and `<!-- /render -->`, and is
+made here from FILE (under benchmarks/results/), never typed by hand. Each table ends with
+the line saying where its figures come from: the command, the stack, the commit and the
+date that FILE records. A result file without those fields predates the schema: re-run its
+command, or delete it and the table.
+
+    python scripts/render_docs.py            # rewrite the tables in place
+    python scripts/render_docs.py --check    # exit 1 if a table differs from its file
+"""
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from flax_gpt.core.files import atomic_file  # noqa: E402
+RESULTS = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- render: (\S+) (\S+) -->\n)(.*?)(<!-- /render -->)", re.S)
+PROVENANCE = ("command", "commit", "date", "versions")
+
+
+class StaleResult(Exception):
+    """A result file that lacks what its renderer reads."""
+
+
+def load(name):
+    path = RESULTS / name
+    if not path.is_file():
+        raise StaleResult(f"{path} is missing")
+    result = json.loads(path.read_text())
+    missing = [k for k in PROVENANCE if k not in result]
+    if missing:
+        raise StaleResult(f"{path} lacks {', '.join(missing)}: it predates the schema; re-run "
+                          f"its command, or delete it and its table")
+    return result
+
+
+def source(name, result):
+    v = result["versions"]
+    stack = f"python {v['python']}, jax {v['jax']}, flax {v['flax']}, torch {v['torch']}, numpy {v['numpy']}"
+    commit = (result["commit"] or "outside git")[:12] + ("+dirty" if str(result["commit"]).endswith("+dirty") else "")
+    return (f"Source: [`{name}`](benchmarks/results/{name}), `{result['command']}`; {stack}; "
+            f"commit {commit}, {result['date']}.")
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def false_alarms(name):
+    """Runs and false alarms per config and precision, rewrites on their own lines."""
+    result = load(name)
+    counts = defaultdict(lambda: [0, 0, 0, 0])  # runs, false alarms, with inconclusive rows, trained
+    for r in result["runs"]:
+        key = (r["patch"] or r["preset"], r["precision"])
+        c = counts[key]
+        c[0] += 1
+        c[1] += not r["passed"]
+        c[2] += bool(r["inconclusive"])
+    rows = [[f"`{who}`", precision, n, alarms, inconclusive]
+            for (who, precision), (n, alarms, inconclusive, _) in counts.items()]
+    total = sum(c[0] for c in counts.values())
+    alarms = sum(c[1] for c in counts.values())
+    return (table(["config or rewrite", "precision", "runs", "false alarms",
+                   "runs with an inconclusive row"], rows)
+            + f"\n\n{total} runs, {alarms} false alarms.\n\n" + source(name, result))
+
+
+def parity(name):
+    """One `flax-gpt parity --json` result: every judged or reported row."""
+    result = load(name)
+    rows = [[r["quantity"], f"{r['max_abs']:.2e}", "-" if r["tolerance"] is None else f"{r['tolerance']:.1e}",
+             "inconclusive" if r.get("inconclusive") else
+             "-" if r["passed"] is None else ("pass" if r["passed"] else "FAIL")]
+            for r in result["rows"]]
+    verdict = "passed" if result["passed"] else "FAILED"
+    return (table(["quantity", "max abs diff (Flax's error, for rows vs float64)", "tolerance", "verdict"], rows)
+            + f"\n\nVerdict: {verdict}.\n\n" + source(name, result))
+
+
+RENDERERS = {"false-alarms": false_alarms, "parity": parity}
+
+
+def render(text):
+    """`text` with every block rendered from its file."""
+    def block(m):
+        kind, name = m.group(2), m.group(3)
+        if kind not in RENDERERS:
+            raise StaleResult(f"unknown table kind {kind!r} (known: {', '.join(RENDERERS)})")
+        return m.group(1) + RENDERERS[kind](name) + "\n" + m.group(5)
+
+    return BLOCK.sub(block, text)
+
+
+def documents():
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if a table differs from its file")
+    args = p.parse_args(argv)
+    differ = []
+    try:
+        for doc in documents():
+            text = doc.read_text()
+            new = render(text)
+            if new != text:
+                differ.append(doc)
+                if not args.check:
+                    with atomic_file(doc, "w") as f:  # a half-written README never stays
+                        f.write(new)
+    except StaleResult as e:
+        print(f"render_docs: {e}", file=sys.stderr)
+        return 2
+    if args.check and differ:
+        print("render_docs: these differ from their result files (run python scripts/render_docs.py): "
+              + ", ".join(str(d.relative_to(ROOT)) for d in differ), file=sys.stderr)
+        return 1
+    print(("checked " if args.check else "rendered ") + ", ".join(str(d.relative_to(ROOT)) for d in documents()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

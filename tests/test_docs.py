@@ -1,0 +1,41 @@
+"""Every measured table in README.md and docs/ is what scripts/render_docs.py makes from its
+result file: a figure typed by hand, or a result file re-run without re-rendering, fails."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def render_docs():
+    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "scripts" / "render_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_table_is_rendered_from_its_file(render_docs):
+    blocks = 0
+    for doc in render_docs.documents():
+        text = doc.read_text()
+        blocks += len(render_docs.BLOCK.findall(text))
+        assert render_docs.render(text) == text, f"{doc.name}: run python scripts/render_docs.py"
+    assert blocks, "no rendered table: nothing was checked"
+
+
+def test_a_table_edited_by_hand_is_caught(render_docs):
+    text = (ROOT / "README.md").read_text()
+    m = render_docs.BLOCK.search(text)
+    edited = text[:m.start(4)] + m.group(4).replace("|", "| 0", 1) + text[m.end(4):]
+    assert render_docs.render(edited) != edited
+
+
+def test_a_result_file_without_provenance_is_stale(render_docs, tmp_path, monkeypatch):
+    monkeypatch.setattr(render_docs, "RESULTS", tmp_path)
+    (tmp_path / "old.json").write_text(json.dumps({"runs": [], "versions": {}}))
+    with pytest.raises(render_docs.StaleResult, match="lacks command, commit, date"):
+        render_docs.render("<!-- render: false-alarms old.json -->\n<!-- /render -->")
