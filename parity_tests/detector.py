@@ -271,7 +271,7 @@ def main(argv=None):
     from flax_gpt.core.files import write_json
     from flax_gpt.sidebyside.pair import environment
 
-    write_json(args.json, {**result.to_dict(), **environment({})})
+    write_json(args.json, {**environment({}), **result.to_dict()})  # the command as typed
     print(f"{len(result.runs)} runs, {len(result.false_alarms)} false alarms")
     return 1 if result.false_alarms else 0
 

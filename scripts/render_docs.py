@@ -86,7 +86,42 @@ def parity(name):
             + f"\n\nVerdict: {verdict}.\n\n" + source(name, result))
 
 
-RENDERERS = {"false-alarms": false_alarms, "parity": parity}
+def mutations(name):
+    """The planted-bug catalogue: per mutation, what each tier said and where it was named."""
+    result = load(name)
+    by = defaultdict(dict)
+    for o in result["outcomes"]:
+        by[(o["mutation"], o["framework"])][o["tier"]] = o
+    tiers = sorted({o["tier"] for o in result["outcomes"]}, key=["float64", "highest", "reference"].index)
+
+    def cell(o):
+        if o is None:
+            return "-"
+        said = "caught" if o["caught"] else "missed"
+        if o["caught"] and o["located"]:
+            said += ", located"
+        if not o["expected_caught"]:
+            said += " (not expected)" if not o["caught"] else " (beyond expectation)"
+        return said
+
+    rows = []
+    for (mutation, framework), outcome in by.items():
+        named = next((o["divergence"] for o in outcome.values() if o["caught"] and o["divergence"]), {})
+        rows.append([mutation, framework, *[cell(outcome.get(t)) for t in tiers],
+                     ", ".join(f"{k} {v}" for k, v in named.items()) or "-"])
+    sizes = [[scalar, *[f"{result['smallest_caught'][scalar].get(t, float('nan')):.0e}"
+                        if result["smallest_caught"][scalar].get(t) is not None else "none"
+                        for t in ("float64", "highest")]]
+             for scalar in result["smallest_caught"]]
+    missed = result["missed"]
+    return (table(["mutation", "where", *tiers, "named"], rows)
+            + f"\n\n{len(by)} mutations; caught where expected and located: "
+              f"{'all' if not missed else 'all but ' + ', '.join(map(str, missed))}.\n\n"
+            + table(["scalar changed (relative size)", "smallest caught, float64", "smallest caught, highest"], sizes)
+            + "\n\n" + source(name, result))
+
+
+RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations}
 
 
 def render(text):

@@ -470,7 +470,8 @@ def direct_training_rows(run, tol, steps, clip):
     worst = max(live, key=lambda name: np.nan_to_num(per_tensor[name][0], nan=np.inf))
     rows.append(judged(f"parameters after {done} steps", *per_tensor[worst], tol.train_params,
                        per_tensor[worst][0], note=f"worst: {worst}", kept=kept,
-                       figures={"per_tensor_abs": {n: a for n, (a, _) in per_tensor.items()}}))
+                       figures={"per_tensor_abs": {n: a for n, (a, _) in per_tensor.items()},
+                                "worst_tensor": worst}))
     inert = [name for name in t.params if is_inert(name)]
     rows.append(Row("key biases after training (no effect on the loss)",
                     *max(max_abs_rel(f.params[name], t.params[name]) for name in inert),
@@ -614,7 +615,9 @@ class ParityResult:
         """Where the two part, when they do: the first layer (from the embedding up) whose
         output fails (forward); the first output from the top whose gradient fails
         (backward); the first parameter tensor from the top whose gradient fails
-        (gradient_tensor); the first training step whose loss fails."""
+        (gradient_tensor; against the truth, the tensor of the worst ratio); the first
+        training step whose loss fails; the parameter tensor furthest apart after training,
+        when the parameters fail (trained_tensor)."""
         out = {}
         forward = [r for r in self.rows if r.quantity.startswith(("embed output", "layer ", "logits"))]
         first = next((r.quantity for r in forward if r.passed is False), None)
@@ -631,6 +634,9 @@ class ParityResult:
                         out[key] = top[0]
             if r.figures.get("first_step_above"):
                 out["training_step"] = r.figures["first_step_above"]
+            if "worst_tensor" in r.figures:  # a many-tensor row: the direct ones come first
+                key = "trained_tensor" if r.quantity.startswith("parameters") else "gradient_tensor"
+                out.setdefault(key, r.figures["worst_tensor"])
         return out
 
     def to_dict(self):
