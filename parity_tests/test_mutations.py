@@ -7,6 +7,7 @@ code JAX traces, each of which clears JAX's caches around itself.
 """
 
 import pytest
+import torch
 
 from flax_gpt.sidebyside import pair
 from parity_tests import mutations
@@ -15,6 +16,17 @@ from parity_tests.mutations import DECODE, SHARED, MUTATIONS, REFERENCE
 
 def order(m):
     return (m.retrace or m.harness is not None, m.tiers[0] != "highest", m.kind == SHARED)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """PyTorch on one thread for this module: its models are tiny, and its idle threads spin
+    (on a busy 2-core machine a backward of `tiny` took 0.3 s with two threads, and the
+    module twice its single-thread time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +41,18 @@ def test_the_catalogue_covers_every_kind():
     assert len(MUTATIONS) >= 15 and len({m.name for m in MUTATIONS}) == len(MUTATIONS)
     assert {m.patch.framework for m in MUTATIONS} >= {"flax", "torch", "core"}
     assert {m.kind for m in MUTATIONS} == {mutations.FORWARD, mutations.TRAINING, DECODE, SHARED}
+
+
+def test_float64_sees_an_attention_scale_change_that_float32_cannot():
+    """Issue 20's expectation, measured: the q and k gradients move by exactly the relative
+    change of the scale, so float64 (gradient tolerance 1e-11) sees 1e-10 and float32
+    `highest` (1e-5) sees 1e-3; below 2**-24 float32 cannot even hold the changed scale.
+    (First in the module: it compiles the forward both tiers' tests use.)"""
+    points = {(p.size, p.tier): p for p in mutations.size_sweep(["attention scale"], sizes=(1e-3, 1e-10))}
+    tiny = points[1e-10, "float64"]
+    assert tiny.caught and tiny.divergence.get("gradient_tensor", "").endswith(("mhma.q.weight", "mhma.k.weight"))
+    assert not points[1e-10, "highest"].caught and not points[1e-10, "highest"].float32_distinct
+    assert points[1e-3, "highest"].caught
 
 
 @pytest.mark.parametrize("name", [m.name for m in sorted(MUTATIONS, key=order)])
