@@ -43,6 +43,21 @@ def test_the_catalogue_covers_every_kind():
     assert {m.kind for m in MUTATIONS} == {mutations.FORWARD, mutations.TRAINING, DECODE, SHARED}
 
 
+def test_a_wrong_place_is_not_located():
+    """The location check itself: a wrong layer, a step before the bug can act, a tensor of
+    the wrong kind, or a part the bug cannot reach named, each fails it."""
+    located = mutations.is_located
+    assert located({"forward": "layer 1 output"}, (), {"forward": "layer 1 output", "backward": "x"})
+    assert not located({"forward": "layer 1 output"}, (), {"forward": "layer 0 output"})
+    assert not located({"forward": "layer 1 output"}, (), {})
+    assert located({"training_step": mutations.NoEarlierThan(2)}, (), {"training_step": 4})
+    assert not located({"training_step": mutations.NoEarlierThan(2)}, (), {"training_step": 1})
+    undecayed = {"trained_tensor": mutations.Matching(mutations.UNDECAYED)}
+    assert located(undecayed, (), {"trained_tensor": "decoder.layers.0.layer_norm1.weight"})
+    assert not located(undecayed, (), {"trained_tensor": "decoder.layers.0.ffn.fc1.weight"})
+    assert not located({"training_step": 2}, ("forward",), {"training_step": 2, "forward": "logits"})
+
+
 def test_float64_sees_an_attention_scale_change_that_float32_cannot():
     """Issue 20's expectation, measured: the q and k gradients move by exactly the relative
     change of the scale, so float64 (gradient tolerance 1e-11) sees 1e-10 and float32
