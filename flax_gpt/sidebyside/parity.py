@@ -521,7 +521,7 @@ def truth_training_rows(run, steps, clip, matmul_dtype):
                          f"{min((worst + 1) * TRUTH_WINDOW, done)}; " + training_note(run, steps, clip)),
                    kept=kept,
                    figures={"flax_window_errors": f_win.tolist(), "torch_window_errors": t_win.tolist(),
-                            "bounds": bounds.tolist(), "truth": truth.losses.tolist(),
+                            "window_bounds": bounds.tolist(), "truth": truth.losses.tolist(),
                             "first_step_above": above and (above - 1) * TRUTH_WINDOW + 1})]
 
     live = [name for name in truth.params if not is_inert(name)]
@@ -616,13 +616,14 @@ class ParityResult:
         output fails (forward); the first output from the top whose gradient fails
         (backward); the first parameter tensor from the top whose gradient fails
         (gradient_tensor; against the truth, the tensor of the worst ratio); the first
-        training step whose loss fails; the parameter tensor furthest apart after training,
-        when the parameters fail (trained_tensor)."""
+        training step whose loss fails (training_step; against the truth, the first step of
+        the first window that fails: training_window); the parameter tensor furthest apart
+        after training, when the parameters fail (trained_tensor)."""
         out = {}
         forward = [r for r in self.rows if r.quantity.startswith(("embed output", "layer ", "logits"))]
         first = next((r.quantity for r in forward if r.passed is False), None)
         if first:
-            out["forward"] = first
+            out["forward"] = first.removesuffix(" vs float64")
         for r in self.rows:
             if r.passed is not False:
                 continue
@@ -632,8 +633,9 @@ class ParityResult:
                     top = [n for n in reversed(list(per)) if not per[n] <= r.tolerance]
                     if top:
                         out[key] = top[0]
-            if r.figures.get("first_step_above"):
-                out["training_step"] = r.figures["first_step_above"]
+            if r.figures.get("first_step_above"):  # the direct row's step before the truth's window
+                key = "training_window" if "window_bounds" in r.figures else "training_step"
+                out.setdefault(key, r.figures["first_step_above"])
             if "worst_tensor" in r.figures:  # a many-tensor row: the direct ones come first
                 key = "trained_tensor" if r.quantity.startswith("parameters") else "gradient_tensor"
                 out.setdefault(key, r.figures["worst_tensor"])
