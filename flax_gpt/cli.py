@@ -191,9 +191,9 @@ def add_parity(sub):
     p.add_argument("--data", type=Path, help="a prepared dataset folder for real batches "
                    "(default: random tokens)")
     add_precision_option(p, help="float64: the truth tier, no masking; highest: float32 at full "
-                         "matmul precision; default: each framework's default (TF32 for JAX on a "
-                         "GPU); bf16: bf16 matmuls, with KL divergence and top-1 agreement "
-                         "(default highest)")
+                         "matmul precision; default: float32 with the device's fast matmuls in "
+                         "both (TF32 on an NVIDIA GPU, judged with its ulp); bf16: bf16 matmuls, "
+                         "with KL divergence and top-1 agreement (default highest)")
     p.add_argument("--torch-device", default=None,
                    help="where PyTorch runs (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=4)
@@ -234,8 +234,8 @@ def run_parity(args):
     print(f"precision {args.precision} ({env['matmul_dtype']} matmuls) on {env['jax_device']} "
           f"(jax) / {env['torch_device']} (torch): {verdict}")
     if r.inconclusive:
-        print("inconclusive (too few labels kept to judge; the float64 judgement decides): "
-              + ", ".join(r.inconclusive))
+        print("inconclusive (too few labels kept to judge; the verdict rests on the rows "
+              "judged): " + ", ".join(r.inconclusive))
     if r.divergence:
         print("where they part: " + ", ".join(f"{k} {v}" for k, v in r.divergence.items()))
     if args.json:

@@ -4,9 +4,8 @@ which planted bugs it catches, and where.
 - `false_alarms`: `flax_gpt.sidebyside.parity.run` over a grid of presets, precisions,
   seeds, random and real tokens, explicit and fused attention, and equivalent rewrites
   (REWRITES: one framework computing the same function another way). Every run must pass.
-- `catalogue`: each of MUTATIONS patches one bug into one framework (or the shared core) for
-  one run, which must fail and name the right place (forward layer, backward output,
-  gradient tensor, training step).
+- the planted-bug catalogue, which uses `Patch` and `patched` from here, is
+  parity_tests/mutations.py.
 
 A patch lasts for one run: `patched` sets attributes and puts them back, and clears JAX's
 compilation caches on the way in and out (a jitted function keyed on a model's graphdef

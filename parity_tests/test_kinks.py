@@ -86,3 +86,23 @@ def test_flax_relu_walk_is_the_models_own_forward(config_name):
     assert inputs.shape == (config.n_layers, 2, config.seq_len, config.d_ff)
     assert_close(inputs, parity.torch_relu_inputs(tm, x), rtol=0,
                  atol=tolerances.LOGITS_ATOL)
+
+
+def test_thin_evidence_is_inconclusive_never_a_pass_or_a_failure(monkeypatch):
+    """Every label masked (as if every row flipped at its first position): the gradient and
+    training rows are inconclusive, neither passed nor failed; the run rests on the forward
+    rows, which were judged; a result with nothing judged does not pass."""
+    monkeypatch.setattr(parity, "kink_free_labels",
+                        lambda fm, tm, ids, labels, truth_model=None: (np.full_like(labels, IGNORE_INDEX), 0))
+    r = parity.run(CONFIGS["tiny"], train_steps=3, progress=lambda *_: None)
+    rows = {row.quantity: row for row in r.rows}
+    for name in ("gradients (33 tensors)", "output gradients (3 outputs)",
+                 "gradients (33 tensors, relative) vs float64", "train loss, each of 3 AdamW steps"):
+        assert rows[name].inconclusive and rows[name].passed is None, name
+        assert name in r.inconclusive
+        assert "inconclusive: 0.0% of labels kept" in rows[name].note
+    assert rows["logits"].passed and rows["logits vs float64"].passed
+    assert not r.failed and r.passed
+    nothing_judged = parity.ParityResult({}, "explicit", 4, 3, "random",
+                                         [row for row in r.rows if row.passed is not True], {})
+    assert not nothing_judged.passed and not nothing_judged.failed

@@ -40,7 +40,7 @@ KINK_ATOL = LOGITS_ATOL
 # opposite sides of 0; the direct float32 gradient and training rows mask the labels
 # downstream of such a unit and are judged on the labels they keep. Below this share the
 # evidence is thin: the row says "inconclusive" (neither a failure nor a pass), and the
-# verdict rests on the judgement against the float64 truth, which masks nothing.
+# verdict rests on the rows that were judged (the forward rows always are).
 MIN_EVIDENCE_SHARE = 0.10
 
 @dataclass(frozen=True)
