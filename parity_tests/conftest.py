@@ -44,3 +44,25 @@ def batch(config, batch_size, seq_len, seed=0):
 @pytest.fixture(params=list(CONFIGS), scope="session")
 def config_name(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def old_jaxlib_cache_guard():
+    """No reads from JAX's persistent compilation cache on jaxlib < 0.10 for the module.
+
+    jaxlib 0.7.1 crashed the worker (segmentation fault in
+    compilation_cache.get_executable_and_time) deserializing an executable of the
+    false-alarm sweep after jax.clear_caches(); modules that retrace patched code compile
+    in memory there instead."""
+    import jax
+    import jaxlib
+
+    if jaxlib.version.__version_info__ >= (0, 10):
+        yield
+        return
+    saved = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", saved)

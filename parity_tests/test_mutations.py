@@ -29,6 +29,11 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_persistent_cache_reads(old_jaxlib_cache_guard):
+    """See parity_tests/conftest.py: old_jaxlib_cache_guard."""
+
+
 @pytest.fixture(autouse=True)
 def highest_after():
     """The suite's float32 `highest` after each test (a mutation leaves its tier set)."""

@@ -20,6 +20,7 @@ that breaks this is refused rather than averaged wrongly.
 """
 
 import logging
+import gc
 import os
 import socket
 import warnings
@@ -240,12 +241,18 @@ def _rank(rank, world, init_method, config, tc, tensors, stream, out, device, wr
         torch.cuda.set_device(device)
     else:  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    trainer = None
     try:
         precision.apply(tc.precision)
         trainer = (FSDPBackend if fsdp else DDPBackend)(config, tc, tensors, device=device)
         writer = writer_factory(out) if writer_factory and rank == 0 else None
         history = loop.train(trainer, stream, out, primary=rank == 0, writer=writer,
                              **loop_options)
+        dist.barrier()  # no rank tears its gloo threads down while another still talks
     finally:
+        # DDP's reducer holds the process group: dropped first, or its destructor joins the
+        # group's threads at exit, after the peer has gone (the hang at exit of issue 21)
+        del trainer
+        gc.collect()
         dist.destroy_process_group()
     return history if rank == 0 else []
