@@ -46,18 +46,22 @@ class Patch:
 
 
 @contextlib.contextmanager
-def patched(patch):
-    """`patch` in force for the block, then everything it set put back."""
+def patched(patch, *, retrace=True):
+    """`patch` in force for the block, then everything it set put back. With `retrace`, JAX's
+    caches are cleared on the way in and out (a jitted function keyed on a graphdef would
+    keep the unpatched code); a patch of PyTorch or numpy code alone needs none, and keeping
+    every compiled function is what keeps a catalogue of such patches fast."""
+    if patch is None:
+        yield
+        return
     saved = []
 
     def setattr_(owner, name, value):
         saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
         setattr(owner, name, value)
 
-    if patch is None:
-        yield
-        return
-    jax.clear_caches()
+    if retrace:
+        jax.clear_caches()
     try:
         patch.apply(setattr_)
         yield
@@ -67,7 +71,8 @@ def patched(patch):
                 delattr(owner, name)
             else:
                 setattr(owner, name, value)
-        jax.clear_caches()
+        if retrace:
+            jax.clear_caches()
 
 
 _MISSING = object()

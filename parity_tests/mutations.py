@@ -52,7 +52,7 @@ from flax_gpt.core import data, hparams, streams, weights
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.sidebyside import decoding, pair, parity
 from flax_gpt.sidebyside.tolerances import DIRECT
-from parity_tests.detector import Patch
+from parity_tests.detector import Patch, patched
 
 CONFIG = GPTConfig.preset("tiny")  # two layers: a bug in layer 1 leaves layer 0 clean
 SEED = 0
@@ -122,41 +122,6 @@ UNDECAYED = r".*(\.bias|\.layer_norm\d\.weight)"
 # The clip bug changes only steps that clip: its first visible loss is at or after the step
 # that follows the first step PyTorch clipped (derived from the run).
 AFTER_FIRST_CLIP = "after the first clipped step"
-
-
-# ---- applying patches ------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def applied(patch, *, retrace):
-    """`patch` in force for the block, everything it set put back after. With `retrace`,
-    JAX's caches are cleared on the way in and out (detector.patched's behaviour: a jitted
-    function keyed on a graphdef would keep the unpatched code); without, every compiled
-    function survives, which is what keeps a catalogue of PyTorch bugs fast."""
-    if patch is None:
-        yield
-        return
-    saved = []
-
-    def set_(owner, name, value):
-        saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
-        setattr(owner, name, value)
-
-    if retrace:
-        jax.clear_caches()
-    try:
-        patch.apply(set_)
-        yield
-    finally:
-        for owner, name, value in reversed(saved):
-            if value is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
-        if retrace:
-            jax.clear_caches()
-
-
-_MISSING = object()
 
 
 def fresh_flax_steps(set_):
@@ -668,7 +633,7 @@ def _parity(mutation, tier, train_steps):
 @contextlib.contextmanager
 def in_force(mutation):
     """The mutation's harness (if any) and its patch."""
-    with applied(mutation.harness, retrace=True), applied(mutation.patch, retrace=mutation.retrace):
+    with patched(mutation.harness, retrace=True), patched(mutation.patch, retrace=mutation.retrace):
         yield
 
 
@@ -742,12 +707,12 @@ def _outcome(mutation, tier, failed, inconclusive, divergence, expected, details
 def _check_parity(mutation, tier):
     train_steps = 0 if mutation.kind == FORWARD else TRAIN_STEPS
     details = {}
-    with applied(mutation.harness, retrace=True):  # one compilation for the control and the bug
+    with patched(mutation.harness, retrace=True):  # one compilation for the control and the bug
         if mutation.harness:  # the comparison the harness makes must pass on correct code
             control = _parity(mutation, tier, train_steps)
             details["control_passed"] = control.passed
             details["control_failed"] = control.failed
-        with applied(mutation.patch, retrace=mutation.retrace):
+        with patched(mutation.patch, retrace=mutation.retrace):
             result = _parity(mutation, tier, train_steps)
     details["rows"] = {r.quantity: [r.max_abs, r.max_rel, r.tolerance]
                        for r in result.rows if r.tolerance is not None}
