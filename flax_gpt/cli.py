@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from flax_gpt.core.errors import FlaxGPTError
+from flax_gpt.core.errors import FlaxGPTError, Interrupted
 
 EXIT_USAGE = 2
 
@@ -368,9 +368,10 @@ def run_train(args):
             log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, keep=args.keep, stop_at=args.stop_at,
             tensorboard=args.tensorboard, mesh=args.mesh, log=print_err, nproc=args.nproc,
-            fsdp=args.fsdp, processes=processes)
-    except KeyboardInterrupt:
-        return 130
+            fsdp=args.fsdp, processes=processes,
+            abort=lambda text: print_err(f"flax-gpt train: error: {text}"))
+    except Interrupted as e:  # the loop said where it stopped and how to go on
+        return e.exit_code
     if not r.steps:  # a process other than the first of a torchrun or JAX job: that one reports
         return 0
     if args.json:

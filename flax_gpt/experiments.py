@@ -15,6 +15,7 @@ experiments (parity, compare, bench) live in flax_gpt.sidebyside.
     experiments.generate("runs/flax", prompt="the king", max_new_tokens=40).text
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -228,11 +229,12 @@ class TrainResult:
 def train(framework, config, tc, *, out, data=None, synthetic=False, resume=False, device=None,
           log_every=10, eval_every=100, eval_batches=20, checkpoint_every=0, keep=3,
           stop_at=None, tensorboard=False, mesh=None, log=None, nproc=1, fsdp=False,
-          processes=None):
+          processes=None, abort=None):
     """Train `config` with `tc` in `framework`, writing the run folder `out` (see
     flax_gpt.core.runfolder); on `data` (a dataset folder, default tinyshakespeare) or
-    `synthetic` tokens. `device`: PyTorch's (torch only). Ctrl-C saves a checkpoint and
-    raises KeyboardInterrupt.
+    `synthetic` tokens. `device`: PyTorch's (torch only). SIGINT (Ctrl-C) or SIGTERM saves a
+    checkpoint at the next step boundary and raises errors.Interrupted, on every process of
+    a run on several at the same step (flax_gpt.core.loop.train).
 
     `mesh` ("data=2,fsdp=2,tensor=2"): shard the Flax trainer over a device mesh; its rules
     (flax_gpt.core.sharding.describe) go line by line to `log` before training starts.
@@ -243,7 +245,8 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
     JAX job over `mesh`, which spans the devices of all of them. Each process feeds its own
     devices' rows of every global batch and writes its own shards of each checkpoint;
     process 0 alone writes everything else and returns the history (the others return
-    none)."""
+    none). Should another process of the job die, `abort(text)` is called with one line
+    naming it and the last checkpoint, and this process exits with mesh.LOST_EXIT."""
     if framework not in FRAMEWORKS:
         raise FlaxGPTError(f"unknown framework {framework!r}: choose one of {', '.join(FRAMEWORKS)}")
     if framework == "flax" and device is not None:
@@ -294,41 +297,48 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
             log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
             checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at)
         return TrainResult(framework, Path(out), time.perf_counter() - start, history)
-    primary = True
+    primary, stop, lifeline = True, None, contextlib.nullcontext()
     if processes is not None:
-        from flax_gpt.mesh import agree, join
+        from flax_gpt.mesh import JobStop, Lifeline, agree, join
 
         primary = join(processes) == 0
-        shape, problem = mesh, None
-        try:  # what each process might refuse, before they agree to go on
-            shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh  # spelled alike
-            # process 0 alone probes the lock: two probes at once would see each other's
-            runfolder.check_start(out, record, resume=resume, stop_at=stop_at,
-                                  locked=not primary)
+        say = abort or (lambda text: print(text, file=sys.stderr))
+        lifeline = Lifeline(lambda index: say(
+            f"process {index} of the JAX job is gone (killed or crashed: its own output says "
+            f"why), so this one stops too; {runfolder.how_to_continue(out)}"))
+        stop = JobStop()
+    with lifeline:  # closed as the job ends or stops alike on every process
+        if processes is not None:
+            shape, problem = mesh, None
+            try:  # what each process might refuse, before they agree to go on
+                shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh  # spelled alike
+                # process 0 alone probes the lock: two probes at once would see each other's
+                runfolder.check_start(out, record, resume=resume, stop_at=stop_at,
+                                      locked=not primary)
+                check_memory(config, tc.batch_size, f"training {framework}", training=True,
+                             attention=tc.attention, places=[(framework, device)],
+                             precision=tc.precision, mesh=shape)
+            except FlaxGPTError as e:
+                problem = e
+            settings = json.dumps([record, str(shape), str(Path(out).resolve()), resume, stop_at,
+                                   log_every, eval_every, eval_batches, checkpoint_every, keep])
+            agree(settings, problem)  # and none writes in the folder before all checked it
+        else:
             check_memory(config, tc.batch_size, f"training {framework}", training=True,
                          attention=tc.attention, places=[(framework, device)],
-                         precision=tc.precision, mesh=shape)
-        except FlaxGPTError as e:
-            problem = e
-        settings = json.dumps([record, str(shape), str(Path(out).resolve()), resume, stop_at,
-                               log_every, eval_every, eval_batches, checkpoint_every, keep])
-        agree(settings, problem)  # and none writes in the folder before all checked it
-    else:
-        check_memory(config, tc.batch_size, f"training {framework}", training=True,
-                     attention=tc.attention, places=[(framework, device)],
-                     precision=tc.precision, mesh=mesh)
-    trainer = backend(framework, config, tc, device=device, mesh=mesh)
-    if mesh is not None and log and primary:
-        for line in trainer.layout.lines:
-            log(line)
-    start = time.perf_counter()
-    history = loop.train(trainer, stream, out, resume=resume, log_every=log_every,
-                         eval_every=eval_every, eval_batches=eval_batches,
-                         checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at,
-                         writer=tensorboard_writer(out) if tensorboard and primary else None,
-                         primary=primary)
-    return TrainResult(framework, Path(out), time.perf_counter() - start,
-                       history if primary else [])
+                         precision=tc.precision, mesh=mesh)
+        trainer = backend(framework, config, tc, device=device, mesh=mesh)
+        if mesh is not None and log and primary:
+            for line in trainer.layout.lines:
+                log(line)
+        start = time.perf_counter()
+        history = loop.train(trainer, stream, out, resume=resume, log_every=log_every,
+                             eval_every=eval_every, eval_batches=eval_batches,
+                             checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at,
+                             writer=tensorboard_writer(out) if tensorboard and primary else None,
+                             primary=primary, stop=stop)
+        return TrainResult(framework, Path(out), time.perf_counter() - start,
+                           history if primary else [])
 
 
 # ---- eval and generate -------------------------------------------------------------------------

@@ -11,7 +11,14 @@ gathers of fsdp, the reductions of tensor, the gradient all-reduce of data) is X
 """
 
 import collections
+import contextlib
 import hashlib
+import inspect
+import os
+import signal
+import socket
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -20,7 +27,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_gpt.core import sharding, weights
+from flax_gpt.core.errors import FlaxGPTError, Interrupted
 from flax_gpt.core.sharding import AXES, BATCH_AXES, MeshError, MeshShape
+
+
+# A JAX job's faults. JAX's coordination service declares a process dead after
+# HEARTBEAT_TIMEOUT_S without its heartbeats and then ends every process with a multi-line
+# fatal log; its default, 100 s, kept a survivor waiting over a minute (a collective never
+# times out). That remains the net for a process that hangs; one that dies (killed, crashed)
+# is heard of at once through its Lifeline.
+HEARTBEAT_TIMEOUT_S = 10
+SHUTDOWN_TIMEOUT_S = 30  # how long a finished process waits for the others at exit
+CONNECT_TIMEOUT_S = 300  # JAX's own initialization timeout
+LOST_EXIT = 2  # a process of the job is gone: as a run that failed with a FlaxGPTError
 
 
 def join(processes):
@@ -29,10 +48,13 @@ def join(processes):
     processes' collectives go over gloo. What JAX cannot start from (settings neither given
     nor detected) is refused with MeshError."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeouts = {"heartbeat_timeout_seconds": HEARTBEAT_TIMEOUT_S}
+    if "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        timeouts["shutdown_timeout_seconds"] = SHUTDOWN_TIMEOUT_S  # jax >= 0.8
     try:
         jax.distributed.initialize(coordinator_address=processes.coordinator,
                                    num_processes=processes.num_processes,
-                                   process_id=processes.process_id)
+                                   process_id=processes.process_id, **timeouts)
     except (ValueError, RuntimeError) as e:
         raise MeshError(f"cannot join the JAX job ({str(e).splitlines()[0]}): give "
                         f"--coordinator, --num-processes and --process-id (or their JAX_* "
@@ -68,6 +90,122 @@ def agree(settings, problem=None):
         raise MeshError(f"process {differ[0]} was started with other settings than process 0 "
                         f"(--mesh, --out or training options): start every process with the "
                         f"same flags, only --process-id differing")
+
+
+def _job_store():
+    """The job's key-value store (the coordination service's client, as orbax reads it)."""
+    from jax._src.distributed import global_state
+
+    return global_state.client
+
+
+class Lifeline:
+    """A TCP connection between process 0 and each other process of the job, opened once
+    all joined: the kernel closes a process's end when the process dies, however it died, so
+    the others hear of it at once. Process 0 passes word of a lost process on to the rest.
+
+    `lost(index)` runs on a watcher thread when process `index` is gone before it closed its
+    lifeline; then this process exits with LOST_EXIT (it may be waiting in a collective that
+    will never complete). `close()` (the job ends, or stops as all its processes agreed)
+    says goodbye, so that the others take this process's exit for no fault."""
+
+    KEY = "flax_gpt/lifeline"
+
+    def __init__(self, lost):
+        client, self.lost = _job_store(), lost
+        self.me, self.closed = jax.process_index(), threading.Event()
+        self.peers, readers = {}, {}  # process index -> its socket, the lines it sends
+        if self.me == 0:
+            from jax._src.distributed import global_state
+
+            dual = socket.has_dualstack_ipv6()
+            with socket.create_server(("::" if dual else "", 0), dualstack_ipv6=dual,
+                                      family=socket.AF_INET6 if dual else socket.AF_INET) as server:
+                host = global_state.coordinator_address.rpartition(":")[0].strip("[]")
+                client.key_value_set(self.KEY, f"{host} {server.getsockname()[1]}")
+                server.settimeout(CONNECT_TIMEOUT_S)
+                for _ in range(jax.process_count() - 1):
+                    conn, _ = server.accept()
+                    conn.settimeout(None)
+                    reader = conn.makefile("r")
+                    index = int(reader.readline())
+                    self.peers[index], readers[index] = conn, reader
+        else:
+            host, port = client.blocking_key_value_get(self.KEY, CONNECT_TIMEOUT_S * 1000).split()
+            conn = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
+            conn.settimeout(None)
+            conn.sendall(f"{self.me}\n".encode())
+            self.peers[0], readers[0] = conn, conn.makefile("r")
+        for index, reader in readers.items():
+            threading.Thread(target=self._watch, args=(index, reader), daemon=True).start()
+
+    def _watch(self, index, reader):
+        with contextlib.suppress(OSError):  # a reset connection is a closed one
+            for line in reader:
+                if line == "bye\n":
+                    return
+                if line.startswith("lost "):  # from process 0
+                    self._gone(int(line.split()[1]))
+        self._gone(index)  # its end closed without a goodbye
+
+    def _gone(self, index):
+        if self.closed.is_set():
+            return
+        if self.me == 0:
+            self._send(f"lost {index}\n", [i for i in self.peers if i != index])
+        self.lost(index)
+        sys.stderr.flush()
+        os._exit(LOST_EXIT)
+
+    def _send(self, text, to):
+        for i in to:
+            with contextlib.suppress(OSError):
+                self.peers[i].sendall(text.encode())
+
+    def close(self):
+        if not self.closed.is_set():
+            self.closed.set()
+            self._send("bye\n", list(self.peers))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        """Closed when the job ends, or stops with an error or interrupt that every process
+        meets alike; an unforeseen exception leaves it open, so the others hear of it."""
+        if kind is None or issubclass(kind, (FlaxGPTError, Interrupted)):
+            self.close()
+
+
+class JobStop:
+    """When a JAX job stops for a signal (flax_gpt.core.loop.LocalStop's multi-process
+    twin): JAX's preemption sync manager hears SIGTERM, what a scheduler sends before it
+    preempts, on any process, finds the first step that no process has passed, and every
+    process stops after that step. SIGINT is handed over as SIGTERM; which process got which
+    signal is left in the job's key-value store for the report."""
+
+    signals = (signal.SIGINT,)  # SIGTERM is the preemption notifier's own (C++) handler
+    KEY = "flax_gpt/interrupt/"
+
+    def __init__(self):
+        self.told = False
+
+    def received(self, signum):
+        if not self.told:
+            self.told = True
+            _job_store().key_value_set(f"{self.KEY}{jax.process_index()}", str(signum))
+        signal.raise_signal(signal.SIGTERM)
+
+    def agreed(self, step):
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.reached_preemption_sync_point(step):
+            return None
+        told = sorted((int(key.rpartition("/")[2]), int(value))
+                      for key, value in _job_store().key_value_dir_get(self.KEY))
+        if told:
+            return told[0][1], f"process {told[0][0]}"
+        return signal.SIGTERM, None  # straight to the notifier: a scheduler's, no saying whose
 
 
 def barrier(name):

@@ -200,6 +200,14 @@ def test_cli_on_a_mesh(tmp_path):
     assert flax["loss"] == pytest.approx(torch["loss"], abs=1e-4)  # the same step, laid out
 
 
+def not_gloo(text):
+    """The lines of `text` that are not gloo's: its C++ "[Gloo] Rank i is connected to n peer
+    ranks" lines come from both processes through one pipe and can cut each other mid-line,
+    leaving blank lines and bare numbers (": 3" then "3") behind."""
+    return [line for line in text.splitlines()
+            if "peer ranks" not in line and line.strip() and not line.strip().isdigit()]
+
+
 def two_processes(*args, meshes=(MESHES[-1], MESHES[-1]), main=("-m", "flax_gpt"), env=None):
     """`flax-gpt ARGS --mesh MESH` as the two processes of one JAX job, 4 fake devices each,
     each given its mesh from `meshes`: [(returncode, stdout, stderr)] of process 0, then 1.
@@ -232,13 +240,12 @@ def test_two_processes_write_their_shards_and_resume_elsewhere(tmp_path):
 
     for code, out, err in two_processes(*common, "--out", tmp_path / "odd",
                                         meshes=("data=8", "fsdp=8")):
-        # what is not gloo's connection lines (which may interleave with it, mid-line)
-        ours = [line for line in err.splitlines() if "peer ranks" not in line and line.strip()]
-        assert code == 2 and out == "" and len(ours) == 1 and "Traceback" not in err, err
-        assert ours[0].endswith("flax-gpt train: error: process 1 was started with other "
+        lines = not_gloo(err)
+        assert code == 2 and out == "" and len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].endswith("flax-gpt train: error: process 1 was started with other "
                                 "settings than process 0 (--mesh, --out or training options): "
                                 "start every process with the same flags, only --process-id "
-                                "differing"), ours
+                                "differing"), lines
     assert not (tmp_path / "odd").exists()
 
     workers = two_processes(*common, "--stop-at", "2", "--out", run)
@@ -302,12 +309,9 @@ def test_two_processes_write_no_shard_of_non_finite_weights(tmp_path):
             main=["tests/poisoned.py"], env={"POISON_STEP": "3", "SAVES_LOG": str(saves)}):
         # not gloo's connection lines (on either stream), the mesh's table or the progress
         # lines of process 0
-        ours = [text for text in err.splitlines() if "error" in text]
-        assert code == 2 and ours == [line] and "Traceback" not in err, err[-3000:]
-        # gloo's C++ lines come from both processes through one pipe and can cut each
-        # other mid-line (": [Gloo] Rank 1 ... : 3" then "3"): its fragments are not ours
-        assert not [text for text in out.splitlines()
-                    if "peer ranks" not in text and not text.strip().isdigit()], out
+        errors = [text for text in err.splitlines() if "error" in text]
+        assert code == 2 and errors == [line] and "Traceback" not in err, err[-3000:]
+        assert not not_gloo(out), out
     written = saves.read_text().split()
     assert written == [".step_00000002.tmp"] * 2  # by each process, its shards; none of step 4
     assert sorted(p.name for p in (run / runfolder.CHECKPOINTS).iterdir()) == ["step_00000002"]

@@ -11,7 +11,7 @@ import pytest
 from flax_gpt import experiments
 from flax_gpt.core import loop, runfolder
 from flax_gpt.core.config import ConfigError, GPTConfig
-from flax_gpt.core.errors import CheckpointError
+from flax_gpt.core.errors import CheckpointError, Interrupted
 from flax_gpt.core.hparams import TrainConfig, learning_rates
 from flax_gpt.core.streams import SyntheticStream, step_batch
 from flax_gpt.experiments import backend as make_backend
@@ -157,9 +157,12 @@ def test_cpu_donation():
         assert undonated == donated_losses
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_interrupt_then_resume_equals_unbroken(small_data, tmp_path, framework):
-    """Ctrl-C at step 3 saves a checkpoint; resuming replays steps 4.. bit for bit."""
+def test_interrupt_then_resume_equals_unbroken(small_data, tmp_path, framework, signum):
+    """SIGINT (Ctrl-C) or SIGTERM (a preemption notice) during step 3 ends the run after it
+    with a checkpoint of it and Interrupted (exit code 128 + the signal); resuming replays
+    steps 4.. bit for bit."""
     backend, stream = setup(small_data, framework)
     full = losses(loop.train(backend, stream, tmp_path / "full", log_every=1))
 
@@ -169,12 +172,13 @@ def test_interrupt_then_resume_equals_unbroken(small_data, tmp_path, framework):
     def interrupt_after_third(index, x, y):
         metrics = step(index, x, y)
         if index == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return metrics
 
     backend.step = interrupt_after_third
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stopped:
         loop.train(backend, stream, tmp_path / "cut", log_every=2)
+    assert stopped.value.exit_code == 128 + signum
     assert [p.name for p in (tmp_path / "cut" / runfolder.CHECKPOINTS).iterdir()] == ["step_00000003"]
     logged = [json.loads(line) for line in (tmp_path / "cut" / runfolder.METRICS).read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3]

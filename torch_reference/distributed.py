@@ -19,9 +19,11 @@ the same number of labels, which SPEC.md's labels give (seq_len - 1 in every row
 that breaks this is refused rather than averaged wrongly.
 """
 
-import logging
+import contextlib
 import gc
+import logging
 import os
+import signal
 import socket
 import warnings
 
@@ -33,8 +35,9 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
 from flax_gpt.core import loop, runfolder, weights
+from flax_gpt.core.loop import LocalStop
 from flax_gpt.core.data import IGNORE_INDEX
-from flax_gpt.core.errors import FlaxGPTError
+from flax_gpt.core.errors import FlaxGPTError, Interrupted
 from torch_reference import precision
 from torch_reference.train import TorchBackend, TrainStep
 
@@ -143,6 +146,32 @@ class FSDPBackend(DDPBackend):
         self.set_state_dicts(whole.state_dicts(), StateDictOptions(full_state_dict=True))
 
 
+class RankStop:
+    """When the ranks stop for a signal (flax_gpt.core.loop.LocalStop's multi-rank twin):
+    after every step they sum, over a gloo group of their own (host memory, on NCCL runs
+    too), the signal each received since, so a signal to any one rank stops them all after
+    the same step. `forwarded`: a shared value where the launcher of spawned ranks leaves
+    the signal it passed on to them (see _forwarded), so that the report names it."""
+
+    signals = LocalStop.signals
+
+    def __init__(self, forwarded=None):
+        self.group = dist.new_group(backend="gloo")  # a collective: every rank makes it
+        self.signum, self.forwarded = 0, forwarded
+
+    def received(self, signum):
+        self.signum = self.signum or signum
+
+    def agreed(self, step):
+        votes = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+        votes[dist.get_rank()] = self.signum
+        dist.all_reduce(votes, group=self.group)
+        told = torch.nonzero(votes).flatten().tolist()
+        if told and self.forwarded is not None and self.forwarded.value:
+            return self.forwarded.value, "the launcher"
+        return (int(votes[told[0]]), f"rank {told[0]}") if told else None
+
+
 def check(batch_size, ranks, fsdp=False, torchrun=True):
     """Refuse (FlaxGPTError, one line) a run on `ranks` ranks that could not start, before
     any does: --fsdp on one rank or on a torch without FSDP2, a batch that does not split.
@@ -185,50 +214,80 @@ def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_
     check(tc.batch_size, nproc or int(os.environ["WORLD_SIZE"]), fsdp)
     job = (config, tc, tensors, stream, out, device, writer_factory, fsdp, loop_options)
     if nproc is None:
-        return _rank(None, None, None, *job)
+        return _rank(None, None, None, None, *job)
     with socket.socket() as s:  # a free port for the rendezvous of this run's ranks
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.get_context("spawn").SimpleQueue()
+    context = mp.get_context("spawn")
+    results, forwarded = context.SimpleQueue(), context.Value("i", 0)
     # once a rank failed, spawn terminates the others with a warning line each: the failure
     # is reported below, in one line
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
     try:
-        mp.spawn(_spawned, args=(nproc, f"tcp://127.0.0.1:{port}", job, results), nprocs=nproc)
+        ranks = mp.spawn(_spawned, args=(nproc, f"tcp://127.0.0.1:{port}", forwarded, job,
+                                         results), nprocs=nproc, join=False)
+        with _forwarded(signal.SIGINT, signal.SIGTERM, to=ranks.processes, record=forwarded):
+            while not ranks.join():
+                pass
     except ProcessException as e:
-        errors = []
-        while not results.empty():
-            kind, payload = results.get()
-            errors += [payload] if kind == "error" else []
+        errors = [payload for kind, payload in _drain(results) if kind == "error"]
         if errors:  # a rank's FlaxGPTError, raised here again as one line
             raise FlaxGPTError(errors[0]) from None
         if isinstance(e, ProcessExitedException):  # killed, or out of memory: not a bug here
-            saved = runfolder.checkpoints(out)
-            then = (f"the run folder keeps its last checkpoint, step "
-                    f"{runfolder.checkpoint_step(saved[-1])}: continue with --resume" if saved
-                    else "no checkpoint was written: run the same command again")
-            raise FlaxGPTError(f"{e.msg.strip().replace('process', 'rank', 1)}; {then}") from None
+            raise FlaxGPTError(f"{e.msg.strip().replace('process', 'rank', 1)}; "
+                               f"{runfolder.how_to_continue(out)}") from None
         raise
     finally:
         spawn_log.setLevel(level)
-    return results.get()[1]
+    returned = dict(_drain(results))
+    if "interrupted" in returned:  # rank 0 said where the ranks stopped
+        raise Interrupted(returned["interrupted"])
+    return returned["history"]
 
 
-def _spawned(rank, world, init_method, job, results):
+def _drain(results):
+    while not results.empty():
+        yield results.get()
+
+
+@contextlib.contextmanager
+def _forwarded(*signals, to, record):
+    """The launcher passes `signals` on to the ranks (processes `to`), which stop together
+    at a step boundary (RankStop): SIGTERM from a scheduler may reach the launcher alone.
+    The first one passed on is left in `record` (a shared multiprocessing Value)."""
+    def forward(signum, _):
+        record.value = record.value or signum
+        for process in to:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in signals}
     try:
-        history = _rank(rank, world, init_method, *job)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _spawned(rank, world, init_method, forwarded, job, results):
+    try:
+        history = _rank(rank, world, init_method, forwarded, *job)
     except FlaxGPTError as e:
         results.put(("error", str(e)))
         raise
+    except Interrupted as e:  # a stop every rank agreed to: this rank ends without a fault
+        results.put(("interrupted", e.signum))
+        return
     if rank == 0:
         results.put(("history", history))
 
 
-def _rank(rank, world, init_method, config, tc, tensors, stream, out, device, writer_factory,
-          fsdp, loop_options):
-    """One rank: join the process group (`init_method`, or torchrun's env://), train, leave."""
+def _rank(rank, world, init_method, forwarded, config, tc, tensors, stream, out, device,
+          writer_factory, fsdp, loop_options):
+    """One rank: join the process group (`init_method`, or torchrun's env://), train, leave.
+    `forwarded`: see RankStop."""
     cuda = str(device).startswith("cuda")
     backend = "nccl" if cuda else "gloo"
     if init_method is None:
@@ -246,9 +305,15 @@ def _rank(rank, world, init_method, config, tc, tensors, stream, out, device, wr
         precision.apply(tc.precision)
         trainer = (FSDPBackend if fsdp else DDPBackend)(config, tc, tensors, device=device)
         writer = writer_factory(out) if writer_factory and rank == 0 else None
-        history = loop.train(trainer, stream, out, primary=rank == 0, writer=writer,
-                             **loop_options)
+        stopped = None
+        try:
+            history = loop.train(trainer, stream, out, primary=rank == 0, writer=writer,
+                                 stop=RankStop(forwarded), **loop_options)
+        except (FlaxGPTError, Interrupted) as e:  # met alike by every rank
+            stopped = e
         dist.barrier()  # no rank tears its gloo threads down while another still talks
+        if stopped:
+            raise stopped
     finally:
         # DDP's reducer holds the process group: dropped first, or its destructor joins the
         # group's threads at exit, after the peer has gone (the hang at exit of issue 21)

@@ -27,3 +27,14 @@ class DivergedError(FlaxGPTError):
 
 class DependencyError(FlaxGPTError):
     """An optional package a command needs is not installed (or does not load)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training at a step boundary, every process of the run at the
+    same one, after a checkpoint of it was written. The exit code is 128 + the signal's number
+    (130 for SIGINT, 143 for SIGTERM), as a shell reports a process the signal killed."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum

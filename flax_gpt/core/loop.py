@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from flax_gpt.core.config import check_number
-from flax_gpt.core.errors import DivergedError, NonFiniteError
+from flax_gpt.core.errors import DivergedError, Interrupted, NonFiniteError
 from flax_gpt.core.runfolder import (METRICS, check_unfinished, latest_checkpoint,
-                                     load_checkpoint, open_run, save_checkpoint,
-                                     spans_processes)
+                                     load_checkpoint, open_run, save_checkpoint)
 from flax_gpt.core.streams import check_stream, step_batch
 
 PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines (a log, not a terminal)
@@ -52,14 +51,35 @@ def check_options(steps, *, log_every=10, eval_every=0, eval_batches=20, checkpo
         check_number("stop_at", stop_at, low=1, high=steps, integer=True)
 
 
+class LocalStop:
+    """When a run on one process stops for a signal: at the step boundary after SIGINT or
+    SIGTERM arrived. A run on several processes votes instead (torch_reference.distributed's
+    RankStop, flax_gpt.mesh's JobStop), so that every process stops at the same step."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)  # what the loop hands to `received`
+
+    def __init__(self):
+        self.signum = 0
+
+    def received(self, signum):
+        self.signum = self.signum or signum
+
+    def agreed(self, step):
+        """(signal number, who received it or None) once the run stops after `step`, else
+        None. Called after every step, on every process."""
+        return (self.signum, None) if self.signum else None
+
+
 def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eval_batches=20,
-          checkpoint_every=0, keep=3, progress=None, writer=None, stop_at=None, primary=True):
+          checkpoint_every=0, keep=3, progress=None, writer=None, stop_at=None, primary=True,
+          stop=None):
     """Train `backend` on `stream` to `backend.tc.steps` (or to `stop_at` of that schedule),
     writing the run folder.
 
-    Returns the per-step records (step, loss, lr, grad_norm, ...) and evaluations. Ctrl-C
-    finishes the step under way, saves a checkpoint and raises KeyboardInterrupt (in a run
-    of one process; a run on several stops at once, keeping its last checkpoint). A loss,
+    Returns the per-step records (step, loss, lr, grad_norm, ...) and evaluations. SIGINT
+    (Ctrl-C) or SIGTERM (a scheduler's preemption notice) finishes the step under way, saves
+    a checkpoint of it and raises errors.Interrupted; on several processes, a signal to any
+    one stops them all at the same step, as `stop` (default LocalStop()) agrees. A loss,
     gradient norm or checkpoint's weights that are not finite stop the run with
     DivergedError (every process of a run on several alike), keeping the last good
     checkpoint. `progress`: see Progress (None: a bar on a terminal, else plain lines).
@@ -75,21 +95,22 @@ def train(backend, stream, run, *, resume=False, log_every=10, eval_every=0, eva
     check_options(tc.steps, log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                   checkpoint_every=checkpoint_every, keep=keep, stop_at=stop_at)
     check_stream(stream, backend.config)
+    stop = stop or LocalStop()
     if not primary:  # the primary owns (locks, cleans, checks) the folder; this rank only reads
         return _train(backend, stream, run, latest_checkpoint(run) if resume else None,
                       log_every, eval_every, eval_batches, checkpoint_every, keep, "off", None,
-                      stop_at, primary=False)
+                      stop_at, stop, primary=False)
     try:
         with open_run(run, backend, stream, resume=resume, stop_at=stop_at) as resume_from:
             return _train(backend, stream, run, resume_from, log_every, eval_every, eval_batches,
-                          checkpoint_every, keep, progress, writer, stop_at)
+                          checkpoint_every, keep, progress, writer, stop_at, stop)
     finally:
         if writer:
             writer.close()
 
 
 def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batches,
-           checkpoint_every, keep, progress, writer, stop_at, primary=True):
+           checkpoint_every, keep, progress, writer, stop_at, stop, primary=True):
     tc = backend.tc
     start = load_checkpoint(resume_from, backend) if resume_from else 0
     check_unfinished(run, start, tc.steps, stop_at)  # the step its state.json says
@@ -136,19 +157,18 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
             raise diverged(step, f"the weights hold NaN or Inf ({e})") from None
         saved = step
 
-    step = start
+    step, agreed = start, None
     metrics_file = open(Path(run) / METRICS, "a", encoding="utf-8") if primary else None
-    # Ctrl-C reaches each process of a run on several at its own step, and a checkpoint is
-    # a step they take together: there it stops at once, and the last checkpoint is kept
-    alone = not spans_processes(backend)
     try:
-        with _deferred_interrupt(alone) as interrupted:
-            while step < end and not interrupted():
+        with _signals_to(stop):
+            while step < end:
                 x, y = step_batch(stream, step, tc.grad_accum)
                 pending.append((step, backend.step(step, x, y)))
                 step += 1
+                agreed = stop.agreed(step) if step < end else None
                 due_eval = eval_every and (step % eval_every == 0 or step == end)
-                due_checkpoint = checkpoint_every and step % checkpoint_every == 0 and step < end
+                due_checkpoint = bool(agreed) or (checkpoint_every and step % checkpoint_every == 0
+                                                  and step < end)
                 if step % log_every == 0 or step == end or due_eval or due_checkpoint:
                     flush(step)
                 if due_eval:
@@ -160,22 +180,19 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
                                f"(perplexity {record['val_ppl']:.1f})")
                 if due_checkpoint:
                     checkpoint(step)
+                if agreed:
+                    break
             flush(step)
-            checkpoint(step)
-            shown.close()
-            if step < end:
-                if primary:
-                    print(f"interrupted: saved a checkpoint at step {step} in {run}; continue "
-                          f"with --resume", file=sys.stderr)
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if primary and not alone:  # stopped at once, mid-step (see above)
-            shown.close()
-            print(f"interrupted: a run on several processes stops without saving; " +
-                  (f"continue from its last checkpoint, step {saved}, with --resume"
-                   if saved is not None else "no checkpoint was written: run the same command "
-                   "again"), file=sys.stderr)
-        raise
+            if saved != step:
+                checkpoint(step)
+        shown.close()
+        if agreed:
+            signum, who = agreed
+            if primary:
+                print(f"interrupted by {signal.Signals(signum).name}" +
+                      (f" (sent to {who})" if who else "") + f" after step {step}: saved a "
+                      f"checkpoint of it in {run}; continue with --resume", file=sys.stderr)
+            raise Interrupted(signum)
     finally:
         if metrics_file:
             metrics_file.close()
@@ -254,17 +271,18 @@ def _duration(seconds):
 
 
 @contextlib.contextmanager
-def _deferred_interrupt(enabled=True):
-    """Ctrl-C sets a flag that the loop reads between steps, so a step is never cut in half."""
-    hit = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+def _signals_to(stop):
+    """`stop.signals` go to `stop.received` while training, so that a signal only marks the
+    step under way as the last (a step is never cut in half); the old handlers after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
+    previous = {s: signal.signal(s, lambda signum, _: stop.received(signum)) for s in stop.signals}
     try:
-        yield lambda: bool(hit)
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _log(metrics_file, writer, record):

@@ -280,6 +280,15 @@ def checkpoint_step(folder):
     return int(Path(folder).name.removeprefix("step_"))
 
 
+def how_to_continue(run):
+    """What a run that stopped without finishing leaves, and how to go on from it."""
+    saved = checkpoints(run)
+    if saved:
+        return (f"the run folder keeps its last checkpoint, step {checkpoint_step(saved[-1])}: "
+                f"continue with --resume")
+    return "no checkpoint was written: run the same command again"
+
+
 def spans_processes(backend):
     """Whether `backend` is one process of a run on several: its state spread over them
     (`collective`), or held whole by each of its `world` ranks (data parallel)."""
