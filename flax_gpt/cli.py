@@ -304,14 +304,15 @@ def add_train(sub):
         "train", help="train a model with the Flax or the PyTorch trainer",
         description="Train with AdamW (linear warmup, cosine decay, global-norm clipping, "
                     "gradient accumulation). Writes RUN/metrics.jsonl, checkpoints (the last "
-                    "--keep) and RUN/weights.safetensors. Ctrl-C saves a checkpoint; --resume "
-                    "continues exactly where it stopped.")
+                    "--keep) and RUN/weights.safetensors. SIGINT (Ctrl-C) or SIGTERM to any "
+                    "process of the run stops every one after the same step with a checkpoint "
+                    "of it (exit 130 or 143); --resume continues exactly where it stopped.")
     p.add_argument("--framework", choices=["flax", "torch"], default="flax")
     p.add_argument("--out", type=Path, required=True, help="the run folder")
     add_train_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps "
-                   "(always at the end and on Ctrl-C)")
+                   "(always at the end and on SIGINT or SIGTERM)")
     p.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept (default 3)")
     p.add_argument("--stop-at", type=_positive_int, default=None,
                    help="stop after step N of the --steps schedule (checkpointed; --resume goes on)")
@@ -361,17 +362,14 @@ def run_train(args):
         process_id=args.process_id)
     if processes is not None and args.json:
         _stdout_for_python_only()
-    try:
-        r = experiments.train(
-            args.framework, model_config(args), train_config(args), out=args.out,
-            data=args.data, synthetic=args.synthetic, resume=args.resume, device=args.device,
-            log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
-            checkpoint_every=args.checkpoint_every, keep=args.keep, stop_at=args.stop_at,
-            tensorboard=args.tensorboard, mesh=args.mesh, log=print_err, nproc=args.nproc,
-            fsdp=args.fsdp, processes=processes,
-            abort=lambda text: print_err(f"flax-gpt train: error: {text}"))
-    except Interrupted as e:  # the loop said where it stopped and how to go on
-        return e.exit_code
+    r = experiments.train(
+        args.framework, model_config(args), train_config(args), out=args.out,
+        data=args.data, synthetic=args.synthetic, resume=args.resume, device=args.device,
+        log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        checkpoint_every=args.checkpoint_every, keep=args.keep, stop_at=args.stop_at,
+        tensorboard=args.tensorboard, mesh=args.mesh, log=print_err, nproc=args.nproc,
+        fsdp=args.fsdp, processes=processes,
+        abort=lambda text: print_err(f"flax-gpt train: error: {text}"))
     if not r.steps:  # a process other than the first of a torchrun or JAX job: that one reports
         return 0
     if args.json:
@@ -789,6 +787,8 @@ def main(argv=None):
         where = f": {e.filename}" if e.filename else ""
         print(f"flax-gpt {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:  # training said where it stopped and how to go on
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"flax-gpt {args.command}: interrupted", file=sys.stderr)
         return 130

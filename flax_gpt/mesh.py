@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 
 import jax
 import numpy as np
@@ -39,6 +40,7 @@ from flax_gpt.core.sharding import AXES, BATCH_AXES, MeshError, MeshShape
 HEARTBEAT_TIMEOUT_S = 10
 SHUTDOWN_TIMEOUT_S = 30  # how long a finished process waits for the others at exit
 CONNECT_TIMEOUT_S = 300  # JAX's own initialization timeout
+HELLO_TIMEOUT_S = 10  # for a connection to the lifeline to say which process it is
 LOST_EXIT = 2  # a process of the job is gone: as a run that failed with a FlaxGPTError
 
 
@@ -124,11 +126,19 @@ class Lifeline:
                 host = global_state.coordinator_address.rpartition(":")[0].strip("[]")
                 client.key_value_set(self.KEY, f"{host} {server.getsockname()[1]}")
                 server.settimeout(CONNECT_TIMEOUT_S)
-                for _ in range(jax.process_count() - 1):
+                others = set(range(1, jax.process_count()))
+                while others - set(self.peers):
                     conn, _ = server.accept()
-                    conn.settimeout(None)
+                    conn.settimeout(HELLO_TIMEOUT_S)
                     reader = conn.makefile("r")
-                    index = int(reader.readline())
+                    try:
+                        index = int(reader.readline())
+                    except (OSError, ValueError):
+                        index = None
+                    if index not in others or index in self.peers:  # not one of the job's
+                        conn.close()
+                        continue
+                    conn.settimeout(None)
                     self.peers[index], readers[index] = conn, reader
         else:
             host, port = client.blocking_key_value_get(self.KEY, CONNECT_TIMEOUT_S * 1000).split()
@@ -170,11 +180,25 @@ class Lifeline:
     def __enter__(self):
         return self
 
-    def __exit__(self, kind, *_):
+    def __exit__(self, kind, value, tb):
         """Closed when the job ends, or stops with an error or interrupt that every process
-        meets alike; an unforeseen exception leaves it open, so the others hear of it."""
+        meets alike. After an unforeseen exception (a bug, Ctrl-C before training started)
+        the connections are dropped without a goodbye, so the others hear of it at once, and
+        this process exits at once, its traceback printed: at a normal exit it would wait
+        SHUTDOWN_TIMEOUT_S at JAX's shutdown barrier for processes that are gone."""
         if kind is None or issubclass(kind, (FlaxGPTError, Interrupted)):
             self.close()
+            return
+        self.closed.set()
+        for conn in self.peers.values():
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if issubclass(kind, KeyboardInterrupt):
+            print("interrupted before training started; nothing was saved", file=sys.stderr)
+        else:
+            traceback.print_exception(kind, value, tb)
+        sys.stderr.flush()
+        os._exit(130 if issubclass(kind, KeyboardInterrupt) else 1)
 
 
 class JobStop:
@@ -204,7 +228,7 @@ class JobStop:
         told = sorted((int(key.rpartition("/")[2]), int(value))
                       for key, value in _job_store().key_value_dir_get(self.KEY))
         if told:
-            return told[0][1], f"process {told[0][0]}"
+            return told[0][1], f"sent to process {told[0][0]}"
         return signal.SIGTERM, None  # straight to the notifier: a scheduler's, no saying whose
 
 

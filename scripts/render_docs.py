@@ -121,7 +121,26 @@ def mutations(name):
             + "\n\n" + source(name, result))
 
 
-RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations}
+def faults(name):
+    """Per engine and fault: how soon every process of the run had exited, and its exit codes."""
+    result = load(name)
+    engines = {"torch": "PyTorch `--nproc 2`", "jax": "JAX, 2 processes"}
+    said = {"SIGINT": "SIGINT to {}", "SIGTERM": "SIGTERM to {}", "SIGKILL": "kill -9 of {}",
+            "finish": "none: the run finished"}
+    rows = []
+    for r in result["faults"]:
+        who = ("the launcher" if r["target"] == "launcher" else
+               f"{'rank' if r['engine'] == 'torch' else 'process'} {r['target']}")
+        since = "its last step" if r["fault"] == "finish" else "the fault"
+        rows.append([engines[r["engine"]], said[r["fault"]].format(who),
+                     f"{r['median_s']:.1f} s (max {r['max_s']:.1f} s) after {since}",
+                     " / ".join(",".join(map(str, codes)) for codes in r["exit_codes"])])
+    return (table(["run", "fault", "every process exited", "exit codes"], rows)
+            + f"\n\n{result['repeats']} runs of each.\n\n" + source(name, result))
+
+
+RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
+             "faults": faults}
 
 
 def render(text):

@@ -5,9 +5,12 @@
   step k" lands long before the run's end, however loaded the machine (no numbers change);
 - PID_DIR: each PyTorch rank writes its process id to PID_DIR/rank<R> (the launcher
   spawns them: a test finds them there) once it joined;
-- KILL_IN_SAVE=STEP:WHO: JAX process (or PyTorch rank) WHO kills itself with SIGKILL in the
-  middle of writing checkpoint STEP, after its backend wrote its files into the temporary
-  folder, before the folder is checksummed and renamed into place.
+- FAULT=KIND:STEP:WHO: JAX process (or PyTorch rank) WHO, at step STEP (1-based), with KIND
+  - kill-after-step: kills itself with SIGKILL right after the step;
+  - raise-after-step: raises RuntimeError (a bug) right after the step;
+  - kill-in-save: kills itself with SIGKILL in the middle of writing checkpoint STEP, after
+    its backend wrote its files into the temporary folder, before the folder is checksummed
+    and renamed into place.
 
 The patches are made at import, so the ranks that `--nproc` spawns, which import this file
 again as their main module, are patched too.
@@ -21,23 +24,34 @@ import time
 from flax_gpt.cli import main
 
 STEP_SLEEP = float(os.environ.get("STEP_SLEEP", "0"))
-KILL_STEP, _, KILL_WHO = os.environ.get("KILL_IN_SAVE", "").partition(":")
+KIND, STEP, WHO = (os.environ["FAULT"].split(":") if "FAULT" in os.environ else ("", "0", "0"))
+STEP, WHO = int(STEP), int(WHO)
 
 
-def slowed(step):
+def fault():
+    if KIND == "raise-after-step":
+        raise RuntimeError(f"a fault planted after step {STEP}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stepping(step, who, finish):
     def patched(self, index, x, y):
         metrics = step(self, index, x, y)
         time.sleep(STEP_SLEEP)
+        if KIND.endswith("-after-step") and index + 1 == STEP and who(self) == WHO:
+            finish(metrics)  # the step done, not only dispatched
+            fault()
         return metrics
     return patched
 
 
-def killing(save, who):
+def saving(save, who):
     def patched(self, folder):
         save(self, folder)
         # .step_00000020.tmp, or .step_00000020.<random>.tmp where one process writes alone
-        if folder.name.startswith(f".step_{int(KILL_STEP):08d}.") and who(self) == int(KILL_WHO):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if KIND == "kill-in-save" and folder.name.startswith(f".step_{STEP:08d}.") \
+                and who(self) == WHO:
+            fault()
     return patched
 
 
@@ -55,7 +69,8 @@ if "torch" in sys.argv:
     from torch_reference.distributed import DDPBackend
     from torch_reference.train import TorchBackend
 
-    backend, who = TorchBackend, lambda self: getattr(self, "rank", 0)
+    # eager on the CPU: a step is done when it returns
+    backend, who, finish = TorchBackend, lambda self: getattr(self, "rank", 0), lambda _: None
     if "PID_DIR" in os.environ:
         DDPBackend.__init__ = recording(DDPBackend.__init__)
 else:
@@ -63,10 +78,9 @@ else:
 
     from flax_gpt.train import FlaxBackend
 
-    backend, who = FlaxBackend, lambda self: jax.process_index()
-backend.step = slowed(backend.step)
-if KILL_STEP:
-    backend.save = killing(backend.save, who)
+    backend, who, finish = FlaxBackend, lambda self: jax.process_index(), jax.block_until_ready
+backend.step = stepping(backend.step, who, finish)
+backend.save = saving(backend.save, who)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,110 +11,15 @@ run of the same command bit for bit: every step's loss and the final weights.
 
 import json
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from flax_gpt.core import runfolder, weights
-from tests.conftest import REPO, assert_same
-
-STEPS = 40
-STEP_SLEEP = "0.1"  # s per step: a signal sent after step SIGNAL_AFTER lands seconds before the end
-SIGNAL_AFTER = 5
-CHECKPOINT_EVERY = 10
-KILL_AFTER = 15  # kill -9 between steps after this one: checkpoint 10 is the one kept
-KILLED_IN_SAVE = 20  # the checkpoint during whose write a process kills itself
-TIMEOUT = 240  # s: the longest any run or wait of this module may take
-NOTICE = 30  # s: how soon after a fault every process must have exited (JAX's heartbeat: 10)
-ARGS = ["train", "--preset", "tiny", "--synthetic", "--batch-size", "8", "--steps", str(STEPS),
-        "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0",
-        "--checkpoint-every", str(CHECKPOINT_EVERY)]
-ENGINE_ARGS = {"torch": ["--framework", "torch", "--nproc", "2"], "jax": ["--mesh", "data=4"]}
-TWO_DEVICES = "--xla_force_host_platform_device_count=2"
-
-
-class Job:
-    """A run of `engine` on two processes, started through tests/faulty.py: for "torch" the
-    launcher (whose ranks write their pids into PID_DIR), for "jax" the two processes."""
-
-    def __init__(self, engine, out, *extra, env=None):
-        self.engine, self.out = engine, out
-        self.pid_dir = out.parent / f"{out.name}.pids"
-        self.pid_dir.mkdir(exist_ok=True)
-        command = [sys.executable, "tests/faulty.py", *ARGS, *ENGINE_ARGS[engine], "--out",
-                   str(out), *extra]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "STEP_SLEEP": STEP_SLEEP,
-               "PID_DIR": str(self.pid_dir), **(env or {})}
-        if engine == "jax":
-            with socket.socket() as s:  # a free port for the coordinator
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env["XLA_FLAGS"] = TWO_DEVICES
-            commands = [command + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)] for i in range(2)]
-        else:
-            commands = [command]
-        self.processes = [subprocess.Popen(c, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE) for c in commands]
-
-    def pid(self, target):
-        """The pid of "launcher", or of rank / process `target` (an int)."""
-        if target == "launcher" or self.engine == "jax":
-            return self.processes[0 if target == "launcher" else target].pid
-        path = self.pid_dir / f"rank{target}"
-        wait_for(path.exists, f"rank {target} to start", self)
-        return int(path.read_text())
-
-    def logged_steps(self):
-        metrics = self.out / runfolder.METRICS
-        text = metrics.read_text() if metrics.exists() else ""
-        return [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]
-
-    def finish(self, timeout=TIMEOUT):
-        """[(returncode, stdout, stderr)] of every process, all exited within `timeout` s."""
-        deadline = time.monotonic() + timeout
-        try:
-            outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
-                       for p in self.processes]
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"a process of the {self.engine} job did not exit within {timeout} s")
-        return [(p.returncode, *output) for p, output in zip(self.processes, outputs)]
-
-    def kill(self):
-        for p in self.processes:
-            p.kill()
-            p.communicate()
-
-
-def wait_for(condition, what, job, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if any(p.poll() is not None for p in job.processes):
-            codes = [(p.poll(), p.communicate()[1][-2000:]) for p in job.processes]
-            pytest.fail(f"the job ended while waiting for {what}: {codes}")
-        if time.monotonic() > deadline:
-            job.kill()
-            pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(0.05)
-
-
-# a line of JAX's C++ log: "W1202 19:45:07.23 ..." (absl) or "2026-12-02 19:38:36.81: W ..." (tsl)
-JAX_LOG = re.compile(r"([IWEF]\d{4} |\d{4}-\d\d-\d\d [\d:.]+: [IWEF] )")
-
-
-def ours(err):
-    """stderr's lines that report an error or an interrupt: not gloo's connection lines,
-    JAX's log, progress lines or the mesh's table."""
-    return [line for line in err.splitlines()
-            if ("error" in line or "interrupted" in line) and "peer ranks" not in line
-            and not JAX_LOG.match(line)]
-
+from tests.conftest import assert_same
+from tests.faultjobs import (CHECKPOINT_EVERY, KILL_AFTER, KILLED_IN_SAVE, NOTICE, SIGNAL_AFTER,
+                             STEPS, Job, ours, wait_for)
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
@@ -188,40 +93,43 @@ def test_a_signal_to_one_process_stops_the_job_at_a_step_it_saves(unbroken, tmp_
     resume_matches(engine, out, unbroken(engine))
 
 
-# (engine, when, which process): PyTorch's DDP rank 0 alone writes checkpoints
-KILLS = [("torch", "between-steps", 1), ("torch", "in-checkpoint-write", 0),
-         ("jax", "between-steps", 1), ("jax", "between-steps", 0), ("jax", "in-checkpoint-write", 1)]
+# (engine, fault, which process): PyTorch's DDP rank 0 alone writes checkpoints
+FAULTS = [("torch", "kill-after-step", 1), ("torch", "kill-in-save", 0),
+          ("jax", "kill-after-step", 1), ("jax", "kill-after-step", 0), ("jax", "kill-in-save", 1),
+          ("jax", "raise-after-step", 1)]
 
 
-@pytest.mark.parametrize("engine, moment, victim", KILLS,
-                         ids=[f"{e}-{m}-{v}" for e, m, v in KILLS])
-def test_kill_9_of_one_process_is_reported_in_one_line_and_resumes(unbroken, tmp_path, engine,
-                                                                   moment, victim):
-    """kill -9 of one process, between steps or in the middle of writing a checkpoint: within
-    NOTICE s every other process (PyTorch: the launcher) exits 2 with one line that names the
-    process and the last checkpoint; --resume then gives the unbroken run, whatever the
-    killed write left behind."""
+@pytest.mark.parametrize("engine, fault, victim", FAULTS, ids=[f"{e}-{f}-{v}" for e, f, v in FAULTS])
+def test_a_process_that_dies_is_reported_in_one_line_and_the_run_resumes(unbroken, tmp_path,
+                                                                      engine, fault, victim):
+    """kill -9 of one process between steps (after step KILL_AFTER) or in the middle of
+    writing checkpoint KILLED_IN_SAVE, or a bug's exception in one process: within NOTICE s
+    of its death every other process (PyTorch: the launcher) exits 2 with one line naming it
+    and the last checkpoint; --resume then gives the unbroken run, whatever the cut write
+    left behind. (tests/faulty.py plants the fault, at a step known beforehand.)"""
     out = tmp_path / "run"
-    env = {"KILL_IN_SAVE": f"{KILLED_IN_SAVE}:{victim}"} if moment == "in-checkpoint-write" else {}
-    job = Job(engine, out, env=env)
-    if moment == "between-steps":
-        wait_for(lambda: len(job.logged_steps()) >= KILL_AFTER, f"step {KILL_AFTER}", job)
-        os.kill(job.pid(victim), signal.SIGKILL)
-        kept = KILL_AFTER // CHECKPOINT_EVERY * CHECKPOINT_EVERY
-        done = job.finish(timeout=NOTICE)  # the others notice, and exit within NOTICE s
-    else:  # the victim kills itself in the write of checkpoint KILLED_IN_SAVE
-        kept = KILLED_IN_SAVE - CHECKPOINT_EVERY
-        done = job.finish()
-    survivors = [d for i, d in enumerate(done) if engine == "torch" or i != victim]
+    step = KILL_AFTER if fault.endswith("-after-step") else KILLED_IN_SAVE
+    job = Job(engine, out, env={"FAULT": f"{fault}:{step}:{victim}"})
+    job.wait_gone(victim)
+    died = time.monotonic()
+    done = job.finish()
+    assert job.exited - died < NOTICE
+    kept = step // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+    kept -= CHECKPOINT_EVERY if fault == "kill-in-save" else 0
     then = f"the run folder keeps its last checkpoint, step {kept}: continue with --resume"
-    for code, _, err in survivors:
-        assert code == 2, err[-3000:]
-        if engine == "torch":
-            expected = f"flax-gpt train: error: rank {victim} terminated with signal SIGKILL; {then}"
-        else:
-            expected = (f"flax-gpt train: error: process {victim} of the JAX job is gone (killed or "
-                        f"crashed: its own output says why), so this one stops too; {then}")
-        assert ours(err) == [expected], err[-3000:]
+    if engine == "torch":
+        expected = [(2, f"flax-gpt train: error: rank {victim} terminated with signal SIGKILL; {then}")]
+    else:
+        line = (f"flax-gpt train: error: process {victim} of the JAX job is gone (killed or "
+                f"crashed: its own output says why), so this one stops too; {then}")
+        expected = [(2, line)] * 2
+        expected[victim] = (1, None) if fault == "raise-after-step" else (-signal.SIGKILL, None)
+    for (code, _, err), (expected_code, expected_line) in zip(done, expected):
+        assert code == expected_code, err[-3000:]
+        if expected_line:
+            assert ours(err) == [expected_line], err[-3000:]
+        elif code == 1:  # the bug's own traceback, then nothing of the lost peer
+            assert "RuntimeError: a fault planted after step" in err and not ours(err), err[-3000:]
     resume_matches(engine, out, unbroken(engine))
 
 
@@ -231,8 +139,8 @@ def test_two_rank_runs_exit_promptly_again_and_again(tmp_path):
     for i in range(10):
         out = tmp_path / f"run{i}"
         job = Job("torch", out, "--steps", "3", env={"STEP_SLEEP": "0"})
-        wait_for(lambda: len(job.logged_steps()) == 3, "step 3", job)
-        last_step = time.monotonic()
-        ((code, _, err),) = job.finish(timeout=NOTICE)
+        ((code, _, err),) = job.finish()
         assert code == 0, err[-3000:]
-        assert time.monotonic() - last_step < NOTICE
+        assert job.logged_steps() == [1, 2, 3]
+        last_step = (out / runfolder.METRICS).stat().st_mtime  # the clock of time.time()
+        assert job.exited_wall - last_step < NOTICE

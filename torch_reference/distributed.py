@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import warnings
 
 import numpy as np
@@ -151,25 +152,34 @@ class RankStop:
     after every step they sum, over a gloo group of their own (host memory, on NCCL runs
     too), the signal each received since, so a signal to any one rank stops them all after
     the same step. `forwarded`: a shared value where the launcher of spawned ranks leaves
-    the signal it passed on to them (see _forwarded), so that the report names it."""
+    the signal it passed on to them (see _forwarded); rank 0 reads it, and whether the
+    launcher is still its parent, into the same sum, so that every rank says the same."""
 
     signals = LocalStop.signals
 
     def __init__(self, forwarded=None):
         self.group = dist.new_group(backend="gloo")  # a collective: every rank makes it
-        self.signum, self.forwarded = 0, forwarded
+        self.signum, self.forwarded, self.launcher = 0, forwarded, os.getppid()
 
     def received(self, signum):
         self.signum = self.signum or signum
 
     def agreed(self, step):
-        votes = torch.zeros(dist.get_world_size(), dtype=torch.int32)
-        votes[dist.get_rank()] = self.signum
+        world, rank = dist.get_world_size(), dist.get_rank()
+        votes = torch.zeros(world + 2, dtype=torch.int32)  # each rank's, then the launcher's
+        votes[rank] = self.signum
+        if rank == 0 and self.forwarded is not None:
+            votes[world] = self.forwarded.value
+            votes[world + 1] = os.getppid() != self.launcher  # its death sends SIGINT (spawn)
         dist.all_reduce(votes, group=self.group)
-        told = torch.nonzero(votes).flatten().tolist()
-        if told and self.forwarded is not None and self.forwarded.value:
-            return self.forwarded.value, "the launcher"
-        return (int(votes[told[0]]), f"rank {told[0]}") if told else None
+        told = torch.nonzero(votes[:world]).flatten().tolist()
+        if not told:
+            return None
+        if votes[world + 1]:
+            return int(votes[told[0]]), "its launcher died"
+        if votes[world]:
+            return int(votes[world]), "sent to the launcher"
+        return int(votes[told[0]]), f"sent to rank {told[0]}"
 
 
 def check(batch_size, ranks, fsdp=False, torchrun=True):
@@ -235,6 +245,11 @@ def train(nproc, config, tc, stream, out, tensors=None, *, device="cpu", writer_
         errors = [payload for kind, payload in _drain(results) if kind == "error"]
         if errors:  # a rank's FlaxGPTError, raised here again as one line
             raise FlaxGPTError(errors[0]) from None
+        if forwarded.value and getattr(e, "signal_name", None) == signal.Signals(forwarded.value).name:
+            # the signal reached a rank before it could take it (starting Python)
+            print(f"interrupted by {e.signal_name} before the ranks were training; "
+                  f"{runfolder.how_to_continue(out)}", file=sys.stderr)
+            raise Interrupted(forwarded.value) from None
         if isinstance(e, ProcessExitedException):  # killed, or out of memory: not a bug here
             raise FlaxGPTError(f"{e.msg.strip().replace('process', 'rank', 1)}; "
                                f"{runfolder.how_to_continue(out)}") from None
@@ -280,6 +295,9 @@ def _spawned(rank, world, init_method, forwarded, job, results):
     except Interrupted as e:  # a stop every rank agreed to: this rank ends without a fault
         results.put(("interrupted", e.signum))
         return
+    except KeyboardInterrupt:  # Ctrl-C before the rank took signals: it dies of it, quietly
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGINT)
     if rank == 0:
         results.put(("history", history))
 
@@ -300,24 +318,27 @@ def _rank(rank, world, init_method, forwarded, config, tc, tensors, stream, out,
         torch.cuda.set_device(device)
     else:  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    trainer = None
-    try:
-        precision.apply(tc.precision)
-        trainer = (FSDPBackend if fsdp else DDPBackend)(config, tc, tensors, device=device)
-        writer = writer_factory(out) if writer_factory and rank == 0 else None
-        stopped = None
+    # From here to the end a signal never kills a rank mid-collective: one that comes before
+    # training stops the ranks after its first step, one that comes after it is ignored
+    stop, trainer = RankStop(forwarded), None
+    with loop.signals_to(stop):
         try:
-            history = loop.train(trainer, stream, out, primary=rank == 0, writer=writer,
-                                 stop=RankStop(forwarded), **loop_options)
-        except (FlaxGPTError, Interrupted) as e:  # met alike by every rank
-            stopped = e
-        dist.barrier()  # no rank tears its gloo threads down while another still talks
-        if stopped:
-            raise stopped
-    finally:
-        # DDP's reducer holds the process group: dropped first, or its destructor joins the
-        # group's threads at exit, after the peer has gone (the hang at exit of issue 21)
-        del trainer
-        gc.collect()
-        dist.destroy_process_group()
+            precision.apply(tc.precision)
+            trainer = (FSDPBackend if fsdp else DDPBackend)(config, tc, tensors, device=device)
+            writer = writer_factory(out) if writer_factory and rank == 0 else None
+            stopped = None
+            try:
+                history = loop.train(trainer, stream, out, primary=rank == 0, writer=writer,
+                                     stop=stop, **loop_options)
+            except (FlaxGPTError, Interrupted) as e:  # met alike by every rank
+                stopped = e
+            dist.barrier()  # no rank tears its gloo threads down while another still talks
+            if stopped:
+                raise stopped
+        finally:
+            # DDP's reducer holds the process group: dropped first, or its destructor joins
+            # the group's threads at exit, after the peer has gone (the hang at exit of issue 21)
+            del trainer
+            gc.collect()
+            dist.destroy_process_group()
     return history if rank == 0 else []

@@ -65,8 +65,8 @@ class LocalStop:
         self.signum = self.signum or signum
 
     def agreed(self, step):
-        """(signal number, who received it or None) once the run stops after `step`, else
-        None. Called after every step, on every process."""
+        """(signal number, where it came from: "sent to rank 1", or None) once the run stops
+        after `step`, else None. Called after every step, on every process."""
         return (self.signum, None) if self.signum else None
 
 
@@ -160,7 +160,7 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
     step, agreed = start, None
     metrics_file = open(Path(run) / METRICS, "a", encoding="utf-8") if primary else None
     try:
-        with _signals_to(stop):
+        with signals_to(stop):
             while step < end:
                 x, y = step_batch(stream, step, tc.grad_accum)
                 pending.append((step, backend.step(step, x, y)))
@@ -190,7 +190,7 @@ def _train(backend, stream, run, resume_from, log_every, eval_every, eval_batche
             signum, who = agreed
             if primary:
                 print(f"interrupted by {signal.Signals(signum).name}" +
-                      (f" (sent to {who})" if who else "") + f" after step {step}: saved a "
+                      (f" ({who})" if who else "") + f" after step {step}: saved a "
                       f"checkpoint of it in {run}; continue with --resume", file=sys.stderr)
             raise Interrupted(signum)
     finally:
@@ -271,9 +271,10 @@ def _duration(seconds):
 
 
 @contextlib.contextmanager
-def _signals_to(stop):
-    """`stop.signals` go to `stop.received` while training, so that a signal only marks the
-    step under way as the last (a step is never cut in half); the old handlers after."""
+def signals_to(stop):
+    """`stop.signals` go to `stop.received` for the block (while training: so that a signal
+    only marks the step under way as the last, and a step is never cut in half); the old
+    handlers after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
