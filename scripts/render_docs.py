@@ -134,8 +134,9 @@ def faults(name):
         since = "its last step" if r["fault"] == "finish" else "the fault"
         rows.append([engines[r["engine"]], said[r["fault"]].format(who),
                      f"{r['median_s']:.1f} s (max {r['max_s']:.1f} s) after {since}",
-                     " / ".join(",".join(map(str, codes)) for codes in r["exit_codes"])])
-    return (table(["run", "fault", "every process exited", "exit codes"], rows)
+                     " / ".join(", ".join(str(c) if c >= 0 else "killed" for c in codes)
+                                for codes in r["exit_codes"])])
+    return (table(["run", "fault", "every process exited", "exit code of each process"], rows)
             + f"\n\n{result['repeats']} runs of each.\n\n" + source(name, result))
 
 
