@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import jaxlib
 import pytest
 
 from flax_gpt.core import runfolder, weights
@@ -93,6 +94,11 @@ def test_a_signal_to_one_process_stops_the_job_at_a_step_it_saves(unbroken, tmp_
     resume_matches(engine, out, unbroken(engine))
 
 
+# jaxlib 0.7.1's client aborts the process (SIGABRT, after its multi-line fatal log) as soon as
+# the coordination service's socket closes: when process 0, its host, dies, that and the
+# lifeline race to end the others (both at once; on jaxlib 0.10 the lifeline's line came first)
+OLD_JAXLIB = jaxlib.version.__version_info__ < (0, 10)
+
 # (engine, fault, which process): PyTorch's DDP rank 0 alone writes checkpoints
 FAULTS = [("torch", "kill-after-step", 1), ("torch", "kill-in-save", 0),
           ("jax", "kill-after-step", 1), ("jax", "kill-after-step", 0), ("jax", "kill-in-save", 1),
@@ -125,6 +131,9 @@ def test_a_process_that_dies_is_reported_in_one_line_and_the_run_resumes(unbroke
         expected = [(2, line)] * 2
         expected[victim] = (1, None) if fault == "raise-after-step" else (-signal.SIGKILL, None)
     for (code, _, err), (expected_code, expected_line) in zip(done, expected):
+        if engine == "jax" and victim == 0 and OLD_JAXLIB and code == -signal.SIGABRT:
+            assert "the JAX distributed service detected fatal errors" in err, err[-3000:]
+            continue  # JAX's own end of the survivor won the race (see OLD_JAXLIB)
         assert code == expected_code, err[-3000:]
         if expected_line:
             assert ours(err) == [expected_line], err[-3000:]
