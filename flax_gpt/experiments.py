@@ -198,12 +198,17 @@ def check_memory(config, batch_size, what, *, training, attention="explicit", pl
 
 
 def tensorboard_writer(run):
+    return summary_writer()(str(Path(run) / runfolder.TENSORBOARD))
+
+
+def summary_writer():
+    """TensorBoard's SummaryWriter class; refused (CheckpointError) where it is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise CheckpointError("--tensorboard needs the tensorboard package: "
                               "pip install 'flax-gpt[tensorboard]'") from None
-    return SummaryWriter(str(Path(run) / runfolder.TENSORBOARD))
+    return SummaryWriter
 
 
 @dataclass
@@ -318,6 +323,8 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
                 check_memory(config, tc.batch_size, f"training {framework}", training=True,
                              attention=tc.attention, places=[(framework, device)],
                              precision=tc.precision, mesh=shape)
+                if tensorboard and primary:  # refused here, not later by process 0 alone
+                    summary_writer()
             except FlaxGPTError as e:
                 problem = e
             settings = json.dumps([record, str(shape), str(Path(out).resolve()), resume, stop_at,

@@ -115,7 +115,7 @@ class Lifeline:
 
     def __init__(self, lost):
         client, self.lost = _job_store(), lost
-        self.me, self.closed = jax.process_index(), threading.Event()
+        self.me, self.closed, self.once = jax.process_index(), threading.Event(), threading.Lock()
         self.peers, readers = {}, {}  # process index -> its socket, the lines it sends
         if self.me == 0:
             from jax._src.distributed import global_state
@@ -159,8 +159,10 @@ class Lifeline:
         self._gone(index)  # its end closed without a goodbye
 
     def _gone(self, index):
-        if self.closed.is_set():
-            return
+        with self.once:  # the first loss heard is the one reported; the process then exits
+            if self.closed.is_set():
+                return
+            self.closed.set()
         if self.me == 0:
             self._send(f"lost {index}\n", [i for i in self.peers if i != index])
         self.lost(index)
@@ -210,9 +212,10 @@ class JobStop:
 
     signals = (signal.SIGINT,)  # SIGTERM is the preemption notifier's own (C++) handler
     KEY = "flax_gpt/interrupt/"
+    DECIDED = "flax_gpt/stopped"
 
     def __init__(self):
-        self.told = False
+        self.told, self.calls = False, 0
 
     def received(self, signum):
         if not self.told:
@@ -223,13 +226,22 @@ class JobStop:
     def agreed(self, step):
         from jax.experimental import multihost_utils
 
-        if not multihost_utils.reached_preemption_sync_point(step):
+        # The sync manager counts steps from 0 wherever training starts: a notice that came
+        # before the first call (a resume's loading, the first compile) is for its step 1
+        self.calls += 1
+        if not multihost_utils.reached_preemption_sync_point(self.calls):
             return None
-        told = sorted((int(key.rpartition("/")[2]), int(value))
-                      for key, value in _job_store().key_value_dir_get(self.KEY))
-        if told:
-            return told[0][1], f"sent to process {told[0][0]}"
-        return signal.SIGTERM, None  # straight to the notifier: a scheduler's, no saying whose
+        store = _job_store()
+        if jax.process_index() == 0:  # decides what every process reports and exits with
+            told = sorted((int(key.rpartition("/")[2]), int(value))
+                          for key, value in store.key_value_dir_get(self.KEY))
+            # SIGTERM straight to the notifier (a scheduler's): no saying which process got it
+            decided = f"{told[0][1]} sent to process {told[0][0]}" if told else f"{signal.SIGTERM:d}"
+            store.key_value_set(self.DECIDED, decided)
+        else:
+            decided = store.blocking_key_value_get(self.DECIDED, CONNECT_TIMEOUT_S * 1000)
+        signum, _, who = decided.partition(" ")
+        return int(signum), who or None
 
 
 def barrier(name):
