@@ -94,11 +94,12 @@ def agree(settings, problem=None):
                         f"same flags, only --process-id differing")
 
 
-def _job_store():
-    """The job's key-value store (the coordination service's client, as orbax reads it)."""
+def _job():
+    """JAX's state of the job: its key-value store (`.client`, the coordination service's
+    client, as orbax reads it) and `.coordinator_address`."""
     from jax._src.distributed import global_state
 
-    return global_state.client
+    return global_state
 
 
 class Lifeline:
@@ -114,16 +115,14 @@ class Lifeline:
     KEY = "flax_gpt/lifeline"
 
     def __init__(self, lost):
-        client, self.lost = _job_store(), lost
+        client, self.lost = _job().client, lost
         self.me, self.closed, self.once = jax.process_index(), threading.Event(), threading.Lock()
         self.peers, readers = {}, {}  # process index -> its socket, the lines it sends
         if self.me == 0:
-            from jax._src.distributed import global_state
-
             dual = socket.has_dualstack_ipv6()
             with socket.create_server(("::" if dual else "", 0), dualstack_ipv6=dual,
                                       family=socket.AF_INET6 if dual else socket.AF_INET) as server:
-                host = global_state.coordinator_address.rpartition(":")[0].strip("[]")
+                host = _job().coordinator_address.rpartition(":")[0].strip("[]")
                 client.key_value_set(self.KEY, f"{host} {server.getsockname()[1]}")
                 server.settimeout(CONNECT_TIMEOUT_S)
                 others = set(range(1, jax.process_count()))
@@ -220,7 +219,7 @@ class JobStop:
     def received(self, signum):
         if not self.told:
             self.told = True
-            _job_store().key_value_set(f"{self.KEY}{jax.process_index()}", str(signum))
+            _job().client.key_value_set(f"{self.KEY}{jax.process_index()}", str(signum))
         signal.raise_signal(signal.SIGTERM)
 
     def agreed(self, step):
@@ -231,7 +230,7 @@ class JobStop:
         self.calls += 1
         if not multihost_utils.reached_preemption_sync_point(self.calls):
             return None
-        store = _job_store()
+        store = _job().client
         if jax.process_index() == 0:  # decides what every process reports and exits with
             told = sorted((int(key.rpartition("/")[2]), int(value))
                           for key, value in store.key_value_dir_get(self.KEY))

@@ -36,7 +36,6 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
 from flax_gpt.core import loop, runfolder, weights
-from flax_gpt.core.loop import LocalStop
 from flax_gpt.core.data import IGNORE_INDEX
 from flax_gpt.core.errors import FlaxGPTError, Interrupted
 from torch_reference import precision
@@ -147,7 +146,7 @@ class FSDPBackend(DDPBackend):
         self.set_state_dicts(whole.state_dicts(), StateDictOptions(full_state_dict=True))
 
 
-class RankStop:
+class RankStop(loop.LocalStop):
     """When the ranks stop for a signal (flax_gpt.core.loop.LocalStop's multi-rank twin):
     after every step they sum, over a gloo group of their own (host memory, on NCCL runs
     too), the signal each received since, so a signal to any one rank stops them all after
@@ -155,14 +154,10 @@ class RankStop:
     the signal it passed on to them (see _forwarded); rank 0 reads it, and whether the
     launcher is still its parent, into the same sum, so that every rank says the same."""
 
-    signals = LocalStop.signals
-
     def __init__(self, forwarded=None):
+        super().__init__()
         self.group = dist.new_group(backend="gloo")  # a collective: every rank makes it
-        self.signum, self.forwarded, self.launcher = 0, forwarded, os.getppid()
-
-    def received(self, signum):
-        self.signum = self.signum or signum
+        self.forwarded, self.launcher = forwarded, os.getppid()
 
     def agreed(self, step):
         world, rank = dist.get_world_size(), dist.get_rank()
