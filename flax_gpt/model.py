@@ -18,6 +18,7 @@ inputs, jit-able over `nnx.split` state, and one compiled decode step serves eve
 (flax_gpt.sample runs them; flax_gpt.core.generation says what the window is).
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -27,8 +28,7 @@ import numpy as np
 from flax import nnx
 
 from flax_gpt.core import weights
-from flax_gpt.core.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
-                             positional_encoding)
+from flax_gpt.core.config import GPTConfig, fused_attention, init_stds, positional_encoding
 from flax_gpt.core.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
@@ -52,30 +52,37 @@ class LayerCache(NamedTuple):
 
 
 class Embedding(nnx.Module):
-    """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
+    """Token embedding plus a position's row of the fixed sinusoidal table (not learned, not
+    scaled) or, with positions "learned", of the trained table `position`."""
 
     def __init__(self, config, *, param_dtype, rngs):
+        init = nnx.initializers.normal(init_stds(config).embed)
         self.token = nnx.Embed(config.vocab_size, config.d_model, param_dtype=param_dtype,
-                               embedding_init=nnx.initializers.normal(EMBED_INIT_STD), rngs=rngs)
-        table = positional_encoding(config.seq_len, config.d_model, np.dtype(param_dtype))
-        self.positional = Buffer(jnp.asarray(table))
+                               embedding_init=init, rngs=rngs)
+        learned = config.positions == "learned"
+        self.position = nnx.Embed(config.seq_len, config.d_model, param_dtype=param_dtype,
+                                  embedding_init=init, rngs=rngs) if learned else None
+        if not learned:
+            table = positional_encoding(config.seq_len, config.d_model, np.dtype(param_dtype))
+            self.positional = Buffer(jnp.asarray(table))
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, ids, positions=None):
         """ids (B, T); `positions` (B, T): each token's row of the positional table (default
         0..T-1 in every row)."""
-        table = self.positional[:ids.shape[1]] if positions is None else self.positional[positions]
+        table = self.positional if self.position is None else self.position.embedding  # (S, d)
+        table = table[:ids.shape[1]] if positions is None else table[positions]
         x = self.token(ids) + table  # (B, T, d)
         return self.dropout(x)
 
 
 class Linear(nnx.Linear):
-    """nn.Linear's twin: N(0, 0.02) kernel, zero bias, matmul in `dtype`, and, like
+    """nn.Linear's twin: N(0, std) kernel, zero bias, matmul in `dtype`, and, like
     nn.Linear, one 2D matmul over all tokens: XLA's CPU backend runs the weight gradient of
     a (B, T, d) contraction at half the speed of the same (B*T, d) one."""
 
-    def __init__(self, d_in, d_out, *, dtype, param_dtype, rngs):
-        super().__init__(d_in, d_out, kernel_init=nnx.initializers.normal(LINEAR_INIT_STD),
+    def __init__(self, d_in, d_out, *, std, dtype, param_dtype, rngs):
+        super().__init__(d_in, d_out, kernel_init=nnx.initializers.normal(std),
                          bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs)
 
@@ -91,10 +98,11 @@ class MaskedMultiHeadAttention(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, fused, rngs):
         self.n_heads, self.fused = config.n_heads, fused
         d, kw = config.d_model, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q = Linear(d, d, **kw)
-        self.k = Linear(d, d, **kw)
-        self.v = Linear(d, d, **kw)
-        self.out = Linear(d, d, **kw)
+        stds = init_stds(config)
+        self.q = Linear(d, d, std=stds.linear, **kw)
+        self.k = Linear(d, d, std=stds.linear, **kw)
+        self.v = Linear(d, d, std=stds.linear, **kw)
+        self.out = Linear(d, d, std=stds.residual, **kw)
         self.causal_mask = Buffer(jnp.tril(jnp.ones((config.seq_len, config.seq_len), dtype=bool)))
         self.attn_dropout = nnx.Dropout(config.dropout, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -160,16 +168,21 @@ class MaskedMultiHeadAttention(nnx.Module):
         return (attn @ v).transpose(0, 2, 1, 3)  # (B, H, Tq, dk) -> (B, Tq, H, dk)
 
 
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class FeedForward(nnx.Module):
-    """Position-wise fc2(relu(fc1(x)))."""
+    """Position-wise fc2(activation(fc1(x))): ReLU, or GPT-2's tanh GELU."""
 
     def __init__(self, config, *, dtype, param_dtype, rngs):
-        self.fc1 = Linear(config.d_model, config.d_ff, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = Linear(config.d_ff, config.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        stds, kw = init_stds(config), dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Linear(config.d_model, config.d_ff, std=stds.linear, **kw)
+        self.fc2 = Linear(config.d_ff, config.d_model, std=stds.residual, **kw)
+        self.activation = ACTIVATIONS[config.activation]
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, x):
-        return self.dropout(self.fc2(jax.nn.relu(self.fc1(x))))
+        return self.dropout(self.fc2(self.activation(self.fc1(x))))
 
 
 def layer_norm(config, *, param_dtype, rngs):
@@ -179,7 +192,8 @@ def layer_norm(config, *, param_dtype, rngs):
 
 
 class DecoderLayer(nnx.Module):
-    """Post-LN block, exactly the article's: LN(x + mhma(x)), then LN(x + ffn(x))."""
+    """Post-LN, the article's block: LN(x + mhma(x)), then LN(x + ffn(x)); or, with norm
+    "pre", GPT-2's: x + mhma(LN(x)), then x + ffn(LN(x))."""
 
     def __init__(self, config, *, dtype, param_dtype, fused, rngs):
         self.mhma = MaskedMultiHeadAttention(config, dtype=dtype, param_dtype=param_dtype,
@@ -187,64 +201,89 @@ class DecoderLayer(nnx.Module):
         self.layer_norm1 = layer_norm(config, param_dtype=param_dtype, rngs=rngs)
         self.ffn = FeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm2 = layer_norm(config, param_dtype=param_dtype, rngs=rngs)
+        self.pre_norm = config.pre_norm
 
     def __call__(self, x):
-        return self.residuals(x, self.mhma(x))
+        return self.residuals(x, self.mhma(self.attention_input(x)))
 
     def prefill(self, x):
         """(output, this layer's LayerCache of x's T tokens, (B, T, H, dk))."""
-        y, kv = self.mhma(x, return_kv=True)
+        y, kv = self.mhma(self.attention_input(x), return_kv=True)
         return self.residuals(x, y), kv
 
     def decode(self, x, cache, position):
-        y, cache = self.mhma.decode(x, cache, position)
+        y, cache = self.mhma.decode(self.attention_input(x), cache, position)
         return self.residuals(x, y), cache
 
+    def attention_input(self, x):
+        return self.layer_norm1(x) if self.pre_norm else x
+
     def residuals(self, x, attended):
+        if self.pre_norm:
+            x = x + attended
+            return x + self.ffn(self.layer_norm2(x))
         x = self.layer_norm1(x + attended)
-        x = self.layer_norm2(x + self.ffn(x))
-        return x
+        return self.layer_norm2(x + self.ffn(x))
 
 
 class Decoder(nnx.Module):
+    """The layers, then (norm "pre") the final LayerNorm."""
+
     def __init__(self, config, *, dtype, param_dtype, fused, rngs):
         self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype,
                                              fused=fused, rngs=rngs)
                                 for _ in range(config.n_layers)])
+        pre = config.pre_norm
+        self.final_norm = layer_norm(config, param_dtype=param_dtype, rngs=rngs) if pre else None
 
     def __call__(self, x, *, return_hidden=False):
+        """The decoder's output; with `return_hidden`, also every layer's output."""
         hidden = []
         for layer in self.layers:
             x = layer(x)
             hidden.append(x)
-        return (x, hidden) if return_hidden else x
+        return (self.norm(x), hidden) if return_hidden else self.norm(x)
 
     def prefill(self, x):
         kvs = []
         for layer in self.layers:
             x, kv = layer.prefill(x)
             kvs.append(kv)
-        return x, kvs
+        return self.norm(x), kvs
 
     def decode(self, x, cache, position):
         new = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer.decode(x, layer_cache, position)
             new.append(layer_cache)
-        return x, tuple(new)
+        return self.norm(x), tuple(new)
+
+    def norm(self, x):
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 class GPT(nnx.Module):
-    """logits = pred(decoder(embed(ids))). `attention`: one of config.ATTENTIONS."""
+    """logits = pred(decoder(embed(ids))); with tie_embeddings, the token embedding is the
+    prediction head (no bias) and there is no `pred`. `attention`: one of config.ATTENTIONS."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, attention="explicit"):
-        self.config = config
+        self.config, self.dtype = config, dtype
         self.embed = Embedding(config, param_dtype=param_dtype, rngs=rngs)
         self.decoder = Decoder(config, dtype=dtype, param_dtype=param_dtype,
                                fused=fused_attention(attention, config), rngs=rngs)
-        self.pred = Linear(config.d_model, config.vocab_size, dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+        self.pred = None if config.tie_embeddings else Linear(
+            config.d_model, config.vocab_size, std=init_stds(config).linear, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
+
+    def head(self, h):
+        """Logits of decoder outputs h (..., d): pred, or the tied token embedding (its
+        matmul in `dtype`, as pred's and as F.linear's under autocast)."""
+        if self.pred is not None:
+            return self.pred(h)
+        w = self.embed.token.embedding[...].astype(self.dtype)  # (V, d)
+        y = h.reshape(-1, h.shape[-1]).astype(self.dtype) @ w.T  # (N, V): one 2D matmul, as Linear
+        return y.reshape(*h.shape[:-1], w.shape[0])  # (..., V)
 
     def __call__(self, ids, *, return_hidden=False):
         """ids (B, T) int -> logits (B, T, vocab); with `return_hidden`, also every layer's
@@ -253,8 +292,11 @@ class GPT(nnx.Module):
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds seq_len {self.config.seq_len}")
         x = self.embed(ids)
         h, hidden = self.decoder(x, return_hidden=True)
-        logits = self.pred(h)
-        return (logits, {"embed": x, "layers": hidden}) if return_hidden else logits
+        logits = self.head(h)
+        if not return_hidden:
+            return logits
+        hidden = {"embed": x, "layers": hidden}
+        return logits, hidden if self.decoder.final_norm is None else {**hidden, "final_norm": h}
 
     def prefill(self, ids, lengths):
         """Encode right-padded prompts: ids (B, T), T <= seq_len, row b's prompt in
@@ -268,7 +310,7 @@ class GPT(nnx.Module):
         room = ((0, 0), (0, self.config.seq_len - T), (0, 0), (0, 0))
         cache = tuple(LayerCache(jnp.pad(kv.k, room), jnp.pad(kv.v, room)) for kv in kvs)  # (B, S, H, dk)
         last = h[jnp.arange(B), lengths - 1]  # (B, d)
-        return self.pred(last), cache
+        return self.head(last), cache
 
     def decode(self, token, cache, position):
         """One token per row: token (B,) at `position` (B,) (its row of the positional table,
@@ -276,7 +318,7 @@ class GPT(nnx.Module):
         (B, vocab) for the next token, the cache with this token's keys and values added)."""
         x = self.embed(token[:, None], position[:, None])  # (B, 1, d)
         h, cache = self.decoder.decode(x, cache, position)  # (B, 1, d)
-        return self.pred(h[:, 0]), cache
+        return self.head(h[:, 0]), cache
 
 
 def cross_entropy(logits, labels):

@@ -97,7 +97,7 @@ class FlaxDecoder:
     def __init__(self, model, sampling):
         self.graphdef, self.state = nnx.split(model)
         self.greedy = sampling.greedy
-        dtype = at_least_float32(model.pred.kernel.dtype)
+        dtype = at_least_float32(model.embed.token.embedding.dtype)  # the parameters'
         self.knobs = (jnp.asarray(sampling.temperature or 1.0, dtype),
                       jnp.int32(sampling.kept(model.config.vocab_size)), jnp.asarray(sampling.top_p, dtype))
         self.cache = None

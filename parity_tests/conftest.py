@@ -10,16 +10,18 @@ from flax_gpt.sidebyside.pair import apply_precision
 
 apply_precision("highest")  # before anything is compiled: jit caches key on it
 
-from flax_gpt.core.config import GPTConfig  # noqa: E402
+from flax_gpt.core.config import GPT2, GPTConfig  # noqa: E402
 from flax_gpt.core.streams import synthetic_batch  # noqa: E402
 from flax_gpt.sidebyside import pair  # noqa: E402
 
-# Odd shapes on purpose: one head, seq_len 1, d_model not a power of two, d_ff not 4*d_model.
+# Odd shapes on purpose: one head, seq_len 1, d_model not a power of two, d_ff not 4*d_model;
+# and GPT-2's options (pre-norm, tanh GELU, learned positions, tied head, its init).
 CONFIGS = {
     "tiny": GPTConfig.preset("tiny"),
     "one-head": GPTConfig(vocab_size=70, seq_len=8, d_model=24, n_heads=1, n_layers=3),
     "seq-len-1": GPTConfig(vocab_size=50, seq_len=1, d_model=16, n_heads=4, n_layers=1),
     "d36-3heads": GPTConfig(vocab_size=97, seq_len=12, d_model=36, n_heads=3, n_layers=2, d_ff=50),
+    "gpt2-options": GPTConfig(vocab_size=61, seq_len=10, d_model=24, n_heads=3, n_layers=2, **GPT2),
 }
 
 

@@ -45,13 +45,24 @@ def norm(x, w, b, eps):
     return (x - mean) / torch.sqrt(var + eps) * w + b
 
 
+def gelu_tanh(x):
+    """GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
 def forward(config, w, ids):
-    """logits (B, T, V) and every layer's output, from weights `w` (name -> tensor)."""
+    """logits (B, T, V) and every layer's output, from weights `w` (name -> tensor), for
+    the article's model and every GPT-2 option (SPEC.md, "GPT-2 family options")."""
     B, T = ids.shape
     d, H = config["d_model"], config["n_heads"]
     dk = d // H
     eps = config.get("layer_norm_eps", 1e-5)
-    x = w["embed.token.weight"][ids] + sinusoids(T, d)
+    pre = config.get("norm", "post") == "pre"
+    act = gelu_tanh if config.get("activation", "relu") == "gelu_tanh" else torch.relu
+    if config.get("positions", "sinusoidal") == "learned":
+        x = w["embed.token.weight"][ids] + w["embed.position.weight"][:T]
+    else:
+        x = w["embed.token.weight"][ids] + sinusoids(T, d)
     future = torch.arange(T)[None, :] > torch.arange(T)[:, None]  # key j after query i
     outputs = []
     for i in range(config["n_layers"]):
@@ -60,15 +71,26 @@ def forward(config, w, ids):
         def lin(h, name):
             return h @ w[p + name + ".weight"].T + w[p + name + ".bias"]
 
-        q, k, v = (lin(x, f"mhma.{n}").reshape(B, T, H, dk).transpose(1, 2) for n in "qkv")
+        def ln(h, i):
+            return norm(h, w[p + f"layer_norm{i}.weight"], w[p + f"layer_norm{i}.bias"], eps)
+
+        h = ln(x, 1) if pre else x
+        q, k, v = (lin(h, f"mhma.{n}").reshape(B, T, H, dk).transpose(1, 2) for n in "qkv")
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(dk)
         scores = scores.masked_fill(future, MASK)
         a = torch.softmax(scores, dim=-1) @ v  # (B, H, T, dk)
-        x = norm(x + lin(a.transpose(1, 2).reshape(B, T, d), "mhma.out"),
-                 w[p + "layer_norm1.weight"], w[p + "layer_norm1.bias"], eps)
-        f = lin(torch.relu(lin(x, "ffn.fc1")), "ffn.fc2")
-        x = norm(x + f, w[p + "layer_norm2.weight"], w[p + "layer_norm2.bias"], eps)
+        a = lin(a.transpose(1, 2).reshape(B, T, d), "mhma.out")
+        if pre:  # x + mhma(LN(x)), then x + ffn(LN(x))
+            x = x + a
+            x = x + lin(act(lin(ln(x, 2), "ffn.fc1")), "ffn.fc2")
+        else:  # LN(x + mhma(x)), then LN(x + ffn(x))
+            x = ln(x + a, 1)
+            x = ln(x + lin(act(lin(x, "ffn.fc1")), "ffn.fc2"), 2)
         outputs.append(x)
+    if pre:
+        x = norm(x, w["decoder.final_norm.weight"], w["decoder.final_norm.bias"], eps)
+    if config.get("tie_embeddings", False):
+        return x @ w["embed.token.weight"].T, outputs
     return x @ w["pred.weight"].T + w["pred.bias"], outputs
 
 

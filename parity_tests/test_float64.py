@@ -103,7 +103,8 @@ def training_batches(config, n, grad_accum=1, seed=0):
 
 
 @pytest.mark.parametrize("name,steps,grad_accum", [
-    ("tiny", 300, 1), ("one-head", 30, 2), ("seq-len-1", 30, 1), ("d36-3heads", 30, 1)])
+    ("tiny", 300, 1), ("one-head", 30, 2), ("seq-len-1", 30, 1), ("d36-3heads", 30, 1),
+    ("gpt2-options", 30, 1)])
 def test_training_agrees_in_float64(float64, name, steps, grad_accum):
     """AdamW with warmup, cosine decay and clipping: loss <= 1e-10 at every step, parameters
     <= 1e-9 at the end, no masking."""
@@ -144,6 +145,7 @@ REFERENCE_RUNS = {
     "one-head": ReferenceRun(steps=8, batch_size=3, grad_accum=2, warmup=3, clip=0.9),
     "seq-len-1": ReferenceRun(steps=8, batch_size=4, grad_accum=1, warmup=3, clip=2.03),
     "d36-3heads": ReferenceRun(steps=8, batch_size=3, grad_accum=2, warmup=3, clip=0.9),
+    "gpt2-options": ReferenceRun(steps=8, batch_size=3, grad_accum=2, warmup=3, clip=1.5),
     # 85M float64 parameters held three times over: 3 steps (full rate, full, the floor)
     "gpt2-shaped": ReferenceRun(steps=3, batch_size=1, grad_accum=1, warmup=1, clip=20.0, lr=1e-3),
 }

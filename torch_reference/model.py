@@ -12,6 +12,7 @@ in place (and returns them): PyTorch has no buffer donation, and a copy per toke
 as much as reading the cache.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flax_gpt.core import weights
-from flax_gpt.core.config import (EMBED_INIT_STD, LINEAR_INIT_STD, GPTConfig, fused_attention,
-                             positional_encoding)
+from flax_gpt.core.config import (RESIDUAL_PROJECTIONS, GPTConfig, fused_attention, init_stds,
+                                  positional_encoding)
 from flax_gpt.core.data import IGNORE_INDEX
 
 MASK_FILL = -1e9  # SPEC.md: scores.masked_fill(mask == 0, -1e9), not -inf
@@ -42,20 +43,25 @@ class LayerCache(NamedTuple):
 
 
 class Embedding(nn.Module):
-    """Token embedding plus the fixed sinusoidal table (not learned, not scaled)."""
+    """Token embedding plus a position's row of the fixed sinusoidal table (not learned, not
+    scaled) or, with positions "learned", of the trained table `position`."""
 
     def __init__(self, config):
         super().__init__()
         self.token = nn.Embedding(config.vocab_size, config.d_model)
-        # built in float64; GPT's .to(dtype) rounds it once, as Flax's table is rounded
-        positional = torch.from_numpy(positional_encoding(config.seq_len, config.d_model, np.float64))
-        self.register_buffer("positional", positional, persistent=False)  # not in the weights
+        learned = config.positions == "learned"
+        self.position = nn.Embedding(config.seq_len, config.d_model) if learned else None
+        if not learned:
+            # built in float64; GPT's .to(dtype) rounds it once, as Flax's table is rounded
+            table = positional_encoding(config.seq_len, config.d_model, np.float64)
+            self.register_buffer("positional", torch.from_numpy(table), persistent=False)  # not saved
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, ids, positions=None):
         """ids (B, T); `positions` (B, T): each token's row of the positional table (default
         0..T-1 in every row)."""
-        table = self.positional[:ids.shape[1]] if positions is None else self.positional[positions]
+        table = self.positional if self.position is None else self.position.weight  # (S, d)
+        table = table[:ids.shape[1]] if positions is None else table[positions]
         x = self.token(ids) + table  # (B, T, d)
         return self.dropout(x)
 
@@ -131,21 +137,26 @@ class MaskedMultiHeadAttention(nn.Module):
         return (attn @ v).transpose(1, 2)  # (B, H, Tq, dk) -> (B, Tq, H, dk)
 
 
+ACTIVATIONS = {"relu": F.relu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
 class FeedForward(nn.Module):
-    """Position-wise fc2(relu(fc1(x)))."""
+    """Position-wise fc2(activation(fc1(x))): ReLU, or GPT-2's tanh GELU."""
 
     def __init__(self, config):
         super().__init__()
         self.fc1 = nn.Linear(config.d_model, config.d_ff)
         self.fc2 = nn.Linear(config.d_ff, config.d_model)
+        self.activation = ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.fc2(F.relu(self.fc1(x))))
+        return self.dropout(self.fc2(self.activation(self.fc1(x))))
 
 
 class DecoderLayer(nn.Module):
-    """Post-LN block, exactly the article's: LN(x + mhma(x)), then LN(x + ffn(x))."""
+    """Post-LN, the article's block: LN(x + mhma(x)), then LN(x + ffn(x)); or, with norm
+    "pre", GPT-2's: x + mhma(LN(x)), then x + ffn(LN(x))."""
 
     def __init__(self, config, *, fused):
         super().__init__()
@@ -153,73 +164,94 @@ class DecoderLayer(nn.Module):
         self.layer_norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
         self.layer_norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.pre_norm = config.pre_norm
 
     def forward(self, x):
-        return self.residuals(x, self.mhma(x))
+        return self.residuals(x, self.mhma(self.attention_input(x)))
 
     def prefill(self, x):
         """(output, this layer's LayerCache of x's T tokens, (B, T, H, dk))."""
-        y, kv = self.mhma(x, return_kv=True)
+        y, kv = self.mhma(self.attention_input(x), return_kv=True)
         return self.residuals(x, y), kv
 
     def decode(self, x, cache, position):
-        y, cache = self.mhma.decode(x, cache, position)
+        y, cache = self.mhma.decode(self.attention_input(x), cache, position)
         return self.residuals(x, y), cache
 
+    def attention_input(self, x):
+        return self.layer_norm1(x) if self.pre_norm else x
+
     def residuals(self, x, attended):
+        if self.pre_norm:
+            x = x + attended
+            return x + self.ffn(self.layer_norm2(x))
         x = self.layer_norm1(x + attended)
-        x = self.layer_norm2(x + self.ffn(x))
-        return x
+        return self.layer_norm2(x + self.ffn(x))
 
 
 class Decoder(nn.Module):
+    """The layers, then (norm "pre") the final LayerNorm."""
+
     def __init__(self, config, *, fused):
         super().__init__()
         self.layers = nn.ModuleList([DecoderLayer(config, fused=fused) for _ in range(config.n_layers)])
+        pre = config.pre_norm
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if pre else None
 
     def forward(self, x, *, return_hidden=False):
+        """The decoder's output; with `return_hidden`, also every layer's output."""
         hidden = []
         for layer in self.layers:
             x = layer(x)
             hidden.append(x)
-        return (x, hidden) if return_hidden else x
+        return (self.norm(x), hidden) if return_hidden else self.norm(x)
 
     def prefill(self, x):
         kvs = []
         for layer in self.layers:
             x, kv = layer.prefill(x)
             kvs.append(kv)
-        return x, kvs
+        return self.norm(x), kvs
 
     def decode(self, x, cache, position):
         new = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer.decode(x, layer_cache, position)
             new.append(layer_cache)
-        return x, tuple(new)
+        return self.norm(x), tuple(new)
+
+    def norm(self, x):
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 class GPT(nn.Module):
-    """logits = pred(decoder(embed(ids))). `attention`: one of config.ATTENTIONS."""
+    """logits = pred(decoder(embed(ids))); with tie_embeddings, the token embedding is the
+    prediction head (no bias) and there is no `pred`. `attention`: one of config.ATTENTIONS."""
 
     def __init__(self, config: GPTConfig, *, attention="explicit", dtype=torch.float32):
         super().__init__()
         self.config = config
         self.embed = Embedding(config)
         self.decoder = Decoder(config, fused=fused_attention(attention, config))
-        self.pred = nn.Linear(config.d_model, config.vocab_size)
-        self.apply(self._init)
+        self.pred = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size)
+        self._init()
         self.to(dtype)  # parameters and the positional table (float64 for the float64 tier)
 
-    @staticmethod
-    def _init(module):
-        """flax_gpt.core.config's init, the same in both frameworks: N(0, 0.02) Linear weights,
-        zero biases, N(0, 1) embeddings, LayerNorm ones/zeros (PyTorch's default already)."""
-        if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=EMBED_INIT_STD)
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=LINEAR_INIT_STD)
-            nn.init.zeros_(module.bias)
+    def _init(self):
+        """flax_gpt.core.config.init_stds, the same in both frameworks: normal weights and
+        embeddings, zero biases, LayerNorm ones/zeros (PyTorch's default already)."""
+        stds = init_stds(self.config)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=stds.embed)
+            if isinstance(module, nn.Linear):
+                residual = name.endswith(RESIDUAL_PROJECTIONS)
+                nn.init.normal_(module.weight, mean=0.0, std=stds.residual if residual else stds.linear)
+                nn.init.zeros_(module.bias)
+
+    def head(self, h):
+        """Logits of decoder outputs h (..., d): pred, or the tied token embedding."""
+        return F.linear(h, self.embed.token.weight) if self.pred is None else self.pred(h)
 
     def forward(self, ids, *, return_hidden=False):
         """ids (B, T) int -> logits (B, T, vocab); with `return_hidden`, also every layer's
@@ -228,8 +260,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds seq_len {self.config.seq_len}")
         x = self.embed(ids)
         h, hidden = self.decoder(x, return_hidden=True)
-        logits = self.pred(h)
-        return (logits, {"embed": x, "layers": hidden}) if return_hidden else logits
+        logits = self.head(h)
+        if not return_hidden:
+            return logits
+        hidden = {"embed": x, "layers": hidden}
+        return logits, hidden if self.decoder.final_norm is None else {**hidden, "final_norm": h}
 
     def prefill(self, ids, lengths):
         """Encode right-padded prompts: ids (B, T), T <= seq_len, row b's prompt in
@@ -243,7 +278,7 @@ class GPT(nn.Module):
         room = (0, 0, 0, 0, 0, self.config.seq_len - T)  # F.pad: last dimension first
         cache = tuple(LayerCache(F.pad(kv.k, room), F.pad(kv.v, room)) for kv in kvs)  # (B, S, H, dk)
         last = h[torch.arange(B, device=h.device), lengths - 1]  # (B, d)
-        return self.pred(last), cache
+        return self.head(last), cache
 
     def decode(self, token, cache, position):
         """One token per row: token (B,) at `position` (B,) (its row of the positional table,
@@ -252,7 +287,7 @@ class GPT(nn.Module):
         in place)."""
         x = self.embed(token[:, None], position[:, None])  # (B, 1, d)
         h, cache = self.decoder.decode(x, cache, position)  # (B, 1, d)
-        return self.pred(h[:, 0]), cache
+        return self.head(h[:, 0]), cache
 
 
 def cross_entropy(logits, labels):

@@ -8,6 +8,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,6 +58,12 @@ class GPTConfig:
     d_ff: int = 0  # 0 means 4 * d_model
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
+    # GPT-2 family options (SPEC.md); the defaults are the article's model
+    norm: str = "post"  # "pre": LN before each sublayer, plus decoder.final_norm
+    activation: str = "relu"  # or "gelu_tanh", GPT-2's gelu_new
+    positions: str = "sinusoidal"  # or "learned": embed.position.weight
+    tie_embeddings: bool = False  # pred.weight is embed.token.weight, and pred has no bias
+    init: str = "article"  # or "gpt2": see init_stds
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -69,6 +76,15 @@ class GPTConfig:
                 f"each head takes d_model // n_heads rows")
         check_number("dropout", self.dropout, low=0, high=1, high_open=True)
         check_number("layer_norm_eps", self.layer_norm_eps, low=0, low_open=True)
+        for name, choices in OPTIONS.items():
+            value = getattr(self, name)
+            if type(value) is not type(choices[0]) or value not in choices:
+                raise ConfigError(f"config {name} must be one of {', '.join(map(str, choices))}, "
+                                  f"got {value!r}")
+
+    @property
+    def pre_norm(self):
+        return self.norm == "pre"
 
     @property
     def head_dim(self):
@@ -134,20 +150,55 @@ def fused_attention(attention, config):
     return attention == "fused"
 
 
-# The init scheme both models implement (SPEC.md leaves it to us): Linear weights N(0, 0.02)
-# with zero biases, LayerNorm ones/zeros, and token embeddings N(0, 1), nn.Embedding's own
-# default. The positional table is added unscaled, with entries of size ~0.7: embeddings at
-# 0.02 would sit 35x below it, and the `small` preset then stalled at the unigram loss.
-LINEAR_INIT_STD = 0.02
-EMBED_INIT_STD = 1.0
+# The values each GPT-2 family option may take (the first is the article's).
+OPTIONS = {
+    "norm": ("post", "pre"),
+    "activation": ("relu", "gelu_tanh"),
+    "positions": ("sinusoidal", "learned"),
+    "tie_embeddings": (False, True),
+    "init": ("article", "gpt2"),
+}
+
+
+class InitStds(NamedTuple):
+    """The standard deviations of the normal init both models draw from; biases are zero and
+    LayerNorms ones/zeros in every scheme."""
+
+    embed: float  # embed.token and, when learned, embed.position
+    linear: float  # every Linear weight but the two below
+    residual: float  # mhma.out and ffn.fc2, the projections that feed the residual stream
+
+
+RESIDUAL_PROJECTIONS = ("mhma.out", "ffn.fc2")  # InitStds.residual's Linears
+
+
+def init_stds(config):
+    """The init scheme of `config.init`. "article" (SPEC.md leaves it to us): Linear weights
+    N(0, 0.02) and token embeddings N(0, 1), nn.Embedding's own default; the sinusoidal table
+    is added unscaled, with entries of size ~0.7, and embeddings at 0.02 would sit 35x below
+    it: the `small` preset then stalled at the unigram loss. "gpt2": N(0, 0.02) everywhere,
+    the residual projections at 0.02 / sqrt(2 n_layers), so that the residual stream's
+    variance does not grow with depth (GPT-2 paper, section 2.3)."""
+    if config.init == "gpt2":
+        return InitStds(embed=0.02, linear=0.02, residual=0.02 / math.sqrt(2 * config.n_layers))
+    return InitStds(embed=1.0, linear=0.02, residual=0.02)
+
+
+GPT2 = dict(norm="pre", activation="gelu_tanh", positions="learned", tie_embeddings=True,
+            init="gpt2")
 
 PRESETS = {
     # Tests: seconds to compile and run on a 2-core CPU.
     "tiny": GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=2),
     # A few minutes of CPU training on tinyshakespeare (vocab_size comes from the data).
     "small": GPTConfig(vocab_size=11548, seq_len=64, d_model=256, n_heads=4, n_layers=4),
-    # GPT-2 small's shape; 50304 = 50257 padded to a multiple of 64 for synthetic benchmarks.
+    # The article's model at GPT-2 small's shape; 50304 = 50257 padded to a multiple of 64
+    # for synthetic benchmarks.
     "gpt2-124m": GPTConfig(vocab_size=50304, seq_len=1024, d_model=768, n_heads=12, n_layers=12),
+    # GPT-2 itself (every option at GPT-2's value), and the shapes of its larger siblings.
+    **{name: GPTConfig(vocab_size=50257, seq_len=1024, d_model=d, n_heads=h, n_layers=n, **GPT2)
+       for name, (d, h, n) in {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 16, 24),
+                               "gpt2-large": (1280, 20, 36), "gpt2-xl": (1600, 25, 48)}.items()},
 }
 
 

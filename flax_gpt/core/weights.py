@@ -8,7 +8,7 @@ all handled here and nowhere else:
 
     Linear     weight [out, in]  <->  kernel [in, out] (transposed)
     LayerNorm  weight            <->  scale
-    Embedding  weight            <->  embedding
+    Embedding  weight            <->  embedding  (embed.token, embed.position)
 
 Framework-free: the models wrap these numpy arrays with `jnp.asarray` / `torch.from_numpy`.
 """
@@ -28,9 +28,13 @@ DTYPES = (np.float32, np.float64)  # float32 is the interchange; float64 a float
 
 
 def canonical_shapes(config):
-    """Every canonical tensor name, in state_dict order, with its shape."""
+    """Every canonical tensor name, in state_dict order, with its shape. The GPT-2 options
+    add `embed.position.weight` (learned positions) and `decoder.final_norm.*` (pre-norm),
+    and a tied head has no `pred.*`: its weight is `embed.token.weight`, stored once."""
     d, f, v = config.d_model, config.d_ff, config.vocab_size
     shapes = {"embed.token.weight": (v, d)}
+    if config.positions == "learned":
+        shapes["embed.position.weight"] = (config.seq_len, d)
     for i in range(config.n_layers):
         layer = f"decoder.layers.{i}"
         for proj in ("q", "k", "v", "out"):
@@ -44,8 +48,12 @@ def canonical_shapes(config):
         shapes[f"{layer}.ffn.fc2.bias"] = (d,)
         shapes[f"{layer}.layer_norm2.weight"] = (d,)
         shapes[f"{layer}.layer_norm2.bias"] = (d,)
-    shapes["pred.weight"] = (v, d)
-    shapes["pred.bias"] = (v,)
+    if config.pre_norm:
+        shapes["decoder.final_norm.weight"] = (d,)
+        shapes["decoder.final_norm.bias"] = (d,)
+    if not config.tie_embeddings:
+        shapes["pred.weight"] = (v, d)
+        shapes["pred.bias"] = (v,)
     return shapes
 
 
@@ -165,7 +173,7 @@ def _metadata(payload):
 
 # ---- Flax <-> canonical -----------------------------------------------------------------
 
-_FLAX_LEAF = {"embed.token": "embedding", "layer_norm": "scale"}  # else Linear: "kernel"
+_FLAX_LEAF = {"embed.": "embedding", "norm": "scale"}  # else Linear: "kernel"
 
 
 def _flax_path(name):
@@ -174,7 +182,7 @@ def _flax_path(name):
     path = tuple(int(p) if p.isdigit() else p for p in module)
     if leaf == "bias":
         return path, "bias"
-    module_name = ".".join(module)
+    module_name = ".".join(module) + "."
     for key, flax_leaf in _FLAX_LEAF.items():
         if key in module_name:
             return path, flax_leaf

@@ -15,8 +15,9 @@ peak while the variant compiled and warmed up, less what was allocated before it
 
 Model FLOPs per token: 6N + 12·L·d·T (PaLM's formula, attention counted over the full T×T),
 and the causal variant 6N + 6·L·d·T. N counts the parameters that take part in matmuls: the
-Linear layers (q, k, v, out, fc1, fc2, pred), not the token embedding (a lookup, not tied to
-`pred`) nor the fixed positional table. The peak: on a known GPU, the table below; on CPU, a
+Linear layers (q, k, v, out, fc1, fc2) and the head (`pred`, or the tied token embedding), not
+an untied token embedding (a lookup) nor the positional table: for GPT-2 this is nanoGPT's and
+llm.c's count (all parameters but the position embedding) less the LayerNorms' 0.02%. The peak: on a known GPU, the table below; on CPU, a
 2048x2048 matmul in the variant's framework and dtype, measured after every round, and MFU is
 the median over rounds of that round's achieved FLOP/s over its peak, so that a shared CPU's
 drift moves numerator and denominator together.
@@ -63,10 +64,11 @@ PEAK_FLOPS = {
 
 
 def matmul_params(config):
-    """N of the MFU formula: parameters of the Linear layers."""
+    """N of the MFU formula: parameters of the Linear layers and the head (a tied head is
+    the token embedding, without bias)."""
     d, f, v, L = config.d_model, config.d_ff, config.vocab_size, config.n_layers
     per_layer = 4 * (d * d + d) + (d * f + f) + (f * d + d)
-    return L * per_layer + d * v + v
+    return L * per_layer + d * v + (0 if config.tie_embeddings else v)
 
 
 def flops_per_token(config, seq_len, causal=False):
@@ -391,8 +393,9 @@ def bench(config, *, batch_size, variants, warmup=10, steps=20, rounds=1, device
                 "matmul_params": matmul_params(config),
                 "flops_per_token": flops_per_token(config, config.seq_len),
                 "flops_per_token_causal": flops_per_token(config, config.seq_len, causal=True),
-                "flops_note": "N counts Linear weights and biases; the token embedding (a lookup, "
-                              "untied from pred) and the fixed positional table are left out",
+                "flops_note": "N counts Linear weights and biases and the head (a tied one is the "
+                              "token embedding); an untied token embedding (a lookup) and the "
+                              "positional table are left out",
                 "device": device_name, "torch_device": device,
                 "mesh": None if mesh is None else str(mesh), "jax_devices": jax.device_count(),
                 "speedup_of": next(iter(built), None),

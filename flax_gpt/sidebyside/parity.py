@@ -57,7 +57,7 @@ def _numpy(t):
 
 
 def flax_outputs(fm, ids, labels):
-    """loss, logits, {"embed", "layers"}, canonical gradients: numpy (float32 or float64)."""
+    """loss, logits, {"embed", "layers"[, "final_norm"]}, canonical gradients: numpy (float32 or float64)."""
     graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
     loss, logits, hidden, grads = _flax_forward(graphdef, params, rest, jnp.asarray(ids),
                                                 jnp.asarray(labels))
@@ -74,7 +74,8 @@ def torch_outputs(tm, ids, labels, precision_name="highest"):
         loss = torch_model.cross_entropy(logits, torch.from_numpy(np.asarray(labels)).long().to(device))
     loss.backward()
     grads = {name: _numpy(p.grad) for name, p in tm.named_parameters()}
-    hidden = {"embed": _numpy(hidden["embed"]), "layers": [_numpy(h) for h in hidden["layers"]]}
+    hidden = {name: [_numpy(h) for h in value] if name == "layers" else _numpy(value)
+              for name, value in hidden.items()}
     return loss.item(), _numpy(logits), hidden, grads
 
 
@@ -87,7 +88,7 @@ def _flax_output_grads(graphdef, state, ids, labels):
         h = x + probes[0]
         for layer, probe in zip(model.decoder.layers, probes[1:]):
             h = layer(h) + probe
-        return flax_model.cross_entropy(model.pred(h), labels)
+        return flax_model.cross_entropy(model.head(model.decoder.norm(h)), labels)
 
     return jax.grad(loss_fn)([jnp.zeros_like(x)] * (1 + len(model.decoder.layers)))
 
@@ -128,18 +129,21 @@ def torch_relu_inputs(tm, ids):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _flax_relu_inputs(graphdef, state, ids):
-    model = nnx.merge(graphdef, state)
-    x, inputs = model.embed(ids), []
-    for layer in model.decoder.layers:  # DecoderLayer.__call__, with fc1's output kept
-        h = layer.layer_norm1(x + layer.mhma(x))
-        inputs.append(layer.ffn.fc1(h))
-        x = layer.layer_norm2(h + layer.ffn(h))
-    return jnp.stack(inputs), x
+    model, inputs = nnx.merge(graphdef, state), []
+    for layer in model.decoder.layers:  # each activation records its input as it runs
+        layer.ffn.activation = functools.partial(_recorded, layer.ffn.activation, inputs)
+    _, hidden = model(ids, return_hidden=True)
+    return jnp.stack(inputs), hidden["layers"][-1]
+
+
+def _recorded(activation, inputs, z):
+    inputs.append(z)
+    return activation(z)
 
 
 def flax_relu_inputs(fm, ids):
-    """Every layer's fc1 output in Flax's forward, (L, B, T, d_ff), and the last layer's
-    output (which a test holds equal to the model's own, so this walk cannot drift)."""
+    """Every layer's fc1 output in Flax's own forward, (L, B, T, d_ff), and the last layer's
+    output (which a test holds equal to the model's, with no recording)."""
     inputs, last = _flax_relu_inputs(*nnx.split(fm), jnp.asarray(ids))
     return _numpy(inputs), _numpy(last)
 
@@ -180,10 +184,12 @@ def kept_share(masked, labels):
 def forward_pairs(f, t):
     """(name, flax, torch) for the embedding, every layer's output and the logits."""
     (_, f_logits, f_hidden, _), (_, t_logits, t_hidden, _) = f, t
+    final = [("final norm output", f_hidden["final_norm"], t_hidden["final_norm"])
+             ] if "final_norm" in f_hidden else []
     return [("embed output", f_hidden["embed"], t_hidden["embed"]),
             *[(f"layer {i} output", fl, tl) for i, (fl, tl) in
               enumerate(zip(f_hidden["layers"], t_hidden["layers"]))],
-            ("logits", f_logits, t_logits)]
+            *final, ("logits", f_logits, t_logits)]
 
 
 def output_grad_row(f_out, t_out, tol, kept=None):
@@ -305,12 +311,14 @@ def bf16_rows(f, t, truth=None):
     return rows
 
 
-def masks_kinks(precision_name, matmul_dtype):
-    """Whether float32 comparisons at this precision mask labels downstream of ReLU flips:
-    where matmuls run in full float32 (highest, and default on a CPU), two correct runs
-    differ by a few ulps and a flip is a rare event that decides a whole comparison. In TF32
-    and bf16 flips are everywhere in both frameworks alike, and errors are judged whole."""
-    return precision_name != "float64" and matmul_dtype == "float32"
+def masks_kinks(config, precision_name, matmul_dtype):
+    """Whether float32 comparisons of a ReLU model at this precision mask labels downstream
+    of ReLU flips: where matmuls run in full float32 (highest, and default on a CPU), two
+    correct runs differ by a few ulps and a flip is a rare event that decides a whole
+    comparison. In TF32 and bf16 flips are everywhere in both frameworks alike, and errors
+    are judged whole. GPT-2's GELU has no kink: nothing to mask."""
+    return (config.activation == "relu" and precision_name != "float64"
+            and matmul_dtype == "float32")
 
 
 def compare_forward(fm, tm, ids, labels, precision_name="highest", truth_model=None,
@@ -329,7 +337,7 @@ def compare_forward(fm, tm, ids, labels, precision_name="highest", truth_model=N
     t = torch_outputs(tm, ids, labels, precision_name)
     truth = None if truth_model is None else torch_outputs(truth_model, ids, labels, "float64")
     grad_labels, kept, grads = labels, None, (f[3], t[3])
-    if masks_kinks(precision_name, matmul_dtype):
+    if masks_kinks(fm.config, precision_name, matmul_dtype):
         grad_labels, _ = kink_free_labels(fm, tm, ids, labels, truth_model)
         kept = kept_share(grad_labels, labels)
         grads = (flax_outputs(fm, ids, grad_labels)[3],
@@ -551,7 +559,7 @@ def compare_training(config, tensors, batches, tc, *, truth=True, torch_device="
     steps = len(batches)
     run = train_both(config, tensors, batches, tc, torch_device=torch_device,
                      truth=truth and tc.precision != "float64",
-                     mask_kinks=masks_kinks(tc.precision, matmul_dtype))
+                     mask_kinks=masks_kinks(config, tc.precision, matmul_dtype))
     if tc.precision in DIRECT:
         rows = direct_training_rows(run, DIRECT[tc.precision], steps, tc.grad_clip)
     else:  # default and bf16: Flax against PyTorch is reported, not judged
