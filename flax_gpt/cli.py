@@ -756,6 +756,64 @@ def print_bench_decode(report, shape):
         print(f"decode {name}: {ratio:.2f}x")
 
 
+# ---- Hugging Face checkpoints -----------------------------------------------------------
+
+def add_import_hf(sub):
+    p = sub.add_parser(
+        "import-hf", help="a Hugging Face GPT-2 checkpoint as a canonical weights file",
+        description="Convert a GPT2LMHeadModel checkpoint into a canonical weights file whose "
+                    "config is GPT-2's (pre-norm, tanh GELU, learned positions, tied head as the "
+                    "checkpoint says). flax_gpt.load(FILE) and torch_reference.load(FILE) then "
+                    "give it in either framework, at any precision. A config the model's options "
+                    "cannot express, or a tensor that is unknown, missing or misshapen, is "
+                    "refused by name.")
+    p.add_argument("src", metavar="SRC", help="a save_pretrained folder (model.safetensors or "
+                   "pytorch_model.bin beside config.json) or a hub name such as gpt2 (downloaded "
+                   "once into the Hugging Face cache; needs huggingface_hub and network)")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="the canonical weights file to write (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=run_import_hf)
+
+
+def run_import_hf(args):
+    _check_output(args.out, "--out")
+    from flax_gpt import experiments
+
+    r = experiments.import_hf(args.src, args.out)
+    _print_hf(args, r, f"imported {r.source} ({r.parameters:,} parameters) into {r.path}")
+    return 0
+
+
+def add_export_hf(sub):
+    p = sub.add_parser(
+        "export-hf", help="weights as a folder transformers' GPT2LMHeadModel loads",
+        description="Write a canonical weights file, or a run folder's latest weights, as a "
+                    "Hugging Face folder (config.json and model.safetensors) that "
+                    "transformers.GPT2LMHeadModel.from_pretrained(DIR) loads. Only a model with "
+                    "GPT-2's structure can go (pre-norm, learned positions, a head without "
+                    "bias): others are refused.")
+    p.add_argument("source", metavar="FILE_OR_RUN", type=Path,
+                   help="a canonical weights file, or a run folder (its latest weights)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=run_export_hf)
+
+
+def run_export_hf(args):
+    from flax_gpt import experiments
+
+    r = experiments.export_hf(args.source, args.out, force=args.force)
+    _print_hf(args, r, f"exported {r.source} ({r.parameters:,} parameters) to {r.path}: "
+                       f"GPT2LMHeadModel.from_pretrained('{r.path}')")
+    return 0
+
+
+def _print_hf(args, r, line):
+    print(json.dumps(r.to_dict(), sort_keys=True) if args.json else line)
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 def build_parser():
@@ -773,7 +831,7 @@ def build_parser():
 
 
 COMMANDS = [add_prepare, add_parity, add_train, add_compare, add_eval, add_generate, add_bench,
-            add_decode_parity, add_bench_decode]
+            add_decode_parity, add_bench_decode, add_import_hf, add_export_hf]
 
 
 def main(argv=None):

@@ -483,3 +483,103 @@ class TextStream:
             self.line_start = False
 
 
+
+
+# ---- Hugging Face checkpoints ----------------------------------------------------------------
+
+@dataclass
+class HFResult:
+    """What import_hf / export_hf wrote: the canonical weights file or the Hugging Face folder,
+    where the weights came from, and the model's config."""
+
+    path: Path
+    source: str
+    config: GPTConfig
+    parameters: int
+
+    def to_dict(self):
+        return {"path": str(self.path), "source": self.source, "config": self.config.to_dict(),
+                "parameters": self.parameters}
+
+
+def import_hf(src, out):
+    """A GPT-2 checkpoint (`GPT2LMHeadModel`) as the canonical weights file `out`. `src`: a
+    save_pretrained folder (model.safetensors, its shards, or pytorch_model.bin) or, where it
+    names no folder, a Hugging Face hub name such as "gpt2" (downloaded once into the Hugging
+    Face cache; needs huggingface_hub and network). flax_gpt.load(out) and
+    torch_reference.load(out) then give the model in either framework."""
+    from flax_gpt.core import hf, weights
+
+    folder = _hf_folder(src)
+    config = hf.config_from_hf(hf.read_config(folder))
+    state = hf.read_safetensors(folder)
+    if state is None:
+        state = _read_bin(folder)
+    tensors = hf.tensors_from_hf(config, state)
+    weights.save(out, config, tensors)
+    return HFResult(Path(out), str(src), config, sum(t.size for t in tensors.values()))
+
+
+def _hf_folder(src):
+    """The local folder of `src`: itself, or a hub name's snapshot in the Hugging Face cache."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FlaxGPTError(f"{src} is a file: pass the folder save_pretrained wrote (config.json "
+                           f"beside the weights) or a hub name such as gpt2")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FlaxGPTError(f"{src} is no folder here, and reading it as a hub name needs "
+                           f"huggingface_hub: pip install huggingface_hub, or pass a "
+                           f"save_pretrained folder") from None
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json"]
+    try:
+        local = Path(snapshot_download(str(src), allow_patterns=patterns))
+        if not any(local.glob("*.safetensors")):  # an old checkpoint: pytorch_model.bin only
+            local = Path(snapshot_download(str(src), allow_patterns=["config.json", "pytorch_model.bin"]))
+    except Exception as e:  # huggingface_hub's errors (offline, unknown repo) share no base class
+        raise FlaxGPTError(f"{src} is no folder here and could not be downloaded from the "
+                           f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                           f"check the name and the network, or pass a save_pretrained "
+                           f"folder") from None
+    return local
+
+
+def _read_bin(folder):
+    """The state dict of `folder`'s pytorch_model.bin as numpy (torch.load, tensors only)."""
+    import torch
+
+    from flax_gpt.core import hf
+    from flax_gpt.core.errors import WeightsError
+
+    path = folder / hf.BIN_FILE
+    if not path.is_file():
+        raise WeightsError(f"{folder} has no {hf.SAFETENSORS_FILE}, {hf.SAFETENSORS_INDEX} or "
+                           f"{hf.BIN_FILE}: pass a save_pretrained folder")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign pickle raises many kinds
+        raise WeightsError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    # numpy has no bfloat16: half precisions widen to float32, exactly
+    return {name: (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).numpy()
+            for name, t in state.items()}
+
+
+def export_hf(source, out, *, force=False):
+    """The canonical weights file `source` (or a run folder's latest weights) as a folder
+    `transformers.GPT2LMHeadModel.from_pretrained(out)` loads; an existing `out` is replaced
+    only with `force`."""
+    from flax_gpt.core import hf, weights
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / runfolder.WEIGHTS
+    config, tensors = weights.load(path)
+    try:
+        hf.write_folder(Path(out), config, tensors, force=force)
+    except FileExistsError:
+        raise FlaxGPTError(f"{out} exists: choose another --out, or pass --force to replace "
+                           f"it") from None
+    return HFResult(Path(out), str(path), config, sum(t.size for t in tensors.values()))
