@@ -19,6 +19,7 @@ from tests.datasets import prepare_dataset
 TRAIN_STEPS = 8
 SWEPT = {"tiny": CONFIGS["tiny"], "d36-3heads": CONFIGS["d36-3heads"], "one-head": CONFIGS["one-head"]}
 TRAINED = {"tiny": CONFIGS["tiny"]}
+SEEDS = [0, 1]  # the measured grid (README) sweeps three; two keep the suite within its time
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,9 @@ def assert_no_false_alarm(result, expected_runs):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_no_false_alarm_over_seeds_data_and_attention(precision, real):
-    forward = sweep(SWEPT, precisions=[precision], seeds=[0, 1, 2], datasets=[None, real],
+    forward = sweep(SWEPT, precisions=[precision], seeds=SEEDS, datasets=[None, real],
                     attentions=["explicit", "fused"], rewrites=[], train_steps=0)
-    assert_no_false_alarm(forward, len(SWEPT) * 3 * 2 * 2)
+    assert_no_false_alarm(forward, len(SWEPT) * len(SEEDS) * 2 * 2)
 
 
 # The judged tiers train on random and real tokens, the others once each.

@@ -15,10 +15,10 @@ import shutil
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
-from flax_gpt.core import loop, runfolder, weights
-from flax_gpt.core.config import GPTConfig
+from flax_gpt.core import hf, loop, runfolder, weights
+from flax_gpt.core.config import GPT2, GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.hparams import TrainConfig
 from flax_gpt.core.streams import DatasetStream
@@ -55,7 +55,28 @@ def workspace(tmp_path_factory):
     weights.save(ws / "seq100k.safetensors", config_.replace(seq_len=100_000), tensors)
     header = b"[1, 2, 3]"  # a header that is JSON, but a list
     (ws / "list.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    gpt2 = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=2, **GPT2)
+    rng = np.random.default_rng(0)
+    hf.write_folder(ws / "hf", gpt2, {name: rng.normal(size=shape).astype(np.float32)
+                                      for name, shape in weights.canonical_shapes(gpt2).items()})
+    weights.save(ws / "gpt2.safetensors", gpt2, hf.tensors_from_hf(gpt2, load_file(ws / "hf" / hf.SAFETENSORS_FILE)))
     return ws
+
+
+def hf_tensors(change):
+    """A setup: the Hugging Face folder's tensors edited by `change` (a dict, in place)."""
+    def setup(w):
+        state = load_file(w / "hf" / hf.SAFETENSORS_FILE)
+        change(state)
+        save_file(state, str(w / "hf" / hf.SAFETENSORS_FILE), metadata={"format": "pt"})
+    return setup
+
+
+def hf_config(**changes):
+    def setup(w):
+        path = w / "hf" / hf.CONFIG_FILE
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return setup
 
 
 T = ["--preset", "tiny", "--synthetic", "--steps", "2", "--batch-size", "2", "--eval-every", "0"]
@@ -206,6 +227,36 @@ CASES = [
      "use smaller --contexts, --new-tokens or --batch-sizes", None),
     ("decode-parity-json-is-a-folder", ["decode-parity", "--run", "{w}/run", "--json", "{w}/ds"],
      "is a folder", None),
+    # offline here: without huggingface_hub it says to install it, with it the download fails
+    ("import-hf-no-such-folder", ["import-hf", "{w}/nope", "--out", "{w}/x.safetensors"],
+     "is no folder here", None),
+    ("import-hf-a-file", ["import-hf", "{w}/text.txt", "--out", "{w}/x.safetensors"],
+     "is a file: pass the folder save_pretrained wrote", None),
+    ("import-hf-no-weights", ["import-hf", "{w}/ds", "--out", "{w}/x.safetensors"],
+     "has no config.json", None),
+    ("import-hf-unknown-tensor", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "unknown checkpoint tensor 'h.0.attn.rotary'",
+     hf_tensors(lambda s: s.update({"transformer.h.0.attn.rotary": np.zeros(3, np.float32)}))),
+    ("import-hf-missing-tensor", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "the checkpoint has no 'h.1.mlp.c_fc.bias'",
+     hf_tensors(lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"))),
+    ("import-hf-misshapen-tensor", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "'h.0.mlp.c_proj.weight' has shape [32, 128]",
+     hf_tensors(lambda s: s.update({"transformer.h.0.mlp.c_proj.weight":
+                                    s["transformer.h.0.mlp.c_proj.weight"].T.copy()}))),
+    ("import-hf-reorder-and-upcast", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "sets reorder_and_upcast_attn=True", hf_config(reorder_and_upcast_attn=True)),
+    ("import-hf-inverse-layer-idx", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "sets scale_attn_by_inverse_layer_idx=True", hf_config(scale_attn_by_inverse_layer_idx=True)),
+    ("import-hf-erf-gelu", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "activation_function 'gelu' is not one", hf_config(activation_function="gelu")),
+    ("import-hf-not-gpt2", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "model_type 'llama'", hf_config(model_type="llama")),
+    ("import-hf-out-is-a-folder", ["import-hf", "{w}/hf", "--out", "{w}/ds"], "is a folder", None),
+    ("export-hf-article-model", ["export-hf", "{w}/run", "--out", "{w}/out"],
+     "GPT-2 has pre-norm blocks and learned positions", None),
+    ("export-hf-exists", ["export-hf", "{w}/gpt2.safetensors", "--out", "{w}/ds"],
+     "exists: choose another --out, or pass --force", None),
 ]
 IN_OWN_PROCESS = ["prepare-not-an-int", "train-lr-nan", "parity-weights-nan", "generate-top-k-negative"]
 
