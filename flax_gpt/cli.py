@@ -124,16 +124,29 @@ def run_prepare(args):
 
 def add_model_options(p, *, preset_default="tiny", attention_default="explicit"):
     """--preset plus config overrides, shared by every command that builds a model."""
-    from flax_gpt.core.config import ATTENTIONS, PRESETS
+    from flax_gpt.core.config import ATTENTIONS, OPTIONS, PRESETS
 
     # default None, so that a preset given beside --weights is seen and refused
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help=f"model size (default {preset_default})")
+                   help=f"model size and kind (default {preset_default}): gpt2, gpt2-medium, "
+                        f"-large and -xl are GPT-2 itself; the others are the article's model, "
+                        f"gpt2-124m at GPT-2 small's shape")
     p.set_defaults(preset_default=preset_default)
     for field in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff"):
         p.add_argument(f"--{field.replace('_', '-')}", type=_positive_int, default=None,
                        metavar="N", help=f"override the preset's {field}")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    option_help = {"norm": "post: the article's LN(x + f(x)); pre: GPT-2's x + f(LN(x)), with a "
+                           "final LayerNorm",
+                   "activation": "relu, or GPT-2's tanh GELU", "positions": "the fixed "
+                   "sinusoidal table, or a learned one", "init": "the article's init, or GPT-2's "
+                   "(residual projections scaled by 1/sqrt(2 n_layers))"}
+    for field, help_text in option_help.items():
+        p.add_argument(f"--{field}", choices=OPTIONS[field], default=None,
+                       help=f"override the preset's {field}: {help_text}")
+    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the preset's tie_embeddings: the token embedding is the "
+                        "prediction head (no bias), as in GPT-2")
     p.add_argument("--attention", choices=ATTENTIONS, default=attention_default,
                    help="explicit: SPEC.md's masked softmax, written out; fused: the same function "
                         "as jax.nn.dot_product_attention / F.scaled_dot_product_attention (cuDNN "
@@ -157,7 +170,8 @@ def model_config(args):
     return config
 
 
-MODEL_FIELDS = ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
+MODEL_FIELDS = ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout",
+                "norm", "activation", "positions", "tie_embeddings", "init")
 
 
 def refuse_vocab_size_with_data(args):

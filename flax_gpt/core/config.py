@@ -122,10 +122,14 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name, **overrides):
-        """A named preset with fields replaced by the non-None `overrides`."""
+        """A named preset with fields replaced by the non-None `overrides`; a new d_model
+        without a d_ff keeps d_ff at 4 * d_model where the preset has it so."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
+        base, given = PRESETS[name], {k: v for k, v in overrides.items() if v is not None}
+        if "d_model" in given and "d_ff" not in given and base.d_ff == 4 * base.d_model:
+            given["d_ff"] = 0
+        return base.replace(**given)
 
 
 # How both models compute attention. "explicit" is SPEC.md's formula written out: scores,
