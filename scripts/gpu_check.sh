@@ -8,13 +8,14 @@
 # It needs a Python with torch, jax and flax already installed (nothing is installed, nothing
 # is downloaded, torchtext is not needed): the checkout is put on PYTHONPATH. It runs
 #   1. parity at highest, default (TF32 on a GPU) and bf16, for `tiny` and `gpt2-124m`
-#      (the smoke mode: `tiny` only), and float64 for `tiny`;
+#      (the smoke mode: `tiny` only), and float64 for `tiny`; GPT-2 itself (`gpt2`) at highest
+#      and bf16 (on a GPU only);
 #   2. fused attention against explicit, through parity at highest for both presets;
 #   3. a short `compare` of the two trainers on synthetic tokens, judged against PyTorch's own
 #      noise floor (`small`; smoke: `tiny`);
-#   4. `bench --preset gpt2-124m` with every variant (smoke: `tiny`, without torch.compile,
-#      which compiles for minutes on a CPU, and PyTorch bf16, which a CPU without native
-#      bf16 ran for over 5 minutes on `tiny`);
+#   4. `bench --preset gpt2-124m` and `--preset gpt2` with every variant (smoke: `tiny`,
+#      without torch.compile, which compiles for minutes on a CPU, and PyTorch bf16, which a
+#      CPU without native bf16 ran for over 5 minutes on `tiny`);
 # and writes every JSON and PNG into DIR (default benchmarks/results/gpu_check), then prints a
 # summary, one line per file. The exit status is 1 if any check failed, after all have run: a
 # bench variant that crashed fails (one that cannot run here, e.g. without torch.compile, is
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
       [ $# -ge 2 ] || { echo "gpu_check.sh: $1 needs a value: $usage" >&2; exit 2; }
       case "$1" in --device) device=$2 ;; --out) out=$2 ;; *) checks=$2 ;; esac
       shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1': $usage" >&2; exit 2 ;;
   esac
 done
@@ -55,7 +56,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$device" = cpu ]; then
   export JAX_PLATFORMS=cpu  # JAX's device follows the PyTorch one
-  presets=(tiny); compare_preset=tiny; train_steps=1; compare_steps=2
+  presets=(tiny); gpt2_presets=(); compare_preset=tiny; train_steps=1; compare_steps=2
   bench=(--preset tiny --batch-size 2 --warmup 1 --steps 1 --rounds 1
          --variants flax-jit-fp32,flax-jit-bf16,flax-nnx-jit-fp32,torch-eager-fp32)
 else
@@ -70,7 +71,7 @@ problems = [f"{name} sees no GPU" for name, ok in
 if problems:
     sys.exit(f"gpu_check.sh: {' and '.join(problems)}: run with --device cpu for the smoke mode")
 EOF
-  presets=(tiny gpt2-124m); compare_preset=small; train_steps=50; big_steps=10
+  presets=(tiny gpt2-124m); gpt2_presets=(gpt2); compare_preset=small; train_steps=50; big_steps=10
   compare_steps=200
   bench=(--preset gpt2-124m)
 fi
@@ -93,6 +94,12 @@ if wanted parity; then
     check "parity-$preset-fused" parity --preset "$preset" --attention fused --precision highest \
       --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_fused.json"
   done
+  for preset in "${gpt2_presets[@]}"; do
+    for precision in highest bf16; do
+      check "parity-$preset-$precision" parity --preset "$preset" --precision "$precision" \
+        --train-steps "$big_steps" --torch-device "$device" --json "$out/parity_${preset}_$precision.json"
+    done
+  done
   check parity-tiny-float64 parity --preset tiny --precision float64 --train-steps "$train_steps" \
     --torch-device "$device" --json "$out/parity_tiny_float64.json"
 fi
@@ -104,6 +111,10 @@ fi
 if wanted bench; then  # exits 1 when a variant crashed
   check "bench-${bench[1]}" bench "${bench[@]}" --device "$device" \
     --json "$out/bench_${bench[1]}.json" --plot "$out/bench_${bench[1]}.png"
+  for preset in "${gpt2_presets[@]}"; do
+    check "bench-$preset" bench --preset "$preset" --device "$device" \
+      --json "$out/bench_$preset.json" --plot "$out/bench_$preset.png"
+  done
 fi
 
 python - "$out" <<'EOF' || failed+=(summary)
