@@ -140,8 +140,35 @@ def faults(name):
             + f"\n\n{result['repeats']} runs of each.\n\n" + source(name, result))
 
 
+def hf_parity(name):
+    """Both frameworks against Hugging Face's GPT-2 (python -m parity_tests.against_hf)."""
+    result = load(name)
+    c = result["config"]
+    rows = []
+    for framework in ("flax", "torch"):
+        full, one = (result["float64"][f"{framework} {case}"] for case in ("full-context", "one-token"))
+        g = result["generation"][framework]
+        rows.append([framework, f"{max(full['logits'], one['logits']):.1e}",
+                     f"{max(full['hidden_states'], one['hidden_states']):.1e}", f"{full['loss']:.1e}",
+                     f"{full['gradient_rel']:.1e} (`{full['gradient_worst']}`)",
+                     f"{g['equal_until']} of {g['tokens']}",
+                     f"{result['float32'][f'{framework} vs eager']:.1e}",
+                     f"{result['float32'][f'{framework} vs sdpa']:.1e}"])
+    shape = (f"{c['n_layers']} layers, d_model {c['d_model']}, {c['n_heads']} heads, vocabulary "
+             f"{c['vocab_size']:,}, every parameter random; context {result['context']} (and one "
+             f"token); transformers {result['transformers']}")
+    return (table(["framework", "float64 logits", "hidden states", "loss",
+                   "worst gradient (relative)", "greedy tokens equal", "float32 logits vs eager",
+                   "vs sdpa"], rows)
+            + f"
+
+{shape}.
+
+" + source(name, result))
+
+
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
-             "faults": faults}
+             "faults": faults, "hf-parity": hf_parity}
 
 
 def render(text):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flax_gpt.core import loop, memory, runfolder, weights
-from flax_gpt.core.config import ConfigError, GPTConfig
+from flax_gpt.core.config import GPT2, ConfigError, GPTConfig
 from flax_gpt.core.data import TokenDataset
 from flax_gpt.core.errors import (CheckpointError, DatasetError, DivergedError, NonFiniteError, WeightsError)
 from flax_gpt.core.hparams import TrainConfig, check_sampling
@@ -276,7 +276,8 @@ def test_safetensors_header_of_another_shape_is_a_weights_error(tmp_path, header
 # ---- memory -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", [CONFIG, GPTConfig(vocab_size=50, seq_len=8, d_model=12,
-                                                        n_heads=3, n_layers=3, d_ff=20)])
+                                                        n_heads=3, n_layers=3, d_ff=20),
+                                    CONFIG.replace(**GPT2), CONFIG.replace(norm="pre")])
 def test_parameter_count_is_the_canonical_tensors(config):
     tensors = FakeBackend(config, TrainConfig()).tensors
     assert memory.parameter_count(config) == sum(t.size for t in tensors.values())

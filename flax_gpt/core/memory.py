@@ -27,7 +27,10 @@ def parameter_count(config):
     them: a config of a million layers must be refused, not enumerated)."""
     d, f, v = config.d_model, config.d_ff, config.vocab_size
     per_layer = 4 * (d * d + d) + 2 * 2 * d + (f * d + f) + (d * f + d)
-    return v * d + config.n_layers * per_layer + v * d + v
+    extra = ((config.seq_len * d if config.positions == "learned" else 0)  # embed.position
+             + (2 * d if config.pre_norm else 0)  # decoder.final_norm
+             + (0 if config.tie_embeddings else v * d + v))  # pred
+    return v * d + config.n_layers * per_layer + extra
 
 
 HELD = ("weights", "gradients and AdamW moments")  # for as long as the model lives
