@@ -36,16 +36,17 @@ from torch_reference.sample import generate as torch_generate
 HF_LOSS_RTOL = 4 * float(np.finfo(np.float32).eps)
 FRAMEWORKS = ("flax", "torch")
 
-SHAPES = {  # GPT2Config fields; the context the figures are measured at
-    "tiny": (dict(vocab_size=53, n_positions=64, n_embd=24, n_layer=3, n_head=3), 64),
-    # GPT-2 small itself (124M), at a context of 128 so that float64 fits a laptop's minutes
-    "gpt2": (dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12), 128),
+SHAPES = {  # GPT2Config fields; the context the figures are measured at; the random scale
+    "tiny": (dict(vocab_size=53, n_positions=64, n_embd=24, n_layer=3, n_head=3), 64, 0.2),
+    # GPT-2 small itself (124M), at a context of 128 so that float64 fits a laptop's minutes,
+    # random at GPT-2's own scale (0.2 at width 768 grew the residual stream to ~1e4)
+    "gpt2": (dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12), 128, 0.02),
 }
 
 
 def hf_model(shape="tiny", dtype=torch.float64, attention="eager", **changes):
     """The randomised GPT-2 of `shape`, seeded: the same parameters every call, at `dtype`."""
-    fields = SHAPES[shape][0]
+    fields, _, scale = SHAPES[shape]
     end = fields["vocab_size"] - 1  # GPT-2's <|endoftext|> is its last id
     config = transformers.GPT2Config(**fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                      bos_token_id=end, eos_token_id=end, **changes)
@@ -56,7 +57,7 @@ def hf_model(shape="tiny", dtype=torch.float64, attention="eager", **changes):
     with torch.no_grad():
         for name, p in model.named_parameters():
             gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_((1.0 if gain else 0.0) + 0.2 * torch.randn(p.shape, generator=generator))
+            p.copy_((1.0 if gain else 0.0) + scale * torch.randn(p.shape, generator=generator))
     return model.to(dtype).eval()
 
 
@@ -176,12 +177,15 @@ def measure(shape, new_tokens=50, log=print):
     config, tensors = imported(model32)
     cases = ids_cases(config, context)
     result = {"shape": shape, "config": config.to_dict(), "context": context,
-              "new_tokens": new_tokens, "float64": {}, "float32": {}, "generation": {}}
+              "random_scale": SHAPES[shape][2], "new_tokens": new_tokens, "float64": {},
+              "float32": {}, "generation": {}, "largest": {}}
     pair.apply_precision("float64")
     hf64 = model32.to(torch.float64)  # the same parameters, widened exactly
     for case, ids in cases.items():
         log(f"float64, {case}: HF ...")
         theirs = hf_outputs(hf64, ids, config)
+        result["largest"][case] = {"logits": float(np.max(np.abs(theirs.logits))),
+                                   "hidden_states": max(float(np.max(np.abs(h))) for h in theirs.hidden)}
         for framework in FRAMEWORKS:
             log(f"float64, {case}: {framework} ...")
             diffs = differences(ours(framework, config, tensors, ids), theirs)

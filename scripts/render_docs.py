@@ -154,21 +154,43 @@ def hf_parity(name):
                      f"{g['equal_until']} of {g['tokens']}",
                      f"{result['float32'][f'{framework} vs eager']:.1e}",
                      f"{result['float32'][f'{framework} vs sdpa']:.1e}"])
+    big = result["largest"]["full-context"]
     shape = (f"{c['n_layers']} layers, d_model {c['d_model']}, {c['n_heads']} heads, vocabulary "
-             f"{c['vocab_size']:,}, every parameter random; context {result['context']} (and one "
-             f"token); transformers {result['transformers']}")
+             f"{c['vocab_size']:,}, every parameter random at scale {result['random_scale']} "
+             f"(LayerNorm gains 1 + that); context {result['context']} (and one token); the "
+             f"largest |logit| is {big['logits']:.1f} and the largest hidden value "
+             f"{big['hidden_states']:.1f}; differences are absolute, gradients relative to "
+             f"each one's largest value; transformers {result['transformers']}")
     return (table(["framework", "float64 logits", "hidden states", "loss",
                    "worst gradient (relative)", "greedy tokens equal", "float32 logits vs eager",
                    "vs sdpa"], rows)
-            + f"
+            + f"\n\n{shape}.\n\n" + source(name, result))
 
-{shape}.
 
-" + source(name, result))
+def bench(name):
+    """One `flax-gpt bench --json` result: each variant's speed and MFU."""
+    result = load(name)
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    rows = [[r["variant"], "skipped: " + r["skipped"], "", "", "", ""] if "skipped" in r else
+            [r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['median_s']:.2f} s",
+             f"{r['speedup']:.2f}x", pct(r["mfu"]), pct(r["mfu_causal"])]
+            for r in result["results"]]
+    c = result["config"]
+    note = (f"Batch {result['batch_size']} x {result['seq_len']} tokens, {result['precision']}, "
+            f"{result['device']}; N = {result['matmul_params']:,} matmul parameters, "
+            f"{result['flops_per_token'] / 1e9:.2f} GFLOP per token (6N + 12 L d T; causal "
+            f"{result['flops_per_token_causal'] / 1e9:.2f}); peak: {result['results'][0].get('peak_source', '-')}; "
+            f"config d_model {c['d_model']}, {c['n_layers']} layers, vocabulary {c['vocab_size']:,}")
+    return (table(["variant", "tokens/s", "step (median)", f"speed / {result['speedup_of']}", "MFU",
+                   "MFU (causal)"], rows)
+            + f"\n\n{note}.\n\n" + source(name, result))
 
 
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
-             "faults": faults, "hf-parity": hf_parity}
+             "faults": faults, "hf-parity": hf_parity, "bench": bench}
 
 
 def render(text):
