@@ -516,6 +516,7 @@ def import_hf(src, out):
     if state is None:
         state = _read_bin(folder)
     tensors = hf.tensors_from_hf(config, state)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     weights.save(out, config, tensors)
     return HFResult(Path(out), str(src), config, sum(t.size for t in tensors.values()))
 
@@ -562,6 +563,12 @@ def _read_bin(folder):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign pickle raises many kinds
         raise WeightsError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or hf.is_mask_buffer(name)):
+            raise WeightsError(f"{path}: {name!r} is not a floating-point tensor: not a "
+                               f"GPT2LMHeadModel state dict")
     # numpy has no bfloat16: half precisions widen to float32, exactly
     return {name: (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).numpy()
             for name, t in state.items()}
@@ -573,13 +580,10 @@ def export_hf(source, out, *, force=False):
     only with `force`."""
     from flax_gpt.core import hf, weights
 
-    path = Path(source)
+    path, out = Path(source), Path(out)
     if path.is_dir():
         path = path / runfolder.WEIGHTS
+    hf.check_export_target(out, force=force, source=path)  # before any work
     config, tensors = weights.load(path)
-    try:
-        hf.write_folder(Path(out), config, tensors, force=force)
-    except FileExistsError:
-        raise FlaxGPTError(f"{out} exists: choose another --out, or pass --force to replace "
-                           f"it") from None
+    hf.write_folder(out, config, tensors, force=force)
     return HFResult(Path(out), str(path), config, sum(t.size for t in tensors.values()))

@@ -9,6 +9,7 @@ matmul precision: logits against HF's eager and sdpa attention. And the controls
 mistakes that the same float64 comparison must catch.
 """
 
+import json
 import os
 
 import numpy as np
@@ -23,11 +24,13 @@ except ImportError:  # the lent GPU machines have no transformers; CI must have 
     pytest.skip("transformers is not installed: pip install -e '.[test]'", allow_module_level=True)
 
 from flax_gpt import experiments
-from flax_gpt.core import weights
+from flax_gpt.core import hf, weights
 from flax_gpt.sidebyside import pair
 from parity_tests.against_hf import (FRAMEWORKS, differences, float32_logits, greedy, hf_model,
                                      hf_outputs, hf_state, ids_cases, imported, ours)
 from tests.conftest import assert_close, assert_same
+from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch
 
 LOGITS_ATOL = 1e-12  # float64: logits, hidden states and the loss, against HF's
 GRAD_RTOL = 1e-12  # float64: each gradient, relative to its largest |value|
@@ -167,4 +170,68 @@ def test_import_export_import_is_bit_exact(model, tmp_path):
     # and transformers itself loads the export, to HF's own state_dict bit for bit
     loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     for name, t in hf_state(hf_model("tiny", torch.float32)).items():
+        assert_same(loaded.state_dict()[name].numpy(), t, err_msg=name)
+
+
+def test_every_checkpoint_format_imports_to_the_same_tensors(model, tmp_path):
+    """save_pretrained's file (the fixture's), an old pytorch_model.bin (keys without
+    `transformer.`, the attn.bias / masked_bias buffers, lm_head stored beside wte), a sharded
+    safetensors folder, a bfloat16 file (widened exactly) and a float64 file (kept float64)."""
+    config, tensors = model
+    hf32 = hf_model("tiny", torch.float32)
+    state = hf32.state_dict()
+
+    def folder(name, files):
+        (tmp_path / name).mkdir()
+        hf32.config.to_json_file(tmp_path / name / "config.json")
+        for file, write in files.items():
+            write(tmp_path / name / file)
+        return experiments.import_hf(tmp_path / name, tmp_path / f"{name}.safetensors").path
+
+    old = {k.removeprefix("transformer."): v for k, v in state.items()}
+    for i in range(hf32.config.n_layer):
+        old[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64, dtype=torch.uint8))
+        old[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    names = sorted(state)
+    halves = {"model-1.safetensors": names[::2], "model-2.safetensors": names[1::2]}
+    index = {"metadata": {}, "weight_map": {n: f for f, ns in halves.items() for n in ns}}
+    as_numpy = {n: t.numpy() for n, t in state.items()}
+    paths = {
+        "bin": folder("bin", {"pytorch_model.bin": lambda p: torch.save(old, p)}),
+        "sharded": folder("sharded", {
+            "model.safetensors.index.json": lambda p: p.write_text(json.dumps(index)),
+            **{f: (lambda p, ns=ns: save_file({n: as_numpy[n] for n in ns}, str(p),
+                                              metadata={"format": "pt"}))
+               for f, ns in halves.items()}}),
+    }
+    for path in paths.values():
+        got = weights.load(path)[1]
+        assert got.keys() == tensors.keys()
+        for name in tensors:
+            assert_same(got[name], tensors[name], err_msg=f"{path.name}: {name}")
+
+    bf16 = {n: t.to(torch.bfloat16) for n, t in state.items() if n != "lm_head.weight"}
+    got = weights.load(folder("bf16", {"model.safetensors": lambda p: save_torch(
+        bf16, str(p), metadata={"format": "pt"})}))[1]
+    widened = hf.tensors_from_hf(config, {n: t.float().numpy() for n, t in bf16.items()})
+    for name in tensors:
+        assert_same(got[name], widened[name], err_msg=name)
+    f64 = hf.tensors_from_hf(config, {n: t.double().numpy() for n, t in state.items()})
+    assert all(t.dtype == np.float64 for t in f64.values())
+    for name in tensors:
+        assert_same(f64[name].astype(np.float32), tensors[name], err_msg=name)
+
+
+def test_an_untied_checkpoint_imports_with_a_zero_bias_and_exports_back(tmp_path):
+    hf32 = hf_model("tiny", torch.float32, tie_word_embeddings=False)
+    assert not hf32.lm_head.weight.data_ptr() == hf32.transformer.wte.weight.data_ptr()
+    hf32.save_pretrained(tmp_path / "untied")
+    r = experiments.import_hf(tmp_path / "untied", tmp_path / "w.safetensors")
+    config, tensors = weights.load(r.path)
+    assert not config.tie_embeddings
+    assert_same(tensors["pred.weight"], hf32.lm_head.weight.detach().numpy())
+    assert_same(tensors["pred.bias"], np.zeros(config.vocab_size, np.float32))
+    experiments.export_hf(r.path, tmp_path / "back")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back")
+    for name, t in hf_state(hf32).items():
         assert_same(loaded.state_dict()[name].numpy(), t, err_msg=name)

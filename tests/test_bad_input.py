@@ -72,6 +72,12 @@ def hf_tensors(change):
     return setup
 
 
+def _drop_key(path, key):
+    fields = json.loads(path.read_text())
+    del fields[key]
+    path.write_text(json.dumps(fields))
+
+
 def hf_config(**changes):
     def setup(w):
         path = w / "hf" / hf.CONFIG_FILE
@@ -138,6 +144,8 @@ CASES = [
     ("train-seed-negative", ["train", *T, *NEW, "--seed", "-1"], "seed must be >= 0", None),
     ("train-stop-at-past-steps", ["train", *T, *NEW, "--stop-at", "5"], "stop_at must be", None),
     ("train-dropout-nan", ["train", *T, *NEW, "--dropout", "nan"], "dropout must be a finite", None),
+    ("parity-with-dropout", ["parity", "--preset", "tiny", "--dropout", "0.1"],
+     "parity compares with dropout 0", None),
     ("train-seq-len-100k", ["train", *T, *NEW, "--seq-len", "100000"], "attention scores alone",
      None),
     ("train-vocab-size-with-data", ["train", *RUN, *NEW, "--vocab-size", "100"],
@@ -253,10 +261,38 @@ CASES = [
     ("import-hf-not-gpt2", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
      "model_type 'llama'", hf_config(model_type="llama")),
     ("import-hf-out-is-a-folder", ["import-hf", "{w}/hf", "--out", "{w}/ds"], "is a folder", None),
+    ("import-hf-config-a-list", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "config.json holds a JSON list", lambda w: (w / "hf" / hf.CONFIG_FILE).write_text("[1]")),
+    ("import-hf-eps-null", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "layer_norm_epsilon must be a number, got None", hf_config(layer_norm_epsilon=None)),
+    ("import-hf-tie-a-string", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "tie_word_embeddings must be true or false, got 'false'", hf_config(tie_word_embeddings="false")),
+    ("import-hf-unequal-dropouts", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "dropouts differ", hf_config(attn_pdrop=0.2)),
+    ("import-hf-no-n-layer", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "lacks 'n_layer'", lambda w: hf_config()(w) or _drop_key(w / "hf" / hf.CONFIG_FILE, "n_layer")),
+    ("import-hf-integer-tensor", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "tensor 'transformer.wte.weight' is I64, not floating point",
+     hf_tensors(lambda s: s.update({"transformer.wte.weight": s["transformer.wte.weight"].astype(np.int64)}))),
+    ("import-hf-tied-head-differs", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "lm_head.weight differs from wte.weight",
+     hf_tensors(lambda s: s.update({"lm_head.weight": s["transformer.wte.weight"] + 1}))),
+    ("import-hf-corrupt", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "not a readable safetensors file", lambda w: (w / "hf" / hf.SAFETENSORS_FILE).write_bytes(b"\x10\0\0\0\0\0\0\0{")),
+    ("import-hf-index-not-a-map", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "cannot read", lambda w: (w / "hf" / hf.SAFETENSORS_INDEX).write_text('{"weight_map": [1]}')),
+    ("import-hf-config-only", ["import-hf", "{w}/hf", "--out", "{w}/x.safetensors"],
+     "has no model.safetensors", lambda w: (w / "hf" / hf.SAFETENSORS_FILE).unlink()),
     ("export-hf-article-model", ["export-hf", "{w}/run", "--out", "{w}/out"],
      "GPT-2 has pre-norm blocks and learned positions", None),
     ("export-hf-exists", ["export-hf", "{w}/gpt2.safetensors", "--out", "{w}/ds"],
      "exists: choose another --out, or pass --force", None),
+    ("export-hf-force-on-a-dataset", ["export-hf", "{w}/gpt2.safetensors", "--out", "{w}/ds", "--force"],
+     "is not a Hugging Face export", None),
+    ("export-hf-force-on-its-source", ["export-hf", "{w}/run", "--out", "{w}", "--force"],
+     "holds the weights being exported", None),
+    ("export-hf-out-a-file", ["export-hf", "{w}/gpt2.safetensors", "--out", "{w}/text.txt", "--force"],
+     "is a file", None),
 ]
 IN_OWN_PROCESS = ["prepare-not-an-int", "train-lr-nan", "parity-weights-nan", "generate-top-k-negative"]
 

@@ -20,8 +20,8 @@ GPT2_TINY = ["--preset", "gpt2", "--vocab-size", "64", "--seq-len", "16", "--d-m
 def test_gpt2_options_through_every_command(tmp_path):
     common = [*GPT2_TINY, "--synthetic", "--steps", "2", "--batch-size", "4", "--eval-batches", "0"]
     small = ["--rounds", "1", "--variants", "flax-jit-fp32,torch-eager-fp32"]
-    flax_run, torch_run, evaluated, compare, bench, decode, exported, imported = run_cli_many(
-        ["train", *common, "--mesh", "data=2,tensor=2", "--out", tmp_path / "flax"],
+    flax_run, torch_run, evaluated, compare, bench, decode, exported, imported, parity = run_cli_many(
+        ["train", *common, "--dropout", "0.1", "--mesh", "data=2,tensor=2", "--out", tmp_path / "flax"],
         ["train", *common, "--framework", "torch", "--nproc", "2", "--out", tmp_path / "torch"],
         ["eval", "--run", tmp_path / "flax", "--json"],
         ["compare", *common, "--out", tmp_path / "compare"],
@@ -31,8 +31,11 @@ def test_gpt2_options_through_every_command(tmp_path):
          *small, "--json", tmp_path / "decode.json"],
         ["export-hf", tmp_path / "flax", "--out", tmp_path / "hf"],
         ["import-hf", tmp_path / "hf", "--out", tmp_path / "again.safetensors", "--json"],
+        # an imported GPT-2 carries its dropout (0.1): parity compares at 0 all the same
+        ["parity", "--weights", tmp_path / "again.safetensors", "--train-steps", "2"],
         env={"XLA_FLAGS": FOUR})
-    for result in (flax_run, torch_run, evaluated, compare, bench, decode, exported, imported):
+    for result in (flax_run, torch_run, evaluated, compare, bench, decode, exported, imported,
+                   parity):
         assert result.returncode == 0, result.stderr[-3000:]
 
     for framework in ("torch", "flax"):  # the Flax run's config is kept for the import below

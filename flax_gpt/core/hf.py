@@ -25,21 +25,23 @@ Framework-free (numpy and safetensors): a `pytorch_model.bin` is read by the cal
 """
 
 import json
+import numbers
 import re
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from flax_gpt.core import weights
 from flax_gpt.core.config import ConfigError, GPTConfig
-from flax_gpt.core.errors import WeightsError
+from flax_gpt.core.errors import FlaxGPTError, WeightsError
 from flax_gpt.core.files import atomic_dir
 
+GPT2_VOCAB, GPT2_END = 50257, 50256  # GPT-2's vocabulary and its <|endoftext|>
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
+EXPORT_FILES = (CONFIG_FILE, SAFETENSORS_FILE)  # what write_folder writes
 
 # HF activation_function -> ours; every name here is the same function (gelu_pytorch_tanh is
 # torch's own tanh approximation of it). Export writes the first name of each.
@@ -57,7 +59,9 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 def config_from_hf(hf):
     """Our GPTConfig of a GPT-2 config.json (a dict); a ConfigError naming the first field
-    that no option expresses."""
+    that no option expresses or that is not of its type."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config.json holds a JSON {type(hf).__name__}, not an object")
     if hf.get("model_type") != "gpt2":
         raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}: only GPT-2 "
                           f"checkpoints (model_type 'gpt2', GPT2LMHeadModel) can be imported")
@@ -69,7 +73,14 @@ def config_from_hf(hf):
     if activation not in ACTIVATIONS:
         raise ConfigError(f"config.json's activation_function {activation!r} is not one the model "
                           f"implements: choose one of {', '.join(ACTIVATIONS)}")
+    tie = hf.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise ConfigError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
     drops = {name: hf.get(name, 0.1) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    numeric = {"layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5), **drops}
+    for name, value in numeric.items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ConfigError(f"config.json's {name} must be a number, got {value!r}")
     if len(set(drops.values())) > 1:
         raise ConfigError(f"config.json's dropouts differ ({drops}): the model has one dropout "
                           f"rate for all three places; make them equal")
@@ -79,7 +90,7 @@ def config_from_hf(hf):
                          d_ff=hf.get("n_inner") or 0, dropout=float(drops["resid_pdrop"]),
                          layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
                          norm="pre", activation=ACTIVATIONS[activation], positions="learned",
-                         tie_embeddings=bool(hf.get("tie_word_embeddings", True)), init="gpt2")
+                         tie_embeddings=tie, init="gpt2")
     except KeyError as e:
         raise ConfigError(f"config.json lacks {e.args[0]!r}, which a GPT-2 config holds") from None
 
@@ -102,8 +113,10 @@ def config_to_hf(config, dtype="float32"):
             "initializer_range": 0.02, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "tie_word_embeddings": config.tie_embeddings,
-            # GPT-2's <|endoftext|> is its last id (50256)
-            "bos_token_id": config.vocab_size - 1, "eos_token_id": config.vocab_size - 1,
+            # GPT-2's <|endoftext|>, for GPT-2's vocabulary only: this project's datasets have
+            # their own <eos> (core/data.py), which a config.json cannot name
+            "bos_token_id": GPT2_END if config.vocab_size == GPT2_VOCAB else None,
+            "eos_token_id": GPT2_END if config.vocab_size == GPT2_VOCAB else None,
             "torch_dtype": dtype}
 
 
@@ -114,11 +127,16 @@ def _hf_name(name):
     return name.removeprefix("transformer.")
 
 
+def is_mask_buffer(name):
+    """Whether checkpoint key `name` is an old checkpoint's causal-mask buffer, not a weight."""
+    return bool(_SKIPPED.search(_hf_name(name)))
+
+
 def tensors_from_hf(config, state):
     """Canonical tensors (state_dict order) of a GPT-2 state dict (name -> numpy), which must
     hold exactly the tensors `config` needs, each of its shape: float64 where every tensor is
     float64 (the float64 tier's own), else float32 (half precisions widen exactly)."""
-    state = {_hf_name(n): t for n, t in state.items() if not _SKIPPED.search(_hf_name(n))}
+    state = {_hf_name(n): t for n, t in state.items() if not is_mask_buffer(n)}
     shapes = weights.canonical_shapes(config)
     d, out, used = config.d_model, {}, set()
 
@@ -218,22 +236,76 @@ def read_safetensors(folder):
     index = folder / SAFETENSORS_INDEX
     try:
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {n: t for shard in shards for n, t in load_file(folder / shard).items()}
-        if (folder / SAFETENSORS_FILE).is_file():
-            return load_file(folder / SAFETENSORS_FILE)
-    except (OSError, SafetensorError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise WeightsError(f"cannot read the safetensors weights in {folder}: {e}") from None
+            shards = json.loads(index.read_text())["weight_map"].values()
+            return {n: t for shard in sorted(set(shards)) for n, t in load_safetensors(folder / shard).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"cannot read {index}: {type(e).__name__}: {e}") from None
+    if (folder / SAFETENSORS_FILE).is_file():
+        return load_safetensors(folder / SAFETENSORS_FILE)
     return None
+
+
+# safetensors dtypes a checkpoint's weights may have; numpy has no bfloat16, which widens to
+# float32 exactly (its bits are a float32's upper half)
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def load_safetensors(path):
+    """{name: float numpy array} of one safetensors file, bfloat16 widened to float32; a
+    WeightsError for a corrupt file or a tensor that is not floating point."""
+    try:
+        payload = path.read_bytes()
+        n = int.from_bytes(payload[:8], "little")
+        header = json.loads(payload[8:8 + n])
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in _DTYPES:
+                raise WeightsError(f"{path}: tensor {name!r} is {entry['dtype']}, not floating "
+                                   f"point: not a checkpoint of weights")
+            start, end = entry["data_offsets"]
+            raw = np.frombuffer(payload[8 + n + start:8 + n + end], _DTYPES[entry["dtype"]])
+            if entry["dtype"] == "BF16":
+                raw = (raw.astype(np.uint32) << 16).view(np.float32)
+            tensors[name] = raw.reshape(entry["shape"])
+        return tensors
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"cannot read {path}: not a readable safetensors file "
+                           f"({type(e).__name__}: {e})") from None
 
 
 def write_folder(folder, config, tensors, *, force=False):
     """A folder GPT2LMHeadModel.from_pretrained loads: config.json and model.safetensors (in
     the tensors' own dtype), written under a temporary name and renamed into place; an
-    existing `folder` is replaced only with `force`."""
+    existing `folder` is replaced only with `force`, and only if it is an export itself
+    (check_export_target)."""
+    check_export_target(folder, force=force)
     dtype = "float64" if weights.precision_of(tensors) == "float64" else "float32"
     hf_config, state = config_to_hf(config, dtype), tensors_to_hf(config, tensors)
     with atomic_dir(folder, force=force) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         # transformers refuses a safetensors file without format "pt" in its metadata
         save_file(state, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
+
+
+def check_export_target(folder, *, force=False, source=None):
+    """Refuse (FlaxGPTError) an export folder that exists, unless `force` and it holds only
+    what an export writes: --force must never delete a run, a dataset or a folder of runs;
+    nor may it be, or hold, `source`."""
+    if source is not None and (folder.resolve() == source.resolve()
+                               or folder.resolve() in source.resolve().parents):
+        raise FlaxGPTError(f"--out {folder} holds the weights being exported ({source}): choose "
+                           f"another folder")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FlaxGPTError(f"--out {folder} is a file: choose a folder name")
+    if not force:
+        raise FlaxGPTError(f"--out {folder} exists: choose another --out, or pass --force to "
+                           f"replace it")
+    others = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES)
+    if others or not (folder / CONFIG_FILE).is_file():
+        raise FlaxGPTError(f"--out {folder} is not a Hugging Face export (it holds "
+                           f"{', '.join(others[:3]) or 'no config.json'}): --force replaces only an "
+                           f"earlier export; choose another --out")

@@ -685,6 +685,10 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
     if (config is None) == (weights_path is None):
         raise FlaxGPTError("parity takes a model config or a weights file (which carries its "
                            "config), not both or neither")
+    if config is not None and config.dropout:
+        raise FlaxGPTError(f"parity compares with dropout 0 (the frameworks draw different "
+                           f"dropout masks), and this config has dropout {config.dropout}: drop "
+                           f"--dropout")
     check_number("train_steps", train_steps, low=0, integer=True)
     check_number("batch_size", batch_size, low=1, integer=True)
     check_seed(seed)
@@ -696,6 +700,9 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
     dataset = TokenDataset.load(data) if data else None
     if weights_path:
         config, tensors = weights.load(weights_path)
+        # SPEC: parity runs use dropout 0 (the frameworks draw different masks); a file's own
+        # rate, e.g. an imported GPT-2's 0.1, is for training it, not for comparing
+        config = config.replace(dropout=0.0)
         if dataset and dataset.vocab_size != config.vocab_size:
             raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens but the weights' "
                                f"vocabulary is {config.vocab_size}: use the dataset they were "
