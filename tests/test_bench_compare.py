@@ -24,6 +24,19 @@ def test_matmul_params_are_the_linear_layers():
     assert bench.pad_vocab(11548) == 11584 and bench.pad_vocab(64) == 64
 
 
+def test_gpt2_matmul_params_are_nanogpts_count_less_the_layer_norms():
+    """nanoGPT's N for GPT-2 small: every parameter but the position embedding (the tied
+    head counted once, as the token embedding), 123,653,376; ours leaves out the LayerNorms'
+    38,400 as well, which do no matmul."""
+    from flax_gpt.core import memory
+
+    config = GPTConfig.preset("gpt2")
+    layer_norms = (2 * config.n_layers + 1) * 2 * config.d_model
+    nanogpt = memory.parameter_count(config) - config.seq_len * config.d_model
+    assert nanogpt == 123_653_376
+    assert bench.matmul_params(config) == nanogpt - layer_norms == 123_614_976
+
+
 def test_bench_command_sweeps_batch_sizes(tmp_path):
     result = run_cli("bench", "--preset", "tiny", "--sweep", "batch_size=1,3", "--warmup", "0",
                      "--steps", "2", "--rounds", "2", "--variants", "flax-jit-fp32,torch-eager-fp32",
