@@ -5,6 +5,7 @@ bf16 judged against the truth (Flax's error at most TRUTH_RATIO x PyTorch's plus
 
 from dataclasses import dataclass, field
 
+import jaxlib
 import numpy as np
 import pytest
 import torch
@@ -52,9 +53,16 @@ def assert_rows_pass(rows, expected_kinds):
 
 CASES = {**{name: (CONFIGS[name], lambda name=name: tensors_for(name)) for name in CONFIGS},
          "gpt2-shaped": (GPT2_SHAPED, lambda: pair.random_weights(GPT2_SHAPED))}
+# gpt2-shaped, three float64 implementations of 85M parameters, runs on the newest stack
+# only: on jaxlib 0.7.1 it took 5.5 minutes of the suite's time, and the float64 function it
+# checks at depth is the small configs' on both stacks
+OLD_JAXLIB = jaxlib.version.__version_info__ < (0, 10)
+CASE_PARAMS = [pytest.param(name, marks=pytest.mark.skipif(
+    name == "gpt2-shaped" and OLD_JAXLIB, reason="gpt2-shaped runs on the newest stack (jaxlib >= 0.10)"))
+    for name in CASES]
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_frameworks_and_reference_agree_in_float64(float64, tmp_path, name):
     config, tensors = CASES[name][0], CASES[name][1]()
     x, y = batch(config, 2, config.seq_len, seed=5)
@@ -259,7 +267,7 @@ def train_in_lockstep(tmp_path, name, run=None):
     return out
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_training_agrees_with_the_reference(float64, tmp_path, name):
     """AdamW with warmup, cosine decay, clipping on at some steps and off at others, and
     gradient accumulation on two configs: both frameworks against the reference's own
