@@ -35,7 +35,10 @@ def _positive_int(text):
 def _refuse_together(args, flag, others, why):
     """Refuse `flag` with any of `others` (argument names) given: the one would silently
     override the other."""
-    given = [f"--{o.replace('_', '-')}" for o in others if getattr(args, o, None) not in (None, False)]
+    # False is "not given" for a store_true flag, but a model field's --no-tie-embeddings
+    given = [f"--{o.replace('_', '-')}" for o in others
+             if getattr(args, o, None) is not None
+             and (getattr(args, o) is not False or o in MODEL_FIELDS)]
     if given:
         raise FlaxGPTError(f"{', '.join(given)} cannot be used with {flag}: {why}")
 

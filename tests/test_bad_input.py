@@ -146,6 +146,8 @@ CASES = [
     ("train-dropout-nan", ["train", *T, *NEW, "--dropout", "nan"], "dropout must be a finite", None),
     ("parity-with-dropout", ["parity", "--preset", "tiny", "--dropout", "0.1"],
      "parity compares with dropout 0", None),
+    ("parity-weights-and-untie", ["parity", "--weights", "{w}/gpt2.safetensors", "--no-tie-embeddings"],
+     "--tie-embeddings cannot be used with --weights", None),
     ("train-seq-len-100k", ["train", *T, *NEW, "--seq-len", "100000"], "attention scores alone",
      None),
     ("train-vocab-size-with-data", ["train", *RUN, *NEW, "--vocab-size", "100"],
