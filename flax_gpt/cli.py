@@ -223,6 +223,9 @@ def add_parity(sub):
 
 
 def run_parity(args):
+    if args.dropout:  # parity.run takes dropout only under a shared-mask harness (the suite's)
+        raise FlaxGPTError(f"parity compares with dropout 0 (the frameworks draw different "
+                           f"dropout masks), and --dropout is {args.dropout}: drop --dropout")
     if args.weights:
         _refuse_together(args, "--weights", ("preset", *MODEL_FIELDS),
                          "the weights file carries the whole model config")

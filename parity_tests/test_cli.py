@@ -41,7 +41,7 @@ def test_parity_bad_weights_is_one_line(tmp_path):
 
 
 def test_fused_attention_with_dropout_is_one_line():
-    result = run_cli("parity", "--attention", "fused", "--dropout", "0.1")
+    result = run_cli("bench", "--preset", "tiny", "--attention", "fused", "--dropout", "0.1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "fused attention has no attention dropout" in lines[0]

@@ -685,10 +685,6 @@ def run(config=None, *, weights_path=None, data=None, precision="highest", atten
     if (config is None) == (weights_path is None):
         raise FlaxGPTError("parity takes a model config or a weights file (which carries its "
                            "config), not both or neither")
-    if config is not None and config.dropout:
-        raise FlaxGPTError(f"parity compares with dropout 0 (the frameworks draw different "
-                           f"dropout masks), and this config has dropout {config.dropout}: drop "
-                           f"--dropout")
     check_number("train_steps", train_steps, low=0, integer=True)
     check_number("batch_size", batch_size, low=1, integer=True)
     check_seed(seed)
