@@ -182,7 +182,7 @@ def bench(name):
     note = (f"Batch {result['batch_size']} x {result['seq_len']} tokens, {result['precision']}, "
             f"{result['device']}; N = {result['matmul_params']:,} matmul parameters, "
             f"{result['flops_per_token'] / 1e9:.2f} GFLOP per token (6N + 12 L d T; causal "
-            f"{result['flops_per_token_causal'] / 1e9:.2f}); peak: {result['results'][0].get('peak_source', '-')}; "
+            f"{result['flops_per_token_causal'] / 1e9:.2f}); peak of each variant: {'; '.join(sorted({r.get('peak_source', '-') for r in result['results']}))}; "
             f"config d_model {c['d_model']}, {c['n_layers']} layers, vocabulary {c['vocab_size']:,}")
     return (table(["variant", "tokens/s", "step (median)", f"speed / {result['speedup_of']}", "MFU",
                    "MFU (causal)"], rows)
