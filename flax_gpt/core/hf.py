@@ -199,7 +199,7 @@ def tensors_to_hf(config, tensors):
     if not config.tie_embeddings and np.any(tensors["pred.bias"]):
         raise WeightsError("pred.bias is not all zero, and GPT2LMHeadModel's lm_head has no bias: "
                            "this model cannot be exported without changing its outputs")
-    t, d = tensors, config.d_model
+    t = tensors
     state = {"transformer.wte.weight": t["embed.token.weight"],
              "transformer.wpe.weight": t["embed.position.weight"]}
     for i in range(config.n_layers):
@@ -207,7 +207,6 @@ def tensors_to_hf(config, tensors):
         state[hf + "attn.c_attn.weight"] = np.concatenate(
             [t[f"{ours}mhma.{p}.weight"] for p in "qkv"]).T  # (d, 3d)
         state[hf + "attn.c_attn.bias"] = np.concatenate([t[f"{ours}mhma.{p}.bias"] for p in "qkv"])
-        assert state[hf + "attn.c_attn.weight"].shape == (d, 3 * d)
         for theirs, mine in _LAYER.items():
             w = t[f"{ours}{mine}.weight"]
             state[f"{hf}{theirs}.weight"] = w.T if theirs in _CONV1D else w
@@ -255,17 +254,16 @@ def load_safetensors(path):
     WeightsError for a corrupt file or a tensor that is not floating point."""
     try:
         payload = path.read_bytes()
-        n = int.from_bytes(payload[:8], "little")
-        header = json.loads(payload[8:8 + n])
+        fields, data = weights.header(payload)
         tensors = {}
-        for name, entry in header.items():
+        for name, entry in fields.items():
             if name == "__metadata__":
                 continue
             if entry["dtype"] not in _DTYPES:
                 raise WeightsError(f"{path}: tensor {name!r} is {entry['dtype']}, not floating "
                                    f"point: not a checkpoint of weights")
             start, end = entry["data_offsets"]
-            raw = np.frombuffer(payload[8 + n + start:8 + n + end], _DTYPES[entry["dtype"]])
+            raw = np.frombuffer(payload[data + start:data + end], _DTYPES[entry["dtype"]])
             if entry["dtype"] == "BF16":
                 raw = (raw.astype(np.uint32) << 16).view(np.float32)
             tensors[name] = raw.reshape(entry["shape"])

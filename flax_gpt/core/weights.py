@@ -156,16 +156,22 @@ def load(path, *, allow_nonfinite=False):
     return config, tensors
 
 
-def _metadata(payload):
-    """The safetensors header's __metadata__ (the numpy loader does not return it), as a dict
-    of strings; ValueError for a header of any other shape."""
+def header(payload):
+    """(the safetensors header of file bytes `payload` as a dict, where its tensor bytes
+    start); ValueError for a header that is cut short or not a JSON object."""
     n = int.from_bytes(payload[:8], "little")
     if len(payload) < 8 + n:
         raise ValueError("header is longer than the file")
-    header = json.loads(payload[8:8 + n])
-    if not isinstance(header, dict):
-        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-    metadata = header.get("__metadata__", {})
+    fields = json.loads(payload[8:8 + n])
+    if not isinstance(fields, dict):
+        raise ValueError(f"the header is a JSON {type(fields).__name__}, not an object")
+    return fields, 8 + n
+
+
+def _metadata(payload):
+    """The safetensors header's __metadata__ (the numpy loader does not return it), as a dict
+    of strings; ValueError for a header of any other shape."""
+    metadata = header(payload)[0].get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("__metadata__ is not an object of strings")
     return metadata
