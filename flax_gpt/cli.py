@@ -69,24 +69,36 @@ def write_json(path, payload):
 # ---- prepare -------------------------------------------------------------------------
 
 def add_prepare(sub):
-    from flax_gpt.prepare import IMPLEMENTATIONS
+    from flax_gpt.prepare import IMPLEMENTATIONS, TOKENIZERS
 
     p = sub.add_parser(
-        "prepare", help="tokenize text (basic_english) and write a dataset folder",
+        "prepare", help="tokenize text (basic_english or GPT-2's BPE) and write a dataset folder",
         description="Tokenize text with torchtext's basic_english, build the vocabulary on the "
                     "training split (specials <unk> <bos> <eos> = 0 1 2), and write a dataset "
-                    "folder: vocab.txt, train.npy, val.npy and manifest.json. The same input "
-                    "and options give byte-identical vocab.txt, train.npy and val.npy with either "
-                    "implementation (the manifest records which one wrote them).")
+                    "folder: vocab.txt, train.npy, val.npy and manifest.json. With --tokenizer "
+                    "gpt2: GPT-2's byte-level BPE and fixed vocabulary of 50,257 (torchtext's "
+                    "GPT2BPETokenizer), every line kept and each text file one document ending "
+                    "in <|endoftext|> (50256); the folder holds encoder.json and vocab.bpe in "
+                    "place of vocab.txt. The same input and options give byte-identical files "
+                    "with either implementation (the manifest records which one wrote them).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", action="append", type=Path, metavar="PATH",
                         help="a UTF-8 text file (repeat for several, read in order)")
     source.add_argument("--corpus", choices=["tinyshakespeare"],
                         help="a public corpus, downloaded once into the cache and sha256-verified")
     p.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
-    p.add_argument("--min-freq", type=int, default=1, help="drop words seen fewer times (default 1)")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="basic_english",
+                   help="basic_english (default): words, vocabulary built here; gpt2: GPT-2's "
+                        "BPE, for GPT-2 checkpoints (flax-gpt import-hf)")
+    p.add_argument("--bpe-files", type=Path, metavar="DIR",
+                   help="with --tokenizer gpt2: a folder holding encoder.json and vocab.bpe "
+                        "(default: GPT-2's, downloaded once from OpenAI into the cache and "
+                        "sha256-checked)")
+    p.add_argument("--min-freq", type=int, default=None,
+                   help="drop words seen fewer times (default 1; basic_english only)")
     p.add_argument("--max-vocab", type=int, default=None,
-                   help="largest vocabulary, specials included (default: no limit)")
+                   help="largest vocabulary, specials included (default: no limit; basic_english "
+                        "only)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of lines, taken from the end, for validation (default 0.1)")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict",
@@ -107,9 +119,11 @@ def run_prepare(args):
     from flax_gpt import experiments
 
     r = experiments.prepare(args.out, text_files=args.text_file, corpus=args.corpus,
-                            implementation=args.implementation, min_freq=args.min_freq,
+                            implementation=args.implementation, tokenizer=args.tokenizer,
+                            bpe_files=args.bpe_files, min_freq=args.min_freq,
                             max_vocab=args.max_vocab, val_fraction=args.val_fraction,
-                            errors=args.errors, force=args.force)
+                            errors=args.errors, force=args.force,
+                            warn=lambda line: print(f"warning: {line}", file=sys.stderr))
     if args.json:
         print(json.dumps(r.to_dict(), indent=2, sort_keys=True))
         return 0
@@ -119,7 +133,7 @@ def run_prepare(args):
           f"vocabulary {counts['vocab_size']:,}, train {counts['train_tokens']:,} tokens "
           f"({counts['train_lines']:,} lines), val {counts['val_tokens']:,} tokens "
           f"({counts['val_lines']:,} lines), ids {manifest['dtype']}, {r.bytes_on_disk / 1e6:.2f} MB on disk"
-          f" ({manifest['implementation']})")
+          f" ({manifest['tokenizer']}, {manifest['implementation']})")
     return 0
 
 

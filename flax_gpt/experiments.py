@@ -27,7 +27,7 @@ from pathlib import Path
 from flax_gpt.core import loop, memory, runfolder
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import BOS, EOS, TokenDataset
-from flax_gpt.core.errors import CheckpointError, FlaxGPTError
+from flax_gpt.core.errors import CheckpointError, DatasetError, FlaxGPTError
 from flax_gpt.core.hparams import check_sampling
 from flax_gpt.core.sharding import MeshError, MeshShape
 from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
@@ -50,19 +50,33 @@ class PrepareResult:
         return self.manifest
 
 
-def prepare(out, *, text_files=None, corpus=None, implementation="torchtext", min_freq=1,
-            max_vocab=None, val_fraction=0.1, errors="strict", force=False):
+def prepare(out, *, text_files=None, corpus=None, implementation="torchtext",
+            tokenizer="basic_english", bpe_files=None, min_freq=None, max_vocab=None,
+            val_fraction=0.1, errors="strict", force=False, warn=None):
     """Tokenize `text_files` (paths, read in order) or the public `corpus` into the dataset
-    folder `out` with `implementation` (see flax_gpt.prepare.prepare)."""
+    folder `out` with `tokenizer` by `implementation` (see flax_gpt.prepare.build). GPT-2's
+    BPE files come from the folder `bpe_files`, else from the cache (downloaded once); `warn`
+    (a callable) hears it when they are not GPT-2's own."""
     from flax_gpt import prepare as preparation
+    from flax_gpt.core import bpe
 
     start = time.perf_counter()
     preparation.load_implementation(implementation)  # a missing torchtext is said before a download
+    files = None
+    if tokenizer == "gpt2":
+        files = (preparation.read_bpe_files(bpe_files) if bpe_files
+                 else preparation.fetch_bpe_files())
+        if warn and not bpe.is_gpt2(bpe.sha256s(*files)):
+            warn(f"{bpe_files} holds BPE files other than GPT-2's (their sha256 differ from "
+                 f"SPEC.md's): the ids will not match a GPT-2 checkpoint's")
+    elif bpe_files:
+        raise DatasetError("--bpe-files is GPT-2's tokenizer: pass it with --tokenizer gpt2")
     if corpus:
         sources = [(corpus, preparation.fetch_corpus(corpus))]
     else:
         sources = [(Path(path).name, preparation.read_text_file(path)) for path in text_files]
-    manifest = preparation.prepare(sources, out, implementation=implementation, min_freq=min_freq,
+    manifest = preparation.prepare(sources, out, implementation=implementation,
+                                   tokenizer=tokenizer, bpe_files=files, min_freq=min_freq,
                                    max_vocab=max_vocab, val_fraction=val_fraction, errors=errors,
                                    force=force)
     out = Path(out)

@@ -8,6 +8,9 @@ with its default --implementation torchtext) writes:
     val.npy         validation token ids, same dtype
     manifest.json   sources, tokenizer, specials, options, counts, file checksums
 
+or, prepared with `--tokenizer gpt2`, GPT-2's encoder.json and vocab.bpe in place of
+vocab.txt (flax_gpt.core.bpe), so that the folder encodes and decodes text on its own.
+
 Batches follow SPEC.md: the token stream is cut into rows of `seq_len` tokens, `x` is a
 `(batch_size, seq_len)` block of rows, `y[:, :-1] = x[:, 1:]` and `y[:, -1] = -100`.
 """
@@ -107,6 +110,7 @@ class TokenDataset:
     val: np.ndarray
     manifest: dict
     path: Path | None = None
+    bpe: object = None  # GPT-2's tokenizer (flax_gpt.core.bpe.BPE) of a gpt2 dataset
     stoi: dict = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -129,14 +133,23 @@ class TokenDataset:
             raise DatasetError(f"dataset folder {path} does not exist: run 'flax-gpt prepare' first")
         manifest = _read_manifest(path)
         files = manifest["files"]
-        itos = _read_vocab(path / files["vocab"]["name"], files["vocab"]["sha256"])
+        tokenizer = None
+        if manifest["tokenizer"] == "gpt2":
+            from flax_gpt.core import bpe
+
+            tokenizer = bpe.BPE.from_bytes(
+                *(_read_checked(path / files[key]["name"], files[key]["sha256"])
+                  for key in ("encoder", "merges")), where=str(path))
+            itos = [tokenizer.tokens[i] for i in range(tokenizer.vocab_size)]
+        else:
+            itos = _read_vocab(path / files["vocab"]["name"], files["vocab"]["sha256"])
         counts = manifest["counts"]
         if len(itos) != counts["vocab_size"]:
             raise DatasetError(
                 f"{path}: vocabulary has {len(itos)} tokens but the manifest says "
                 f"{counts['vocab_size']}; prepare the dataset again"
             )
-        if tuple(itos[: len(SPECIALS)]) != SPECIALS:
+        if tokenizer is None and tuple(itos[: len(SPECIALS)]) != SPECIALS:
             raise DatasetError(f"{path}: vocabulary does not start with {', '.join(SPECIALS)}")
         arrays = {}
         for split in SPLITS:
@@ -144,15 +157,37 @@ class TokenDataset:
             arrays[split] = _read_ids(
                 path / entry["name"], entry["sha256"], counts[f"{split}_tokens"], len(itos)
             )
-        return cls(itos=itos, manifest=manifest, path=path, **arrays)
+        return cls(itos=itos, manifest=manifest, path=path, bpe=tokenizer, **arrays)
 
     # ---- text <-> ids --------------------------------------------------------------
 
-    def encode(self, text, *, bos_eos=False):
-        """Token ids of `text` (basic_english); unknown words map to `<unk>` (id 0).
+    @property
+    def start(self):
+        """The id a sample starts from: `<bos>`, or GPT-2's `<|endoftext|>` (a document's
+        start, as GPT-2 generates unconditioned text)."""
+        return self.bpe.eot if self.bpe else BOS
 
-        With `bos_eos`, each non-empty line is wrapped in `<bos> ... <eos>` as in training.
+    def token_id(self, token):
+        """The id of `token` (a word, a special, or with GPT-2's BPE any text that is one
+        token), or a DatasetError."""
+        if self.bpe:
+            ids = [self.bpe.eot] if token == self.bpe.tokens[self.bpe.eot] else self.bpe.encode(token)
+            if len(ids) == 1:
+                return ids[0]
+        elif token in self.stoi:
+            return self.stoi[token]
+        raise DatasetError(f"{token!r} is not one token of the vocabulary: pass a word of it"
+                           f"{f' or {self.itos[EOS]}' if not self.bpe else ''}")
+
+    def encode(self, text, *, bos_eos=False):
+        """Token ids of `text`: GPT-2's BPE for a gpt2 dataset, else basic_english, unknown
+        words mapping to `<unk>` (id 0).
+
+        With `bos_eos` (basic_english), each non-empty line is wrapped in `<bos> ... <eos>`
+        as in training.
         """
+        if self.bpe:
+            return self.bpe.encode(text)
         ids = []
         for line in text.splitlines() or [text]:
             tokens = [self.stoi.get(t, UNK) for t in basic_english(line)]
@@ -162,18 +197,23 @@ class TokenDataset:
         return ids
 
     def unknown_words(self, text):
-        """The words of `text` that are not in the vocabulary (they would encode as <unk>)."""
-        return [t for t in basic_english(text) if t not in self.stoi]
+        """The words of `text` that are not in the vocabulary (they would encode as <unk>;
+        none with GPT-2's BPE, which encodes any text)."""
+        return [] if self.bpe else [t for t in basic_english(text) if t not in self.stoi]
 
     def decode(self, ids):
-        """Tokens joined by spaces (basic_english drops the original spacing)."""
+        """basic_english: tokens joined by spaces (it drops the original spacing). GPT-2's
+        BPE: the tokens' bytes joined, read as UTF-8 (U+FFFD where they are not)."""
+        if self.bpe:
+            return self.bpe.decode(ids)
         return " ".join(self.itos[int(i)] for i in ids)
 
     def render(self, ids, *, specials=False):
         """Text for a reader: each `<eos>` ends a line and `<bos>` is dropped, as they were
         added to mark the lines of the text; with `specials`, every token as is (`decode`).
-        `<unk>` stays either way: it stands for a word."""
-        if specials:
+        `<unk>` stays either way: it stands for a word. GPT-2's BPE: `decode`, its
+        `<|endoftext|>` written out."""
+        if specials or self.bpe:
             return self.decode(ids)
         lines, words = [], []
         for i in map(int, ids):
@@ -252,7 +292,8 @@ def _read_manifest(path):
                 f"{path} has dataset format {manifest['format_version']}, this flax-gpt reads "
                 f"{FORMAT_VERSION}; prepare it again"
             )
-        for key in ("vocab", *SPLITS):
+        keys = {"basic_english": ("vocab",), "gpt2": ("encoder", "merges")}[manifest["tokenizer"]]
+        for key in (*keys, *SPLITS):
             for field_name in ("name", "sha256"):
                 if not isinstance(manifest["files"][key][field_name], str):
                     raise TypeError(f"files.{key}.{field_name} is not a string")
