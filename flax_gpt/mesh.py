@@ -38,7 +38,10 @@ from flax_gpt.core.sharding import AXES, BATCH_AXES, MeshError, MeshShape
 # times out). That remains the net for a process that hangs; one that dies (killed, crashed)
 # is heard of at once through its Lifeline.
 HEARTBEAT_TIMEOUT_S = 10
-SHUTDOWN_TIMEOUT_S = 30  # how long a finished process waits for the others at exit
+# How long a finished process waits for the others at exit: a process that is gone is heard
+# of through the Lifeline, so this bounds only one that is slow to finish, as on a loaded
+# machine, where 30 s once ended both processes of a job that had stopped in good order
+SHUTDOWN_TIMEOUT_S = 120
 CONNECT_TIMEOUT_S = 300  # JAX's own initialization timeout
 HELLO_TIMEOUT_S = 10  # for a connection to the lifeline to say which process it is
 LOST_EXIT = 2  # a process of the job is gone: as a run that failed with a FlaxGPTError

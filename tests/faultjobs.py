@@ -129,6 +129,15 @@ def wait_for(condition, what, job, timeout=TIMEOUT):
 
 # a line of JAX's C++ log: "W1202 19:45:07.23 ..." (absl) or "2026-12-02 19:38:36.81: W ..." (tsl)
 JAX_LOG = re.compile(r"([IWEF]\d{4} |\d{4}-\d\d-\d\d [\d:.]+: [IWEF] )")
+JAX_ERROR = re.compile(r"([EF]\d{4} |\d{4}-\d\d-\d\d [\d:.]+: [EF] )")
+
+
+def explain(done):
+    """What a failed assertion on `done` (Job.finish()) shows: each process's exit code, the
+    errors and fatal lines of JAX's log in full (the cause of an abort is logged long before
+    its stack trace ends stderr), and the end of its stderr."""
+    return [(code, [line for line in err.splitlines() if JAX_ERROR.match(line)], err[-1500:])
+            for code, _, err in done]
 
 
 def ours(err):

@@ -19,7 +19,7 @@ import pytest
 from flax_gpt.core import runfolder, weights
 from tests.conftest import assert_same
 from tests.faultjobs import (CHECKPOINT_EVERY, KILL_AFTER, KILLED_IN_SAVE, NOTICE, SIGNAL_AFTER,
-                             STEPS, Job, ours, wait_for)
+                             STEPS, Job, explain, ours, wait_for)
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
@@ -31,7 +31,7 @@ def unbroken(tmp_path_factory):
         if engine not in runs:
             out = tmp_path_factory.mktemp(engine) / "unbroken"
             done = Job(engine, out).finish()
-            assert [code for code, _, _ in done] == [0] * len(done), [e[-2000:] for *_, e in done]
+            assert [code for code, _, _ in done] == [0] * len(done), explain(done)
             runs[engine] = losses(out), final_weights(out)
         return runs[engine]
     return get
@@ -49,7 +49,7 @@ def resume_matches(engine, out, reference):
     """`--resume` of the job in `out` finishes, and the run is the unbroken one bit for bit;
     no temporary folder is left behind."""
     done = Job(engine, out, "--resume").finish()
-    assert [code for code, _, _ in done] == [0] * len(done), [err[-2000:] for _, _, err in done]
+    assert [code for code, _, _ in done] == [0] * len(done), explain(done)
     unbroken_losses, unbroken_weights = reference
     assert losses(out) == unbroken_losses  # == on floats: bitwise
     resumed = final_weights(out)
@@ -78,7 +78,7 @@ def test_a_signal_to_one_process_stops_the_job_at_a_step_it_saves(unbroken, tmp_
     signum = getattr(signal, name)
     os.kill(job.pid(target), signum)
     done = job.finish()
-    assert [code for code, _, _ in done] == [128 + signum] * len(done), [e[-2000:] for *_, e in done]
+    assert [code for code, _, _ in done] == [128 + signum] * len(done), explain(done)
     stopped = job.logged_steps()[-1]
     assert SIGNAL_AFTER <= stopped < STEPS
     # JAX's preemption notifier takes SIGTERM itself, and does not say which process got it
@@ -89,7 +89,7 @@ def test_a_signal_to_one_process_stops_the_job_at_a_step_it_saves(unbroken, tmp_
             f"{out}; continue with --resume")
     assert len(done) == (1 if engine == "torch" else 2)  # the launcher, or each JAX process
     assert ours(done[0][2]) == [line], done[0][2][-3000:]
-    assert all(ours(err) == [] for _, _, err in done[1:]), [err[-2000:] for *_, err in done]
+    assert all(ours(err) == [] for _, _, err in done[1:]), explain(done)
     assert runfolder.checkpoint_step(runfolder.checkpoints(out)[-1]) == stopped
     resume_matches(engine, out, unbroken(engine))
 
