@@ -471,8 +471,12 @@ def run_compare(args):
 def add_eval(sub):
     p = sub.add_parser("eval", help="loss and perplexity of a run's weights on a split",
                        description="Mean cross-entropy and perplexity of RUN's latest weights "
-                                   "over every batch of a split (Flax).")
-    p.add_argument("--run", type=Path, required=True)
+                                   "(or a weights file's, e.g. import-hf's) over every batch of "
+                                   "a split (Flax). On a dataset prepared with --tokenizer gpt2 "
+                                   "also per byte of text: nats, bits and perplexity per byte, "
+                                   "which compare across tokenizers.")
+    p.add_argument("--run", type=Path, required=True, metavar="RUN",
+                   help="a run folder, or a canonical weights file (then --data is needed)")
     p.add_argument("--data", type=Path, help="dataset folder (default: the run's; a run on "
                    "synthetic tokens: its own random batches of the split)")
     p.add_argument("--split", choices=["train", "val"], default="val")
@@ -488,20 +492,34 @@ def run_eval(args):
 
     r = experiments.evaluate(args.run, data=args.data, split=args.split, batch_size=args.batch_size,
                              precision=args.precision)
+    per_byte = ("" if r.bytes is None else
+                f"; per byte: {r.loss_per_byte:.4f} nats, {r.bits_per_byte:.4f} bits, "
+                f"perplexity {r.perplexity_per_byte:.3f} ({r.tokens:,} tokens, {r.bytes:,} bytes)")
     print(json.dumps(r.to_dict()) if args.json else
-          f"{r.split}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} over {r.batches} batches")
+          f"{r.split}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} over {r.batches} "
+          f"batches{per_byte}")
     return 0
 
 
 def add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a run's weights",
-                       description="Generate after --prompt from RUN's latest weights with a "
-                                   "key/value cache, in Flax or PyTorch, each token printed as it "
-                                   "is drawn. The same --seed gives the same text.")
-    p.add_argument("--run", type=Path, required=True)
+                       description="Generate after --prompt from RUN's latest weights (or a "
+                                   "weights file's, e.g. import-hf's) with a key/value cache, in "
+                                   "Flax or PyTorch, each token printed as it is drawn. The same "
+                                   "--seed gives the same text. A GPT-2 vocabulary (a dataset "
+                                   "prepared with --tokenizer gpt2, or a weights file of 50,257 "
+                                   "tokens) reads the raw prompt with GPT-2's BPE and prints the "
+                                   "text itself, its bytes joined.")
+    p.add_argument("--run", type=Path, required=True, metavar="RUN",
+                   help="a run folder, or a canonical weights file (its text: --data, or for "
+                        "GPT-2's 50,257 tokens GPT-2's BPE files)")
     p.add_argument("--data", type=Path, help="dataset folder for the vocabulary (default: the "
                    "run's; a run on synthetic tokens has none, and needs one)")
-    p.add_argument("--prompt", default="", help="text to continue (basic_english tokens)")
+    p.add_argument("--bpe-files", type=Path, metavar="DIR",
+                   help="for a weights file without --data: a folder holding GPT-2's "
+                        "encoder.json and vocab.bpe (default: the cache, downloaded once)")
+    p.add_argument("--prompt", default="", help="text to continue (basic_english words, or "
+                   "raw text with GPT-2's BPE)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
@@ -521,7 +539,8 @@ def add_generate_options(p):
                         "the same text wherever their probabilities agree (default flax)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="sample from the likeliest tokens holding this share of the mass (default 1: all)")
-    p.add_argument("--stop", metavar="WORD", help="end the text once this word is drawn (e.g. '<eos>')")
+    p.add_argument("--stop", metavar="TOKEN", help="end the text once this token is drawn "
+                   "(e.g. '<eos>', or '<|endoftext|>' with GPT-2's BPE)")
     p.add_argument("--window-keep", type=int, default=None, metavar="N",
                    help="tokens kept when the text outgrows the context and the window slides "
                         "(default seq_len // 2)")
@@ -536,7 +555,7 @@ def run_generate(args):
         print(piece, end="", flush=True)
 
     r = experiments.generate(args.run, prompt=args.prompt, data=args.data,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             bpe_files=args.bpe_files, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed, precision=args.precision,
                              framework=args.framework, top_p=args.top_p, stop=args.stop,
                              window_keep=args.window_keep, cached=not args.no_cache,

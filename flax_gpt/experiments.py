@@ -15,18 +15,22 @@ experiments (parity, compare, bench) live in flax_gpt.sidebyside.
     experiments.generate("runs/flax", prompt="the king", max_new_tokens=40).text
 """
 
+import codecs
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from flax_gpt.core import loop, memory, runfolder
 from flax_gpt.core.config import GPTConfig
-from flax_gpt.core.data import BOS, EOS, TokenDataset
+from flax_gpt.core.data import BOS, EOS, IGNORE_INDEX, TokenDataset
 from flax_gpt.core.errors import CheckpointError, DatasetError, FlaxGPTError
 from flax_gpt.core.hparams import check_sampling
 from flax_gpt.core.sharding import MeshError, MeshShape
@@ -364,12 +368,12 @@ def train(framework, config, tc, *, out, data=None, synthetic=False, resume=Fals
 
 # ---- eval and generate -------------------------------------------------------------------------
 
-def run_model(run, record, batch_size, what, precision=None, framework="flax"):
+def run_model(run, record, batch_size, what, precision=None, framework="flax", tensors=None):
     """The model (eval mode) of a run folder's latest weights, which must be of the run's
-    config (`record`), at `precision` (default: float64 for a float64 run, else highest) with
-    its framework set to it: the Flax model, or with `framework` "torch" the PyTorch twin;
-    refused before it is built when `what` (evaluating, generating) on `batch_size` rows
-    cannot fit in memory."""
+    config (`record`), or of `tensors` (a weights file's), at `precision` (default: float64
+    for a float64 run, else highest) with its framework set to it: the Flax model, or with
+    `framework` "torch" the PyTorch twin; refused before it is built when `what` (evaluating,
+    generating) on `batch_size` rows cannot fit in memory."""
     if framework == "torch":
         from torch_reference import precision as precisions
         from torch_reference.model import build
@@ -382,7 +386,39 @@ def run_model(run, record, batch_size, what, precision=None, framework="flax"):
     check_memory(config, batch_size, what, training=False, places=((framework, None),),
                  kv_cache=what == "generating", precision=precision)
     precisions.apply(precision)
-    return build(config, runfolder.checkpoint_weights(run, config), precision=precision)
+    if tensors is None:
+        tensors = runfolder.checkpoint_weights(run, config)
+    return build(config, tensors, precision=precision)
+
+
+def model_source(source, data=None, bpe_files=None):
+    """(record, dataset or None, tensors or None) of what eval and generate read: a run folder
+    (its config.json; its weights are read later), or a canonical weights file such as
+    import-hf writes, whose text comes from the dataset folder `data` or, for GPT-2's
+    vocabulary, from GPT-2's BPE files (the folder `bpe_files`, else the cache)."""
+    from flax_gpt.core import hf, weights
+
+    path = Path(source)
+    if not path.is_file():
+        return runfolder.read_record(path), None, None
+    config, tensors = weights.load(path)
+    record = {"model": config.to_dict(), "train": {}, "data": {}}
+    if data:
+        dataset = TokenDataset.load(data)
+    elif config.vocab_size == hf.GPT2_VOCAB:
+        from flax_gpt import prepare as preparation
+        from flax_gpt.core import bpe
+
+        files = (preparation.read_bpe_files(bpe_files) if bpe_files
+                 else preparation.fetch_bpe_files())
+        dataset = TokenDataset.of_bpe(bpe.BPE.from_bytes(*files))
+    else:
+        raise DatasetError(f"{path} is a weights file, which has no text of its own: pass --data "
+                           f"with a dataset of its {config.vocab_size} tokens")
+    if dataset.vocab_size != config.vocab_size:
+        raise DatasetError(f"--data {data} has a vocabulary of {dataset.vocab_size} tokens, the "
+                           f"model in {path} {config.vocab_size}")
+    return record, dataset, tensors
 
 
 def run_batches(record, config, data, split, batch_size):
@@ -402,34 +438,57 @@ def run_batches(record, config, data, split, batch_size):
 
 @dataclass
 class EvalResult:
+    """Mean cross-entropy (nats per token) and perplexity; on a GPT-2 dataset also per byte of
+    the text the targets stand for (`<|endoftext|>` counts no bytes), comparable across
+    tokenizers: nats and bits per byte, and the per-byte perplexity."""
+
     run: str
     split: str
     batches: int
     loss: float
     perplexity: float
+    tokens: int = None
+    bytes: int = None
+    loss_per_byte: float = None
+    bits_per_byte: float = None
+    perplexity_per_byte: float = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
-def evaluate(run, *, data=None, split="val", batch_size=None, precision=None):
-    """Mean cross-entropy and perplexity of `run`'s latest weights over every batch of a split
-    (Flax, eval mode: no dropout, at `precision`: see run_model), `batch_size` rows at a time
-    (default: the run's). A synthetic run without `data` is evaluated on its own stream's
-    batches (see run_batches)."""
+def evaluate(run, *, data=None, split="val", batch_size=None, precision=None, bpe_files=None):
+    """Mean cross-entropy and perplexity of `run`'s latest weights (or of a weights file, see
+    model_source) over every batch of a split (Flax, eval mode: no dropout, at `precision`:
+    see run_model), `batch_size` rows at a time (default: the run's; 8 for a weights file).
+    A synthetic run without `data` is evaluated on its own stream's batches (see
+    run_batches)."""
     from flax import nnx
 
     from flax_gpt.train import eval_loss
 
-    record = runfolder.read_record(run)
+    record, dataset, tensors = model_source(run, data, bpe_files)
+    if tensors is not None and not data:
+        raise DatasetError(f"{run} is a weights file: pass --data with a dataset to evaluate on")
     config = GPTConfig.from_dict(record["model"])
-    batch_size = batch_size or record["train"]["batch_size"]
-    batches = run_batches(record, config, data, split, batch_size)
-    model = run_model(run, record, batch_size, "evaluating", precision)
+    batch_size = batch_size or record["train"].get("batch_size", 8)
+    batches = list(run_batches(record, config, data, split, batch_size))
+    model = run_model(run, record, batch_size, "evaluating", precision, tensors=tensors)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss, ppl, n = loop.mean_loss(lambda x, y: float(eval_loss(graphdef, params, rest, x, y)),
                                   batches)
-    return EvalResult(str(run), split, n, loss, ppl)
+    result = EvalResult(str(run), split, n, loss, ppl)
+    dataset = dataset or (None if record["data"].get("synthetic") and not data
+                          else runfolder.run_dataset(record, data))
+    if dataset is not None and dataset.bpe:
+        targets = np.concatenate([y[y != IGNORE_INDEX] for _, y in batches])
+        lengths = dataset.bpe.byte_lengths()
+        result.tokens, result.bytes = int(targets.size), int(lengths[targets].sum())
+        total = loss * result.tokens  # every batch has as many targets: the mean of means
+        result.loss_per_byte = total / result.bytes
+        result.bits_per_byte = result.loss_per_byte / math.log(2)
+        result.perplexity_per_byte = math.exp(min(result.loss_per_byte, 700.0))
+    return result
 
 
 @dataclass
@@ -447,29 +506,30 @@ class GenerateResult:
 
 def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, top_k=0, seed=0,
              precision=None, framework="flax", top_p=1.0, stop=None, window_keep=None,
-             cached=True, on_text=None, specials=False):
-    """Sample `max_new_tokens` after `prompt` from `run`'s latest weights (temperature 0:
-    greedy) at `precision` (see run_model), with the Flax model or, with `framework`
-    "torch", the PyTorch twin: the same seed gives the same text in both wherever their
-    probabilities agree. `stop`: a word that ends the text once drawn (e.g. "<eos>");
-    `window_keep`, `cached`: see flax_gpt.core.generation. The text ends a line at each
-    `<eos>` and drops `<bos>`; `specials` shows every token as it is. `on_text(piece)` gets
-    the prompt's text, then each new token's text as it is drawn, rendered alike."""
+             cached=True, on_text=None, specials=False, bpe_files=None):
+    """Sample `max_new_tokens` after `prompt` from `run`'s latest weights (or a weights file,
+    see model_source; temperature 0: greedy) at `precision` (see run_model), with the Flax
+    model or, with `framework` "torch", the PyTorch twin: the same seed gives the same text
+    in both wherever their probabilities agree. `stop`: a token that ends the text once drawn
+    (e.g. "<eos>", "<|endoftext|>"); `window_keep`, `cached`: see flax_gpt.core.generation.
+    basic_english: the text ends a line at each `<eos>` and drops `<bos>`; `specials` shows
+    every token as it is. GPT-2's BPE: the tokens' bytes joined, read as UTF-8.
+    `on_text(piece)` gets the prompt's text, then each new token's text as it is drawn,
+    rendered alike."""
     check_sampling(max_new_tokens, temperature, top_k, seed)
-    record = runfolder.read_record(run)
-    dataset = runfolder.run_dataset(record, data)
-    if stop is not None and stop not in dataset.stoi:
-        raise FlaxGPTError(f"stop word {stop!r} is not in the vocabulary")
-    model = run_model(run, record, 1, "generating", precision, framework)
+    record, dataset, tensors = model_source(run, data, bpe_files)
+    dataset = dataset or runfolder.run_dataset(record, data)
+    stop_token = None if stop is None else dataset.token_id(stop)
+    model = run_model(run, record, 1, "generating", precision, framework, tensors=tensors)
     if framework == "torch":
         from torch_reference.sample import generate as sample
     else:
         from flax_gpt.sample import generate as sample
-    prompt_ids = [BOS, *dataset.encode(prompt)]
+    prompt_ids = [dataset.start, *dataset.encode(prompt)]
     stream = TextStream(dataset, on_text, prompt_ids, specials) if on_text else None
     out = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                 top_p=top_p, seed=seed, stop_token=None if stop is None else dataset.stoi[stop],
-                 window_keep=window_keep, cached=cached, on_token=stream)
+                 top_p=top_p, seed=seed, stop_token=stop_token, window_keep=window_keep,
+                 cached=cached, on_token=stream)
     ids = out.ids[0]
     return GenerateResult(prompt, ids, dataset.render(ids[1:], specials=specials),
                           dataset.unknown_words(prompt), framework, out.to_dict())
@@ -478,25 +538,30 @@ def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, 
 class TextStream:
     """generate's on_token for one row: `on_text(piece)` with the prompt's text, then each
     token's text as it comes, as TokenDataset.render writes it: words after a space, <eos> as
-    a line break, <bos> as nothing; with `specials`, every token as a word."""
+    a line break, <bos> as nothing; with `specials`, every token as a word. GPT-2's BPE: the
+    tokens' bytes through one incremental UTF-8 decoder, so that a character whose bytes are
+    split across tokens is printed whole, once its last byte came."""
 
     def __init__(self, dataset, on_text, prompt_ids, specials=False):
         self.dataset, self.on_text, self.specials, self.line_start = dataset, on_text, specials, True
-        for token in prompt_ids[1:]:  # after the <bos> that render leaves out too
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in prompt_ids[1:]:  # after the start token that render leaves out too
             self(0, [token])
 
     def __call__(self, step, tokens):
         token = tokens[0]
         if token is None:
             return
-        if token == EOS and not self.specials:
+        if self.dataset.bpe:
+            piece = self.utf8.decode(self.dataset.bpe.token_bytes(token))
+            if piece:
+                self.on_text(piece)
+        elif token == EOS and not self.specials:
             self.on_text("\n")
             self.line_start = True
         elif token != BOS or self.specials:
             self.on_text(("" if self.line_start else " ") + self.dataset.itos[token])
             self.line_start = False
-
-
 
 
 # ---- Hugging Face checkpoints ----------------------------------------------------------------

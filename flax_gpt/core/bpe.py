@@ -63,6 +63,11 @@ class BPE:
     def vocab_size(self):
         return len(self.tokens)
 
+    @property
+    def itos(self):
+        """The tokens in id order."""
+        return [self.tokens[i] for i in range(self.vocab_size)]
+
     @classmethod
     def from_bytes(cls, encoder_json, merges_bpe, where="the BPE files"):
         """The tokenizer of the two files' contents, or a DatasetError that names what is
@@ -128,6 +133,16 @@ class BPE:
     def token_bytes(self, i):
         """The bytes token `i` stands for (b"" for an id the vocabulary lacks)."""
         return bytes(self.char_byte[c] for c in self.tokens.get(int(i), ""))
+
+    def byte_lengths(self):
+        """numpy array: the number of text bytes each id stands for, 0 for `<|endoftext|>`
+        (a document boundary, not text)."""
+        import numpy as np
+
+        lengths = np.array([len(self.token_bytes(i)) for i in range(self.vocab_size)])
+        if self.eot is not None:
+            lengths[self.eot] = 0
+        return lengths
 
     def decode_bytes(self, ids):
         return b"".join(self.token_bytes(i) for i in ids)

@@ -120,6 +120,12 @@ class TokenDataset:
     def vocab_size(self):
         return len(self.itos)
 
+    @property
+    def vocab_sha256(self):
+        """What fixes the meaning of the ids: the sha256 of vocab.txt, or of GPT-2's
+        encoder.json."""
+        return self.manifest["files"]["encoder" if self.bpe else "vocab"]["sha256"]
+
     # ---- loading -------------------------------------------------------------------
 
     @classmethod
@@ -140,7 +146,7 @@ class TokenDataset:
             tokenizer = bpe.BPE.from_bytes(
                 *(_read_checked(path / files[key]["name"], files[key]["sha256"])
                   for key in ("encoder", "merges")), where=str(path))
-            itos = [tokenizer.tokens[i] for i in range(tokenizer.vocab_size)]
+            itos = tokenizer.itos
         else:
             itos = _read_vocab(path / files["vocab"]["name"], files["vocab"]["sha256"])
         counts = manifest["counts"]
@@ -158,6 +164,14 @@ class TokenDataset:
                 path / entry["name"], entry["sha256"], counts[f"{split}_tokens"], len(itos)
             )
         return cls(itos=itos, manifest=manifest, path=path, bpe=tokenizer, **arrays)
+
+    @classmethod
+    def of_bpe(cls, tokenizer):
+        """No text, only GPT-2's tokenizer `tokenizer` (a flax_gpt.core.bpe.BPE): what generate
+        reads a weights file's ids with."""
+        empty = np.zeros(0, id_dtype(tokenizer.vocab_size))
+        return cls(itos=tokenizer.itos, train=empty,
+                   val=empty, manifest={"tokenizer": "gpt2", "files": {}}, bpe=tokenizer)
 
     # ---- text <-> ids --------------------------------------------------------------
 

@@ -51,7 +51,7 @@ def run_record(framework, config, tc, stream):
         # Resolved, so that `eval --run` from another folder finds it; the data itself is
         # identified by its manifest sha256, so the same folder spelled another way is the same.
         data["path"] = str(Path(data["path"]).resolve())
-        data["vocab_sha256"] = stream.dataset.manifest["files"]["vocab"]["sha256"]
+        data["vocab_sha256"] = stream.dataset.vocab_sha256
     return {"framework": framework, "model": config.to_dict(), "train": tc.to_dict(), "data": data}
 
 
@@ -396,7 +396,7 @@ def run_dataset(record, data=None):
         return dataset
     dataset = TokenDataset.load(data)
     vocab = saved.get("vocab_sha256")
-    if vocab and dataset.manifest["files"]["vocab"]["sha256"] != vocab:
+    if vocab and dataset.vocab_sha256 != vocab:
         raise DatasetError(f"--data {data} has another vocabulary than the one this run trained "
                            f"on, so its ids would mean other words: pass a dataset prepared with "
                            f"the run's vocabulary")

@@ -19,7 +19,6 @@ import flax_gpt
 import torch_reference
 from flax_gpt.core import runfolder
 from flax_gpt.core.config import GPTConfig
-from flax_gpt.core.data import BOS
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.sidebyside.pair import apply_precision, build_pair, environment
 
@@ -123,7 +122,7 @@ def run(run_folder, prompts=("",), *, data=None, max_new_tokens=200, precision="
     fm, tm = build_pair(config, tensors, precision)
     if dataset.vocab_size != fm.config.vocab_size:
         raise FlaxGPTError(f"--data has {dataset.vocab_size} tokens, the model {fm.config.vocab_size}")
-    prompt_ids = [[BOS, *dataset.encode(p)] for p in prompts]
+    prompt_ids = [[dataset.start, *dataset.encode(p)] for p in prompts]
     comparison = compare_generation(fm, tm, prompt_ids, max_new_tokens, **options)
     texts = {name: [dataset.decode(t) for t in tokens]
              for name, tokens in (("flax", comparison.flax), ("torch", comparison.torch))}
