@@ -65,6 +65,7 @@ def prepare(out, *, text_files=None, corpus=None, implementation="torchtext",
     from flax_gpt.core import bpe
 
     start = time.perf_counter()
+    preparation.check_options(tokenizer, min_freq, max_vocab, val_fraction)
     preparation.load_implementation(implementation)  # a missing torchtext is said before a download
     files = None
     if tokenizer == "gpt2":

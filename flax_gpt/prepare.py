@@ -217,6 +217,26 @@ def prepare(sources, out, *, force=False, **options):
     return manifest
 
 
+def check_options(tokenizer, min_freq, max_vocab, val_fraction):
+    """Refuse options out of range or that `tokenizer` does not take (DatasetError), before
+    any work."""
+    if tokenizer not in TOKENIZERS:
+        raise DatasetError(f"unknown tokenizer {tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if tokenizer == "gpt2" and (min_freq is not None or max_vocab is not None):
+        raise DatasetError("--min-freq and --max-vocab build a basic_english vocabulary; GPT-2's "
+                           "is fixed (its encoder.json): leave them out with --tokenizer gpt2")
+    if max_vocab is not None and max_vocab < len(data.SPECIALS) + 1:
+        raise DatasetError(
+            f"--max-vocab {max_vocab} leaves no room for words beside the "
+            f"{len(data.SPECIALS)} specials {', '.join(data.SPECIALS)}: use at least "
+            f"{len(data.SPECIALS) + 1}"
+        )
+    if min_freq is not None and min_freq < 1:
+        raise DatasetError(f"--min-freq must be at least 1, got {min_freq}")
+
+
 def build(sources, *, tokenizer="basic_english", implementation="torchtext", min_freq=None,
           max_vocab=None, val_fraction=0.1, errors="strict", bpe_files=None):
     """The dataset folder of `sources` (a list of `(name, bytes)`), in memory: `(files,
@@ -232,23 +252,9 @@ def build(sources, *, tokenizer="basic_english", implementation="torchtext", min
     deterministic and contiguous. `implementation` (one of IMPLEMENTATIONS) changes only the
     manifest's `implementation` and `torchtext_version`.
     """
-    if tokenizer not in TOKENIZERS:
-        raise DatasetError(f"unknown tokenizer {tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
-    if not 0.0 < val_fraction < 1.0:
-        raise DatasetError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if tokenizer == "gpt2" and (min_freq is not None or max_vocab is not None):
-        raise DatasetError("--min-freq and --max-vocab build a basic_english vocabulary; GPT-2's "
-                           "is fixed (its encoder.json): leave them out with --tokenizer gpt2")
+    check_options(tokenizer, min_freq, max_vocab, val_fraction)
     if tokenizer == "basic_english":
         min_freq = 1 if min_freq is None else min_freq
-    if max_vocab is not None and max_vocab < len(data.SPECIALS) + 1:
-        raise DatasetError(
-            f"--max-vocab {max_vocab} leaves no room for words beside the "
-            f"{len(data.SPECIALS)} specials {', '.join(data.SPECIALS)}: use at least "
-            f"{len(data.SPECIALS) + 1}"
-        )
-    if min_freq is not None and min_freq < 1:
-        raise DatasetError(f"--min-freq must be at least 1, got {min_freq}")
     impl = load_implementation(implementation)
     texts = [(name, decode(name, payload, errors)) for name, payload in sources]
     show = sum(len(payload) for _, payload in sources) >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
