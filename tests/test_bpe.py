@@ -301,3 +301,22 @@ def test_eval_reports_loss_per_byte(gpt2_run):
     np.testing.assert_allclose(r.loss_per_byte * r.bytes, r.loss * r.tokens, rtol=1e-12)
     np.testing.assert_allclose(r.bits_per_byte, r.loss_per_byte / math.log(2), rtol=1e-12)
     np.testing.assert_allclose(r.perplexity_per_byte, math.exp(r.loss_per_byte), rtol=1e-12)
+
+
+def test_generate_reads_an_imported_gpt2_checkpoint_with_gpt2s_files(gpt2, tmp_path):
+    """A weights file of GPT-2's vocabulary (what import-hf writes) needs no dataset: its
+    text is read and written with GPT-2's BPE files (here --bpe-files)."""
+    from flax import nnx
+
+    from flax_gpt.core.config import GPTConfig
+    from flax_gpt.model import GPT, save
+
+    config = GPTConfig.preset("tiny", vocab_size=50257, norm="pre", activation="gelu_tanh",
+                              positions="learned", tie_embeddings=True, init="gpt2")
+    save(GPT(config, rngs=nnx.Rngs(0)), tmp_path / "gpt2.safetensors")
+    result = run_cli_here("generate", "--run", tmp_path / "gpt2.safetensors", "--bpe-files", gpt2,
+                          "--prompt", "Hello world", "--max-new-tokens", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["ids"][:3] == [50256, 15496, 995]
+    assert r["text"] == tokenizer(gpt2).decode(r["ids"][1:])
