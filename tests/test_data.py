@@ -396,7 +396,7 @@ def test_cli_prepare_builtin_writes_the_stacks_files(shakespeare, shakespeare_da
     expected = TokenDataset.load(shakespeare_dataset)
     mb = shakespeare.stat().st_size / 1e6
     assert f"vocabulary {expected.vocab_size:,}" in result.stdout
-    assert f" s from {mb:.2f} MB" in result.stdout and result.stdout.strip().endswith("(builtin)")
+    assert f" s from {mb:.2f} MB" in result.stdout and result.stdout.strip().endswith("(basic_english, builtin)")
     for name in ("vocab.txt", "train.npy", "val.npy"):
         assert (tmp_path / "ds" / name).read_bytes() == (shakespeare_dataset / name).read_bytes()
 

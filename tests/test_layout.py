@@ -64,7 +64,7 @@ def test_torch_reference_loads_no_jax():
 
 
 # torchtext loads only with torch 2.3 and is an optional extra: the rest must run without it.
-TORCHTEXT_IMPORTERS = {"flax_gpt/prepare.py", "tests/test_torchtext.py"}
+TORCHTEXT_IMPORTERS = {"flax_gpt/prepare.py", "tests/test_torchtext.py", "tests/test_bpe.py"}
 PROJECT_FOLDERS = ("flax_gpt", "torch_reference", "tests", "parity_tests", "scripts")  # not a .venv
 
 

@@ -190,8 +190,8 @@ class TokenDataset:
                 return ids[0]
         elif token in self.stoi:
             return self.stoi[token]
-        raise DatasetError(f"{token!r} is not one token of the vocabulary: pass a word of it"
-                           f"{f' or {self.itos[EOS]}' if not self.bpe else ''}")
+        raise DatasetError(f"{token!r} is not in the vocabulary as one token: pass one"
+                           f"{f' (a word, or {self.itos[EOS]})' if not self.bpe else ''}")
 
     def encode(self, text, *, bos_eos=False):
         """Token ids of `text`: GPT-2's BPE for a gpt2 dataset, else basic_english, unknown
