@@ -8,8 +8,8 @@
 # It needs a Python with torch, jax and flax already installed (nothing is installed, nothing
 # is downloaded, torchtext is not needed): the checkout is put on PYTHONPATH. It runs
 #   1. parity at highest, default (TF32 on a GPU) and bf16, for `tiny` and `gpt2-124m`
-#      (the smoke mode: `tiny` only), and float64 for `tiny`; GPT-2 itself (`gpt2`) at highest
-#      and bf16 (on a GPU only);
+#      (the smoke mode: `tiny` at highest only: the same command line), and float64 for `tiny`;
+#      GPT-2 itself (`gpt2`) at highest and bf16 (on a GPU only);
 #   2. fused attention against explicit, through parity at highest for both presets;
 #   3. a short `compare` of the two trainers on synthetic tokens, judged against PyTorch's own
 #      noise floor (`small`; smoke: `tiny`);
@@ -56,7 +56,8 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$device" = cpu ]; then
   export JAX_PLATFORMS=cpu  # JAX's device follows the PyTorch one
-  presets=(tiny); gpt2_presets=(); compare_preset=tiny; train_steps=1; compare_steps=2
+  presets=(tiny); precisions=(highest); gpt2_presets=(); compare_preset=tiny; train_steps=1
+  compare_steps=2
   bench=(--preset tiny --batch-size 2 --warmup 1 --steps 1 --rounds 1
          --variants flax-jit-fp32,flax-jit-bf16,flax-nnx-jit-fp32,torch-eager-fp32)
 else
@@ -71,7 +72,8 @@ problems = [f"{name} sees no GPU" for name, ok in
 if problems:
     sys.exit(f"gpu_check.sh: {' and '.join(problems)}: run with --device cpu for the smoke mode")
 EOF
-  presets=(tiny gpt2-124m); gpt2_presets=(gpt2); compare_preset=small; train_steps=50; big_steps=10
+  presets=(tiny gpt2-124m); precisions=(highest default bf16); gpt2_presets=(gpt2)
+  compare_preset=small; train_steps=50; big_steps=10
   compare_steps=200
   bench=(--preset gpt2-124m)
 fi
@@ -87,7 +89,7 @@ check() {  # check NAME COMMAND...: run one flax-gpt command, keep going if it f
 if wanted parity; then
   for preset in "${presets[@]}"; do
     steps=$([ "$preset" = tiny ] && echo "$train_steps" || echo "$big_steps")
-    for precision in highest default bf16; do
+    for precision in "${precisions[@]}"; do
       check "parity-$preset-$precision" parity --preset "$preset" --precision "$precision" \
         --train-steps "$steps" --torch-device "$device" --json "$out/parity_${preset}_$precision.json"
     done
