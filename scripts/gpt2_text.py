@@ -30,6 +30,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bpe-files", type=Path)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--json", type=Path, required=True)
@@ -42,7 +43,7 @@ def main(argv=None):
         prepared = experiments.prepare(data, tokenizer="gpt2", bpe_files=args.bpe_files,
                                        implementation="builtin", **sources)
         code = cli.main(["train", "--preset", "tiny", "--data", str(data), "--steps",
-                         str(args.steps), "--batch-size", "16", "--seq-len", "64",
+                         str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", "64",
                          "--eval-every", "0", "--out", str(run), *GPT2_OPTIONS])
         if code:
             sys.exit(code)
@@ -59,7 +60,7 @@ def main(argv=None):
             except UnicodeDecodeError:
                 valid = False
             samples.append({"seed": seed, "text": r.text, "valid_utf8": valid})
-    result = {"steps": args.steps, "dataset": prepared.manifest["counts"],
+    result = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": 64, "dataset": prepared.manifest["counts"],
               "gpt2_files": prepared.manifest["gpt2_files"], "eval": evaluation.to_dict(),
               "samples": samples, "valid_utf8": all(s["valid_utf8"] for s in samples),
               "environment": environment({"precision": "highest"})}
