@@ -26,8 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from flax_gpt.core import loop, memory, runfolder
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import BOS, EOS, IGNORE_INDEX, TokenDataset
@@ -62,16 +60,13 @@ def prepare(out, *, text_files=None, corpus=None, implementation="torchtext",
     BPE files come from the folder `bpe_files`, else from the cache (downloaded once); `warn`
     (a callable) hears it when they are not GPT-2's own."""
     from flax_gpt import prepare as preparation
-    from flax_gpt.core import bpe
 
     start = time.perf_counter()
     preparation.check_options(tokenizer, min_freq, max_vocab, val_fraction)
     preparation.load_implementation(implementation)  # a missing torchtext is said before a download
-    files = None
+    files, source = None, None
     if tokenizer == "gpt2":
-        files = (preparation.read_bpe_files(bpe_files) if bpe_files
-                 else preparation.fetch_bpe_files())
-        bpe.BPE.from_bytes(*files, where=f"--bpe-files {bpe_files}" if bpe_files else "GPT-2's files")
+        *files, source = preparation.gpt2_files(bpe_files)
     elif bpe_files:
         raise DatasetError("--bpe-files is GPT-2's tokenizer: pass it with --tokenizer gpt2")
     if corpus:
@@ -79,10 +74,10 @@ def prepare(out, *, text_files=None, corpus=None, implementation="torchtext",
     else:
         sources = [(Path(path).name, preparation.read_text_file(path)) for path in text_files]
     manifest = preparation.prepare(sources, out, implementation=implementation,
-                                   tokenizer=tokenizer, bpe_files=files, min_freq=min_freq,
-                                   max_vocab=max_vocab, val_fraction=val_fraction, errors=errors,
-                                   force=force)
-    if warn and files and not bpe.is_gpt2(bpe.sha256s(*files)):
+                                   tokenizer=tokenizer, bpe_files=files, bpe_source=source,
+                                   min_freq=min_freq, max_vocab=max_vocab,
+                                   val_fraction=val_fraction, errors=errors, force=force)
+    if warn and manifest.get("gpt2_files") is False:
         warn(f"{bpe_files} holds BPE files other than GPT-2's (their sha256 differ from "
              f"SPEC.md's): the ids will not match a GPT-2 checkpoint's")
     out = Path(out)
@@ -414,9 +409,7 @@ def model_source(source, data=None, bpe_files=None):
         from flax_gpt import prepare as preparation
         from flax_gpt.core import bpe
 
-        named = f"--bpe-files {bpe_files}" if bpe_files else "GPT-2's files in the cache"
-        files = (preparation.read_bpe_files(bpe_files) if bpe_files
-                 else preparation.fetch_bpe_files())
+        *files, named = preparation.gpt2_files(bpe_files)
         dataset = TokenDataset.of_bpe(bpe.BPE.from_bytes(*files, where=named))
     else:
         raise DatasetError(f"{path} is a weights file, which has no text of its own: pass --data "
@@ -427,17 +420,15 @@ def model_source(source, data=None, bpe_files=None):
     return record, dataset, tensors
 
 
-def run_batches(record, config, data, split, batch_size):
-    """Every batch of `split` of the dataset `data` or the run's own (see
-    runfolder.run_dataset). A run on synthetic tokens, without `data`, reads the first
-    SyntheticStream.EVAL_BATCHES batches of that split of its own stream (the seed it trained
-    with): with the run's batch size, the validation batches its training evaluated on with
-    --eval-batches 0."""
-    if not data and record["data"].get("synthetic"):
+def run_batches(record, config, dataset, split, batch_size):
+    """Every batch of `split` of `dataset` (see runfolder.run_dataset). A run on synthetic
+    tokens, with no `dataset`, reads the first SyntheticStream.EVAL_BATCHES batches of that
+    split of its own stream (the seed it trained with): with the run's batch size, the
+    validation batches its training evaluated on with --eval-batches 0."""
+    if dataset is None:
         stream = SyntheticStream(config.vocab_size, batch_size, config.seq_len,
                                  record["train"]["seed"])
         return stream.eval_batches(0, split)
-    dataset = runfolder.run_dataset(record, data)
     dataset.check_batches(split, batch_size, config.seq_len)
     return dataset.batches(split, batch_size, config.seq_len)
 
@@ -478,18 +469,24 @@ def evaluate(run, *, data=None, split="val", batch_size=None, precision=None):
     record, dataset, tensors = model_source(run, data)
     config = GPTConfig.from_dict(record["model"])
     batch_size = batch_size or record["train"].get("batch_size", 8)
-    batches = list(run_batches(record, config, data, split, batch_size))
+    if dataset is None and not (record["data"].get("synthetic") and not data):
+        dataset = runfolder.run_dataset(record, data)
     model = run_model(run, record, batch_size, "evaluating", precision, tensors=tensors)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss, ppl, n = loop.mean_loss(lambda x, y: float(eval_loss(graphdef, params, rest, x, y)),
-                                  batches)
+    lengths = dataset.bpe.byte_lengths() if dataset is not None and dataset.bpe else None
+    counted = {"tokens": 0, "bytes": 0}
+
+    def loss_of(x, y):
+        if lengths is not None:  # the text the targets stand for, counted on the way
+            targets = y[y != IGNORE_INDEX]
+            counted["tokens"] += targets.size
+            counted["bytes"] += int(lengths[targets].sum())
+        return float(eval_loss(graphdef, params, rest, x, y))
+
+    loss, ppl, n = loop.mean_loss(loss_of, run_batches(record, config, dataset, split, batch_size))
     result = EvalResult(str(run), split, n, loss, ppl)
-    dataset = dataset or (None if record["data"].get("synthetic") and not data
-                          else runfolder.run_dataset(record, data))
-    if dataset is not None and dataset.bpe:
-        targets = np.concatenate([y[y != IGNORE_INDEX] for _, y in batches])
-        lengths = dataset.bpe.byte_lengths()
-        result.tokens, result.bytes = int(targets.size), int(lengths[targets].sum())
+    if lengths is not None:
+        result.tokens, result.bytes = counted["tokens"], counted["bytes"]
         total = loss * result.tokens  # every batch has as many targets: the mean of means
         result.loss_per_byte = total / result.bytes
         result.bits_per_byte = result.loss_per_byte / math.log(2)

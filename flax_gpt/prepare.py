@@ -84,6 +84,14 @@ def read_bpe_files(folder):
     return tuple((folder / name).read_bytes() for name in BPE_FILES)
 
 
+def gpt2_files(folder=None):
+    """(encoder.json bytes, vocab.bpe bytes, how to name them in an error): from the user's
+    `folder` (read_bpe_files), else GPT-2's own (fetch_bpe_files)."""
+    if folder:
+        return (*read_bpe_files(folder), f"--bpe-files {folder}")
+    return (*fetch_bpe_files(), "GPT-2's BPE files")
+
+
 def _fetch(what, entry, path, offline):
     if path.is_file() and sha256_file(path) == entry["sha256"]:
         return path.read_bytes()
@@ -238,7 +246,8 @@ def check_options(tokenizer, min_freq, max_vocab, val_fraction):
 
 
 def build(sources, *, tokenizer="basic_english", implementation="torchtext", min_freq=None,
-          max_vocab=None, val_fraction=0.1, errors="strict", bpe_files=None):
+          max_vocab=None, val_fraction=0.1, errors="strict", bpe_files=None,
+          bpe_source="the BPE files"):
     """The dataset folder of `sources` (a list of `(name, bytes)`), in memory: `(files,
     manifest)`, `files` mapping each file name to its bytes.
 
@@ -246,7 +255,7 @@ def build(sources, *, tokenizer="basic_english", implementation="torchtext", min
     `<bos> words <eos>`, and the vocabulary is built on the training split (`min_freq`
     default 1, `max_vocab` default no limit). "gpt2": GPT-2's
     BPE of `bpe_files` ((encoder.json, vocab.bpe) bytes, copied into the folder so that it
-    decodes on its own); every line is kept, newlines included, since they are text to GPT-2,
+    decodes on its own; `bpe_source` names them in an error); every line is kept, newlines included, since they are text to GPT-2,
     and each source is one document, ending in `<|endoftext|>` as GPT-2's training data
     (the split's cut, inside a document, gets none).
     Either way the last `val_fraction` of the lines is the validation split, so the split is
@@ -260,7 +269,7 @@ def build(sources, *, tokenizer="basic_english", implementation="torchtext", min
     texts = [(name, decode(name, payload, errors)) for name, payload in sources]
     show = sum(len(payload) for _, payload in sources) >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
     if tokenizer == "gpt2":
-        contents, arrays, fields = _gpt2(texts, impl, bpe_files, val_fraction)
+        contents, arrays, fields = _gpt2(texts, impl, bpe_files, bpe_source, val_fraction)
     else:
         contents, arrays, fields = _basic_english(texts, impl, min_freq, max_vocab, val_fraction,
                                                   show)
@@ -340,11 +349,11 @@ def _basic_english(texts, impl, min_freq, max_vocab, val_fraction, show):
                               "files": {"vocab": data.VOCAB_FILE}}
 
 
-def _gpt2(texts, impl, bpe_files, val_fraction):
+def _gpt2(texts, impl, bpe_files, bpe_source, val_fraction):
     encoder_json, vocab_bpe = bpe_files
-    tokenizer = bpe.BPE.from_bytes(encoder_json, vocab_bpe)
+    tokenizer = bpe.BPE.from_bytes(encoder_json, vocab_bpe, where=bpe_source)
     if tokenizer.eot is None:
-        raise DatasetError(f"the BPE files' {bpe.ENCODER_FILE} has no {bpe.END_OF_TEXT} token, "
+        raise DatasetError(f"{bpe_source}: {bpe.ENCODER_FILE} has no {bpe.END_OF_TEXT} token, "
                            f"which ends each document: pass GPT-2's files")
     encode = impl.gpt2(tokenizer, encoder_json, vocab_bpe)
     documents = []  # (name, its lines with their line endings)

@@ -18,6 +18,7 @@ files) equal id for id.
 import functools
 import json
 
+import numpy as np
 import regex
 
 from flax_gpt.core.errors import DatasetError
@@ -137,8 +138,6 @@ class BPE:
     def byte_lengths(self):
         """numpy array: the number of text bytes each id stands for, 0 for `<|endoftext|>`
         (a document boundary, not text)."""
-        import numpy as np
-
         lengths = np.array([len(self.token_bytes(i)) for i in range(self.vocab_size)])
         if self.eot is not None:
             lengths[self.eot] = 0
