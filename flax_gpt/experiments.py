@@ -412,8 +412,9 @@ def model_source(source, data=None, bpe_files=None):
         *files, named = preparation.gpt2_files(bpe_files)
         dataset = TokenDataset.of_bpe(bpe.BPE.from_bytes(*files, where=named))
     else:
+        gpt2 = f" (--bpe-files is GPT-2's {hf.GPT2_VOCAB:,})" if bpe_files else ""
         raise DatasetError(f"{path} is a weights file, which has no text of its own: pass --data "
-                           f"with a dataset of its {config.vocab_size} tokens")
+                           f"with a dataset of its {config.vocab_size} tokens{gpt2}")
     if dataset.vocab_size != config.vocab_size:
         raise DatasetError(f"{named} has a vocabulary of {dataset.vocab_size} tokens, the model in "
                            f"{path} {config.vocab_size}")

@@ -98,6 +98,8 @@ def _damage(encoder, merges, how):
         table["not a byte"] = table.pop(bpe.bytes_to_unicode()[0])
     if how == "ids with a gap":
         table[bpe.END_OF_TEXT] += 1
+    if how == "a token not of bytes":  # a character that is none of the 256 byte tokens
+        table["\u2603"] = len(table)
     if how == "no version line":
         return encoder, merges.split(b"\n", 1)[1]
     if how == "no final newline":
@@ -110,6 +112,7 @@ def _damage(encoder, merges, how):
 
 
 DAMAGES = {"not json": "is not JSON", "a list": "not an object", "a byte missing": "byte tokens",
+           "a token not of bytes": "is not written in byte tokens",
            "ids with a gap": "ids are not 0 to", "no version line": "#version",
            "no final newline": "end with a newline", "three symbols": "is not a merge",
            "join not a token": "is not a merge"}

@@ -98,9 +98,14 @@ class BPE:
             if len(pair) != 2 or not all(pair) or "".join(pair) not in encoder:
                 raise DatasetError(f"{where}: {MERGES_FILE} line {n} is not a merge of two "
                                    f"symbols whose join is in {ENCODER_FILE}")
-        missing = set(bytes_to_unicode().values()) - set(encoder)
+        byte_chars = set(bytes_to_unicode().values())
+        missing = byte_chars - set(encoder)
         if missing:
             raise DatasetError(f"{where}: {ENCODER_FILE} lacks {len(missing)} of the 256 "
+                               f"byte tokens: not a byte-level BPE vocabulary")
+        foreign = next((t for t in encoder if not set(t) <= byte_chars), None)
+        if foreign is not None:
+            raise DatasetError(f"{where}: {ENCODER_FILE}'s token {foreign!r} is not written in "
                                f"byte tokens: not a byte-level BPE vocabulary")
         return cls(encoder, merges)
 
