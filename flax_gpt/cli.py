@@ -723,8 +723,10 @@ def add_bench_decode(sub):
 
     p = sub.add_parser(
         "bench-decode", help="time prefill and decode of every variant, cached and uncached",
-        description="Time generation (greedy) of Flax jax.jit fp32 and bf16, PyTorch eager fp32 "
-                    "and bf16 autocast, and torch.compile fp32 and bf16, at each batch size and "
+        description="Time generation (greedy) of Flax fp32 and bf16, the whole generation on "
+                    "the device as one program (flax-loop) and one jitted call per token "
+                    "(flax-step), PyTorch eager fp32 and bf16 autocast, and torch.compile fp32 "
+                    "and bf16 (on a GPU the decode step a CUDA graph), at each batch size and "
                     "context length (prompt tokens; the model's seq_len is context + "
                     "--new-tokens): prefill tokens/s, time to first token, time per output "
                     "token and decode tokens/s, with the key/value cache and without it "

@@ -1,7 +1,9 @@
-"""Generation with the Flax model: prefill and one-token decode over a key/value cache, each
-one jitted function over `nnx.split` state, reused for every token. Mirrors
-torch_reference/sample.py; flax_gpt.core.generation runs the loop and says what the window
-and the sampling rule are.
+"""Generation with the Flax model over a key/value cache. By default the whole generation
+(prefill, every decode step and slide, sampling included) is one compiled program, a
+`lax.while_loop` over tokens on the device, so that a request costs one dispatch rather than
+one per token (`Loop`); with `loop=False` each step is its own jitted call, one per token,
+as torch_reference/sample.py runs them. flax_gpt.core.generation runs the host side of both
+and says what the window and the sampling rule are.
 
     import flax_gpt
 
@@ -12,10 +14,10 @@ and the sampling rule are.
 
 `cached=False` recomputes the whole window at every step (one jitted forward of fixed shape
 (B, seq_len), padded on the right): the uncached reference the tests and the decode bench
-hold the cache to.
-"""
+hold the cache to."""
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,31 +52,26 @@ def pick(logits, u, knobs, greedy):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else sample_tokens(logits, u, *knobs)
 
 
-def _donated_cache():
-    """The decode steps donate the cache on accelerators, so that XLA updates it in place;
-    on CPU buffers are not donated (see flax_gpt.train.donated)."""
-    return () if jax.default_backend() == "cpu" else ("cache",)
+def _donated(*names):
+    """The arguments a generation function donates on accelerators, so that XLA updates the
+    cache in place; on CPU buffers are not donated (see flax_gpt.train.donated)."""
+    return () if jax.default_backend() == "cpu" else names
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
-def _prefill(graphdef, state, ids, lengths, u, knobs, *, greedy):
-    logits, cache = nnx.merge(graphdef, state).prefill(ids, lengths)
+# ---- the steps, as plain functions of the model: jitted one by one (the step-by-step path)
+# ---- and traced together into one program (the loop path) --------------------------------
+
+def prefill(model, ids, lengths, u, knobs, greedy):
+    logits, cache = model.prefill(ids, lengths)
     return pick(logits, u, knobs, greedy), logits, cache
 
 
-@functools.cache
-def _decode_step():
-    @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"),
-                       donate_argnames=_donated_cache())
-    def step(graphdef, state, cache, tokens, positions, u, knobs, *, greedy):
-        logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, positions)
-        return pick(logits, u, knobs, greedy), logits, cache
-
-    return step
+def decode(model, cache, tokens, positions, u, knobs, greedy):
+    logits, cache = model.decode(tokens, cache, positions)
+    return pick(logits, u, knobs, greedy), logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",))
-def _merge(rows, fresh_logits, fresh, logits, cache, u, knobs, *, greedy):
+def merge(rows, fresh_logits, fresh, logits, cache, u, knobs, greedy):
     """Rows in `rows` take the logits and cache of a prefill (`fresh`), the others keep
     theirs; then each row's next token."""
     cache = jax.tree.map(lambda new, old: jnp.where(rows[:, None, None, None], new, old), fresh, cache)
@@ -82,21 +79,121 @@ def _merge(rows, fresh_logits, fresh, logits, cache, u, knobs, *, greedy):
     return pick(logits, u, knobs, greedy), logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
-def _forward(graphdef, state, windows, lengths, u, knobs, *, greedy):
-    logits = nnx.merge(graphdef, state)(windows)  # (B, S, V)
+def slide(model, cache, tokens, positions, kept, rows, u, knobs, greedy):
+    """A decode step in which the rows in `rows` re-encode their last tokens `kept` (B, keep)
+    from position 0 instead: their cache and logits come from a prefill."""
+    S = model.config.seq_len
+    _, logits, cache = decode(model, cache, tokens, jnp.minimum(positions, S - 1), u, knobs, greedy)
+    lengths = jnp.full(kept.shape[0], kept.shape[1], jnp.int32)
+    _, fresh_logits, fresh = prefill(model, kept, lengths, u, knobs, greedy)
+    return merge(rows, fresh_logits, fresh, logits, cache, u, knobs, greedy)
+
+
+def forward(model, windows, lengths, u, knobs, greedy):
+    logits = model(windows)  # (B, S, V)
     logits = logits[jnp.arange(windows.shape[0]), lengths - 1]  # (B, V)
     return pick(logits, u, knobs, greedy), logits
+
+
+def jitted(step, donate=()):
+    """`step` as one jitted function of (graphdef, state, *args), greedy static."""
+    @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=donate)
+    def run(graphdef, state, *args, greedy):
+        return step(nnx.merge(graphdef, state), *args, greedy=greedy)
+
+    return run
+
+
+# ---- the whole generation as one program -----------------------------------------------------
+
+class Loop(NamedTuple):
+    """The generation loop's state, on the device. Step i draws token i of every row (0 from
+    the prefill) with the uniforms us[i]."""
+
+    step: jax.Array  # tokens drawn so far
+    tokens: jax.Array  # (B,) the last drawn, not yet in the cache
+    positions: jax.Array  # (B,) where it goes: the window's length
+    window: jax.Array  # (B, S) the tokens at positions 0..positions-1, then stale ones
+    cache: tuple  # a LayerCache per layer
+    done: jax.Array  # (B,) rows that drew the stop token
+    slides: jax.Array  # steps at which some row's window slid
+    out: jax.Array  # (max_new_tokens, B) the tokens of each step
+    logits: jax.Array = None  # (max_new_tokens, B, V) with return_logits
+
+
+def _record(loop, tokens, logits, stop):
+    out = loop.out.at[loop.step].set(tokens)
+    kept = None if loop.logits is None else loop.logits.at[loop.step].set(logits)
+    return loop._replace(step=loop.step + 1, tokens=tokens, done=loop.done | (tokens == stop),
+                         out=out, logits=kept)
+
+
+def _advance(model, loop, us, knobs, stop, keep, greedy):
+    """One step of flax_gpt.core.generation.run's cached loop: each row's last token goes
+    into the cache and the next is drawn; if some row's window is full, its last `keep`
+    tokens are re-encoded from position 0 (lax.cond: the prefill runs only at a slide)."""
+    S = loop.window.shape[1]
+    u, rows = us[loop.step], jnp.arange(loop.tokens.shape[0])
+    full = loop.positions == S
+    kept = jnp.concatenate([loop.window[:, S - keep + 1:], loop.tokens[:, None]], axis=1)  # (B, keep)
+    tokens, logits, cache = jax.lax.cond(
+        full.any(),
+        lambda: slide(model, loop.cache, loop.tokens, loop.positions, kept, full, u, knobs, greedy),
+        lambda: decode(model, loop.cache, loop.tokens, loop.positions, u, knobs, greedy))
+    window = loop.window.at[rows, jnp.minimum(loop.positions, S - 1)].set(loop.tokens)
+    window = jnp.where(full[:, None], jnp.pad(kept, ((0, 0), (0, S - keep))), window)  # (B, S)
+    loop = loop._replace(positions=jnp.where(full, keep, loop.positions + 1), window=window,
+                         cache=cache, slides=loop.slides + full.any())
+    return _record(loop, tokens, logits, stop)
+
+
+def _steps(model, loop, us, limit, knobs, stop, keep, greedy):
+    """Steps until `limit` tokens per row are drawn or every row has stopped."""
+    return jax.lax.while_loop(lambda loop: (loop.step < limit) & ~loop.done.all(),
+                              lambda loop: _advance(model, loop, us, knobs, stop, keep, greedy), loop)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "keep", "return_logits"))
+def _start(graphdef, state, ids, lengths, window, us, limit, knobs, stop, *, greedy, keep,
+           return_logits):
+    """Prefill and the loop up to `limit` tokens per row, one program."""
+    model = nnx.merge(graphdef, state)
+    tokens, logits, cache = prefill(model, ids, lengths, us[0], knobs, greedy)
+    B = tokens.shape[0]
+    loop = Loop(jnp.int32(0), tokens, lengths, window, cache, jnp.zeros(B, bool), jnp.int32(0),
+                jnp.zeros(us.shape, jnp.int32),
+                jnp.zeros((*us.shape, logits.shape[-1]), logits.dtype) if return_logits else None)
+    return _steps(model, _record(loop, tokens, logits, stop), us, limit, knobs, stop, keep, greedy)
+
+
+@functools.cache
+def _resume():
+    @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "keep"),
+                       donate_argnames=_donated("loop"))
+    def resume(graphdef, state, loop, us, limit, knobs, stop, *, greedy, keep):
+        """More steps of a started loop, up to `limit` tokens per row."""
+        return _steps(nnx.merge(graphdef, state), loop, us, limit, knobs, stop, keep, greedy)
+
+    return resume
+
+
+_prefill, _merge, _forward = jitted(prefill), jax.jit(merge, static_argnames="greedy"), jitted(forward)
+
+
+@functools.cache
+def _decode():
+    return jitted(decode, donate=_donated("cache"))
 
 
 class FlaxDecoder:
     """The Flax model as flax_gpt.core.generation's decoder: each method takes numpy inputs,
     runs one jitted function, keeps the cache on the device and returns (tokens as numpy,
-    logits on the device)."""
+    logits on the device). With `loop` (the default), `start` and `resume` run the cached
+    generation itself on the device, many steps per call."""
 
-    def __init__(self, model, sampling):
+    def __init__(self, model, sampling, *, loop=True):
         self.graphdef, self.state = nnx.split(model)
-        self.greedy = sampling.greedy
+        self.greedy, self.loop = sampling.greedy, loop
         dtype = at_least_float32(model.embed.token.embedding.dtype)  # the parameters'
         self.knobs = (jnp.asarray(sampling.temperature or 1.0, dtype),
                       jnp.int32(sampling.kept(model.config.vocab_size)), jnp.asarray(sampling.top_p, dtype))
@@ -111,15 +208,15 @@ class FlaxDecoder:
         return np.asarray(tokens), logits
 
     def decode(self, tokens, positions, u):
-        tokens, logits, self.cache = _decode_step()(
+        tokens, logits, self.cache = _decode()(
             self.graphdef, self.state, self.cache, jnp.asarray(tokens, jnp.int32),
             jnp.asarray(positions, jnp.int32), self._u(u), self.knobs, greedy=self.greedy)
         return np.asarray(tokens), logits
 
     def slide(self, tokens, positions, kept, rows, u):
         """A decode step in which the rows in `rows` re-encode their last tokens `kept`
-        (B, keep) from position 0 instead: their cache and logits come from a prefill. Three
-        jitted calls, each also used on its own, so that a slide compiles little."""
+        (B, keep) from position 0 instead. Three jitted calls, each also used on its own, so
+        that a slide compiles little."""
         _, logits = self.decode(tokens, positions, u)
         _, fresh_logits, fresh = _prefill(self.graphdef, self.state, kept, np.full(len(kept), kept.shape[1], np.int32),
                                           self._u(u), self.knobs, greedy=self.greedy)
@@ -132,6 +229,36 @@ class FlaxDecoder:
                                   self.knobs, greedy=self.greedy)
         return np.asarray(tokens), logits
 
+    def start(self, ids, lengths, window, us, keep, stop_token, limit, return_logits=False):
+        """The prefill of `ids` (B, W) and the loop (see Loop) until `limit` tokens per row.
+        `window` (B, seq_len): the prompts' windows; `us` (max_new_tokens, B): every step's
+        uniforms. Returns the tokens drawn, numpy (steps, B)."""
+        # the buffers' rows rounded up to a power of two, so that few programs are compiled
+        us = np.pad(us, ((0, (1 << (len(us) - 1).bit_length()) - len(us)), (0, 0)))
+        self.us, self.keep, self.stop = self._u(us), keep, jnp.int32(-1 if stop_token is None else stop_token)
+        self.state_loop = _start(self.graphdef, self.state, ids, jnp.asarray(lengths), jnp.asarray(window),
+                                 self.us, limit, self.knobs, self.stop, greedy=self.greedy, keep=keep,
+                                 return_logits=return_logits)
+        return self._drawn(0)
+
+    def resume(self, limit):
+        """More steps of the loop `start` began, until `limit` tokens per row: the tokens drawn
+        since, numpy (steps, B)."""
+        drawn = int(self.state_loop.step)
+        self.state_loop = _resume()(self.graphdef, self.state, self.state_loop, self.us, limit,
+                                    self.knobs, self.stop, greedy=self.greedy, keep=self.keep)
+        return self._drawn(drawn)
+
+    def _drawn(self, since):
+        loop = self.state_loop
+        return np.asarray(loop.out[since:int(loop.step)])
+
+    def loop_results(self):
+        """(slides, per-step logits (steps, B, V) numpy or None) of the loop so far."""
+        loop = self.state_loop
+        logits = None if loop.logits is None else np.asarray(loop.logits[:int(loop.step)])
+        return int(loop.slides), logits
+
     @staticmethod
     def numpy(logits):
         return np.asarray(logits)
@@ -139,13 +266,14 @@ class FlaxDecoder:
 
 def generate(model, prompt_ids, max_new_tokens=100, *, temperature=1.0, top_k=0, top_p=1.0,
              seed=0, stop_token=None, window_keep=None, on_token=None, cached=True,
-             return_logits=False):
+             return_logits=False, loop=True):
     """Generate after `prompt_ids` (ids, or a list of id lists: a ragged batch) with the
     Flax `model` (put in eval mode). Returns a flax_gpt.core.generation.Generation; see
-    flax_gpt.core.generation.run for the options. torch_reference.generate takes the same
-    arguments, and the same seed gives the same tokens in both where their probabilities
-    agree."""
-    return generation.generate(FlaxDecoder, model, prompt_ids, max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, stop_token=stop_token,
-                               window_keep=window_keep, on_token=on_token, cached=cached,
-                               return_logits=return_logits)
+    flax_gpt.core.generation.run for the options. `loop` False: one jitted call per token
+    instead of the whole generation on the device (the same tokens). torch_reference.generate
+    takes the same arguments (but `loop`), and the same seed gives the same tokens in both
+    where their probabilities agree."""
+    return generation.generate(functools.partial(FlaxDecoder, loop=loop), model, prompt_ids,
+                               max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, stop_token=stop_token, window_keep=window_keep,
+                               on_token=on_token, cached=cached, return_logits=return_logits)

@@ -1,6 +1,9 @@
 """Inference in both frameworks: cached decode held to the full forward of the same tokens at
-every step (ragged prompts, across window slides), Flax against PyTorch token for token
-(greedy and sampled), and the inverse-CDF sampling rule itself."""
+every step (ragged prompts, across window slides), on each path (Flax's generation as one
+program on the device, Flax's one jitted call per token, PyTorch's steps), Flax against
+PyTorch token for token (greedy and sampled), and the inverse-CDF sampling rule itself."""
+
+import functools
 
 from types import SimpleNamespace
 
@@ -22,8 +25,16 @@ from parity_tests.conftest import CONFIGS, tensors_for
 from tests.conftest import assert_close
 from torch_reference import sample as torch_sample
 
-GENERATE = {"flax": flax_gpt.generate, "torch": torch_reference.generate}
-FRAMEWORKS = list(GENERATE)
+# Each generation path: "flax" runs the whole generation on the device (flax_gpt.sample.Loop),
+# "flax-step" one jitted call per token.
+GENERATE = {"flax": flax_gpt.generate, "flax-step": functools.partial(flax_gpt.generate, loop=False),
+            "torch": torch_reference.generate}
+FRAMEWORKS = ["flax", "torch"]
+def model_for(path, models):
+    """The Flax or PyTorch model of build_pair's `models` that `path` runs."""
+    return models[0] if path.startswith("flax") else models[1]
+
+
 # A trained model is confident: the top two logits of a greedy step stay this far apart.
 TRAINED_TOP2_GAP = 0.1
 
@@ -52,7 +63,7 @@ def last_logits(framework, model, texts):
     """(len(texts), V): each text's last-token logits from the plain forward of the text
     (all texts in one batch, right-padded)."""
     ids = generation.pad(texts, max(map(len, texts)))
-    if framework == "flax":
+    if framework.startswith("flax"):
         logits = np.asarray(flax_forward(model, jnp.asarray(ids)))
     else:
         with torch.no_grad():
@@ -73,7 +84,7 @@ def reference_logits(framework, model, prompts, tokens, keep=None):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_cached_decode_is_the_full_forward_at_every_step(config_name, framework, precision):
     config = CONFIGS[config_name]
-    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for(config_name), precision)))[framework]
+    model = model_for(framework, pair.build_pair(config, tensors_for(config_name), precision))
     prompts = ragged_prompts(config)
     n = 2 * config.seq_len + 2
     out = GENERATE[framework](model, prompts, n, temperature=0, return_logits=True)
@@ -83,29 +94,50 @@ def test_cached_decode_is_the_full_forward_at_every_step(config_name, framework,
                  rtol=0, atol=DIRECT[precision].layers)
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("path", FRAMEWORKS)
 @pytest.mark.parametrize("keep,attention", [(1, "explicit"), (16, "explicit"), (None, "fused")])
-def test_window_keep_and_fused_attention(framework, keep, attention):
+def test_window_keep_and_fused_attention(path, keep, attention):
     """keep 1 (the shortest re-encoding), keep = seq_len (re-encode at every step past the
     window) and fused attention in prefill and decode."""
     config = CONFIGS["tiny"]
-    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for("tiny"), attention=attention)))[framework]
+    model = model_for(path, pair.build_pair(config, tensors_for("tiny"), attention=attention))
     prompts = ragged_prompts(config, seed=1)
-    out = GENERATE[framework](model, prompts, 40, temperature=0, window_keep=keep, return_logits=True)
+    out = GENERATE[path](model, prompts, 40, temperature=0, window_keep=keep, return_logits=True)
     assert out.slides >= 2
     assert_close(np.stack(out.logits),
-                 reference_logits(framework, model, prompts, out.tokens, keep),
+                 reference_logits(path, model, prompts, out.tokens, keep),
                  rtol=0, atol=DIRECT["highest"].layers)
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_uncached_generation_draws_the_same_tokens(framework):
+@pytest.mark.parametrize("path", FRAMEWORKS)
+def test_uncached_generation_draws_the_same_tokens(path):
     config = CONFIGS["d36-3heads"]
-    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for("d36-3heads"))))[framework]
+    model = model_for(path, pair.build_pair(config, tensors_for("d36-3heads")))
     options = dict(temperature=0.9, top_k=30, top_p=0.95, seed=4)
-    cached = GENERATE[framework](model, ragged_prompts(config), 30, **options)
-    uncached = GENERATE[framework](model, ragged_prompts(config), 30, cached=False, **options)
+    cached = GENERATE[path](model, ragged_prompts(config), 30, **options)
+    uncached = GENERATE[path](model, ragged_prompts(config), 30, cached=False, **options)
     assert cached.tokens == uncached.tokens and cached.slides == uncached.slides >= 2
+
+
+@pytest.mark.parametrize("config_name", ["seq-len-1", "gpt2-options"])  # seq_len 1: a slide per step
+@pytest.mark.parametrize("precision", ["float64"], indirect=True)
+def test_the_loop_on_the_device_is_the_step_by_step_loop(config_name, precision):
+    """The whole generation as one program and one jitted call per token: the same tokens,
+    slides and stops, and logits within the layers' tolerance (XLA may fuse the one program
+    differently), sampled with a stop token, across slides. (Every other test here runs
+    Flax's loop on the device.)"""
+    config = CONFIGS[config_name]
+    model = pair.build_pair(config, tensors_for(config_name), precision)[0]
+    options = dict(temperature=1.1, top_k=20, top_p=0.9, seed=2, return_logits=True)
+    step = GENERATE["flax-step"](model, ragged_prompts(config), 2 * config.seq_len + 2, **options)
+    stop = step.tokens[1][config.seq_len]
+    options["stop_token"] = stop
+    step = GENERATE["flax-step"](model, ragged_prompts(config), 2 * config.seq_len + 2, **options)
+    loop = GENERATE["flax"](model, ragged_prompts(config), 2 * config.seq_len + 2, **options)
+    assert step.stopped[1] and step.slides >= 1
+    assert (loop.tokens, loop.stopped, loop.steps, loop.slides) == (step.tokens, step.stopped, step.steps, step.slides)
+    assert_close(np.stack(loop.logits), np.stack(step.logits), rtol=0, atol=DIRECT[precision].layers)
+    assert loop.first_token_s is None and step.first_token_s > 0  # one call: no token came earlier
 
 
 def counting_batch(config, batch_size, seed):
@@ -253,17 +285,19 @@ def test_greedy_takes_the_first_of_tied_logits(framework):
     assert np.asarray(pick(logits, None, None, True)).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_stop_token_and_streaming(framework):
+@pytest.mark.parametrize("path", FRAMEWORKS)
+def test_stop_token_and_streaming(path, monkeypatch):
     """A row stops after its stop token; the others go on; on_token sees every step's
-    tokens as they come, None for stopped rows; the result matches what was streamed."""
+    tokens as they come, None for stopped rows; the result matches what was streamed. The
+    loop on the device streams in calls of at most 3 steps here, so that several resume."""
+    monkeypatch.setattr(generation, "STREAM_CHUNK_MAX", 3)
     config = CONFIGS["tiny"]
-    model = dict(zip(FRAMEWORKS, pair.build_pair(config, tensors_for("tiny"))))[framework]
+    model = model_for(path, pair.build_pair(config, tensors_for("tiny")))
     prompts = ragged_prompts(config, seed=3)
-    free = GENERATE[framework](model, prompts, 20, temperature=0)
+    free = GENERATE[path](model, prompts, 20, temperature=0)
     stop = free.tokens[1][4]  # row 1's fifth token
     seen = []
-    out = GENERATE[framework](model, prompts, 20, temperature=0, stop_token=stop,
+    out = GENERATE[path](model, prompts, 20, temperature=0, stop_token=stop,
                               on_token=lambda step, tokens: seen.append((step, tokens)))
     row = free.tokens[1].index(stop) + 1
     assert out.tokens[1] == free.tokens[1][:row] and out.stopped[1]
@@ -274,3 +308,20 @@ def test_stop_token_and_streaming(framework):
     for b in (0, 2):  # unaffected unless they drew the stop token themselves
         cut = free.tokens[b].index(stop) + 1 if stop in free.tokens[b] else 20
         assert out.tokens[b] == free.tokens[b][:cut]
+
+
+def test_a_request_is_one_call_unless_streamed(monkeypatch):
+    """Without on_token the loop on the device never returns before the end; streamed, it
+    resumes in calls of at most STREAM_CHUNK_MAX steps. Requests whose lengths round up to
+    the same power of two share one compiled program."""
+    limits = []
+    resume = flax_sample.FlaxDecoder.resume
+    monkeypatch.setattr(flax_sample.FlaxDecoder, "resume", lambda self, limit: limits.append(limit) or resume(self, limit))
+    model = pair.build_pair(CONFIGS["tiny"], tensors_for("tiny"))[0]
+    flax_gpt.generate(model, [1, 2], 20, temperature=0)
+    compiled = flax_sample._start._cache_size()
+    flax_gpt.generate(model, [3, 4], 30, temperature=0)
+    assert limits == [] and flax_sample._start._cache_size() == compiled
+    monkeypatch.setattr(generation, "STREAM_CHUNK_MAX", 4)
+    flax_gpt.generate(model, [1, 2], 20, temperature=0, on_token=lambda step, tokens: None)
+    assert limits[-1] == 20 and all(0 < b - a <= 4 for a, b in zip([1, *limits], limits))

@@ -95,19 +95,19 @@ def test_decode_parity_command(run, tmp_path):
 
 def test_bench_decode_command(tmp_path):
     result = run_cli_here("bench-decode", "--preset", "tiny", "--batch-sizes", "1,2", "--contexts", "6",
-                     "--new-tokens", "3", "--rounds", "2", "--variants", "flax-jit-fp32,torch-eager-fp32",
+                     "--new-tokens", "3", "--rounds", "2", "--variants", "flax-loop-fp32,flax-step-fp32,torch-eager-fp32",
                      "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["complete"] and [s["batch_size"] for s in report["shapes"]] == [1, 2]
     assert report["memory_bandwidth_bytes_per_s"]["best"] > 0
     for shape in report["shapes"]:
-        assert shape["seq_len"] == 9 and "flax-jit-fp32 / torch-eager-fp32" in shape["flax_over_torch"]
+        assert shape["seq_len"] == 9 and "flax-loop-fp32 / torch-eager-fp32" in shape["flax_over_torch"]
         for r in shape["results"]:
             assert r["tpot_s"] > 0 and r["uncached_tpot_s"] > 0 and r["ttft_s"] > 0
             assert len(r["round_tpot_s"]) == 2 and r["bytes_per_step"] > 4 * report["matmul_params"]
             assert r["decode_tokens_per_s"] == pytest.approx(shape["batch_size"] / r["tpot_s"])
             assert 0 < r["bandwidth_fraction"] == pytest.approx(r["achieved_bytes_per_s"] / report["memory_bandwidth_bytes_per_s"]["best"])
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
-    bad = run_cli_here("bench-decode", "--variants", "flax-jit-fp64")
+    bad = run_cli_here("bench-decode", "--variants", "flax-loop-fp64")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "unknown variant" in bad.stderr

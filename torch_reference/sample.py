@@ -7,9 +7,11 @@ and the sampling rule are.
     model = torch_reference.load("run/weights.safetensors")
     out = torch_reference.generate(model, [1, 57, 9], 40, temperature=0.8, top_p=0.9, seed=1)
 
-`compile=True` (TorchDecoder) runs each step through torch.compile; `cached=False`
-recomputes the whole window at every step (the uncached reference).
+`compile=True` runs each step through torch.compile (on a GPU, the decode step as a CUDA
+graph); `cached=False` recomputes the whole window at every step (the uncached reference).
 """
+
+import functools
 
 import numpy as np
 import torch
@@ -46,7 +48,9 @@ class TorchDecoder:
     """The PyTorch model as flax_gpt.core.generation's decoder: each method takes numpy
     inputs, runs the model without autograd, keeps the cache on the model's device and
     returns (tokens as numpy, logits on the device). With `compile`, each step function
-    goes through torch.compile."""
+    goes through torch.compile, and on a GPU the decode step is a CUDA graph
+    (mode="reduce-overhead": one replay per token instead of a launch per kernel) over a
+    static cache, allocated once and written in place, whose addresses the graph keeps."""
 
     def __init__(self, model, sampling, *, compile=False):
         self.model, self.greedy = model, sampling.greedy
@@ -54,10 +58,25 @@ class TorchDecoder:
         self.device = next(model.parameters()).device
         self.dtype = at_least_float32(next(model.parameters()).dtype)
         self.cache = None
-        steps = (self._prefill, self._decode, self._forward)
+        self.graphs = compile and self.device.type == "cuda"
+        self.prefill_step, self.decode_step, self.forward_step = self._prefill, self._decode, self._forward
         if compile:
-            steps = (torch.compile(f) for f in steps)
-        self.prefill_step, self.decode_step, self.forward_step = steps
+            self.prefill_step, self.forward_step = torch.compile(self._prefill), torch.compile(self._forward)
+            self.decode_step = torch.compile(self._decode, mode="reduce-overhead" if self.graphs else None)
+
+    def _static(self, cache):
+        """With CUDA graphs, `cache` copied into the static cache (allocated at the first
+        prefill of each shape, its addresses marked static for torch.compile); else `cache`."""
+        if not self.graphs:
+            return cache
+        if self.cache is None or self.cache[0].k.shape != cache[0].k.shape:
+            self.cache = tuple(type(c)(*(t.clone() for t in c)) for c in cache)
+            for t in (t for c in self.cache for t in c):
+                torch._dynamo.mark_static_address(t)
+        for static, new in zip(self.cache, cache):
+            for s, n in zip(static, new):
+                s.copy_(n)
+        return self.cache
 
     def _prefill(self, ids, lengths, u):
         logits, cache = self.model.prefill(ids, lengths)
@@ -85,14 +104,16 @@ class TorchDecoder:
 
     def prefill(self, ids, lengths, u):
         with torch.no_grad():
-            tokens, logits, self.cache = self.prefill_step(self._in(ids), self._in(lengths),
-                                                           self._in(u, self.dtype))
+            tokens, logits, cache = self.prefill_step(self._in(ids), self._in(lengths), self._in(u, self.dtype))
+        self.cache = self._static(cache)
         return tokens.cpu().numpy(), logits
 
     def decode(self, tokens, positions, u):
         with torch.no_grad():
             tokens, logits, self.cache = self.decode_step(self.cache, self._in(tokens),
                                                           self._in(positions), self._in(u, self.dtype))
+        if self.graphs:  # the graph's outputs are overwritten by its next replay
+            logits = logits.clone()
         return tokens.cpu().numpy(), logits
 
     def slide(self, tokens, positions, kept, rows, u):
@@ -102,8 +123,9 @@ class TorchDecoder:
         with torch.no_grad():
             _, fresh_logits, fresh = self.prefill_step(self._in(kept), self._in(np.full(len(kept), kept.shape[1])),
                                                        self._in(u, self.dtype))
-            tokens, logits, self.cache = self._merge(self._in(rows, torch.bool), fresh_logits, fresh,
-                                                     logits, self.cache, self._in(u, self.dtype))
+            tokens, logits, cache = self._merge(self._in(rows, torch.bool), fresh_logits, fresh,
+                                                logits, self.cache, self._in(u, self.dtype))
+        self.cache = self._static(cache)
         return tokens.cpu().numpy(), logits
 
     def forward(self, windows, lengths, u):
@@ -118,10 +140,11 @@ class TorchDecoder:
 
 def generate(model, prompt_ids, max_new_tokens=100, *, temperature=1.0, top_k=0, top_p=1.0,
              seed=0, stop_token=None, window_keep=None, on_token=None, cached=True,
-             return_logits=False):
-    """flax_gpt.generate's twin, with the same arguments: generate after `prompt_ids` with
-    the PyTorch `model` (put in eval mode). Returns a flax_gpt.core.generation.Generation."""
-    return generation.generate(TorchDecoder, model, prompt_ids, max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, stop_token=stop_token,
-                               window_keep=window_keep, on_token=on_token, cached=cached,
-                               return_logits=return_logits)
+             return_logits=False, compile=False):
+    """flax_gpt.generate's twin, with the same arguments (but `compile`, see TorchDecoder,
+    for Flax's `loop`): generate after `prompt_ids` with the PyTorch `model` (put in eval
+    mode). Returns a flax_gpt.core.generation.Generation."""
+    return generation.generate(functools.partial(TorchDecoder, compile=compile), model, prompt_ids,
+                               max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, stop_token=stop_token, window_keep=window_keep,
+                               on_token=on_token, cached=cached, return_logits=return_logits)

@@ -128,8 +128,9 @@ class Generation:
     stopped: list  # True where the row ended on the stop token
     steps: int  # generation steps taken (the longest row's new tokens)
     slides: int  # steps at which some row's window slid (cached) or would have (uncached)
-    first_token_s: float  # prefill and the first token, seconds (time to first token)
-    decode_s: float  # every later step, seconds
+    first_token_s: float  # prefill and the first token, seconds (time to first token); None
+    #                       where the whole generation ran as one call (no token came earlier)
+    decode_s: float  # every later step, seconds (first_token_s None: the whole generation)
     logits: list = None  # with return_logits: per step, (B, V) numpy, what each token was drawn from
 
     @property
@@ -143,6 +144,32 @@ class Generation:
                 "decode_s": self.decode_s}
 
 
+class Rows:
+    """Each row's new tokens as the steps arrive: a row takes tokens until it draws the stop
+    token; `on_token(step, tokens)` sees each step, None for rows that stopped before it."""
+
+    def __init__(self, batch_size, stop_token, on_token):
+        self.tokens, self.done = [[] for _ in range(batch_size)], np.zeros(batch_size, bool)
+        self.stop_token, self.on_token, self.steps = stop_token, on_token, 0
+
+    def add(self, tokens):
+        emitted = [None if d else int(t) for d, t in zip(self.done, tokens)]
+        for row, token in zip(self.tokens, emitted):
+            if token is not None:
+                row.append(token)
+        if self.on_token:
+            self.on_token(self.steps, emitted)
+        if self.stop_token is not None:
+            self.done |= np.asarray(tokens) == self.stop_token
+        self.steps += 1
+
+
+# A streamed loop returns to the host about this often (seconds), so that tokens show as they
+# come while a request still costs few dispatches.
+STREAM_INTERVAL_S = 0.1
+STREAM_CHUNK_MAX = 64
+
+
 def run(decoder, prompt_ids, max_new_tokens, *, seq_len, vocab_size, seed=0, stop_token=None,
         window_keep=None, on_token=None, cached=True, return_logits=False):
     """Generate up to `max_new_tokens` tokens after each prompt with `decoder` (see
@@ -151,7 +178,9 @@ def run(decoder, prompt_ids, max_new_tokens, *, seq_len, vocab_size, seed=0, sto
     `on_token(step, tokens)` is called as each step's tokens arrive: `tokens` has one entry
     per row, None for rows that stopped earlier. A row stops after drawing `stop_token`; the
     run ends when every row has stopped or has `max_new_tokens` tokens. With `cached` False,
-    every step is the full forward of each row's window (the uncached reference).
+    every step is the full forward of each row's window (the uncached reference). A decoder
+    with `loop` True runs the cached steps itself (flax_gpt.sample.Loop): all in one call,
+    or, with `on_token`, in calls of about STREAM_INTERVAL_S each.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -160,10 +189,24 @@ def run(decoder, prompt_ids, max_new_tokens, *, seq_len, vocab_size, seed=0, sto
     check_seed(seed)  # numpy's generator would take some bad seeds and fail on others
     keep = check_window_keep(window_keep, seq_len)
     prompts = prompt_rows(prompt_ids, vocab_size)
+    B = len(prompts)
+    # us[i]: step i's draws; drawing them at once gives the numbers drawn one step at a time
+    us = np.random.default_rng(seed).random((max_new_tokens, B))
+    rows = Rows(B, stop_token, on_token)
+    if cached and getattr(decoder, "loop", False):
+        first_token_s, decode_s, slides, logits = _on_the_device(decoder, prompts, us, rows, seq_len,
+                                                                 keep, stop_token, return_logits)
+    else:
+        first_token_s, decode_s, slides, logits = _step_by_step(decoder, prompts, us, rows, seq_len,
+                                                                keep, cached, return_logits)
+    return Generation(prompts, rows.tokens, [bool(d) for d in rows.done], rows.steps, slides,
+                      first_token_s, decode_s, logits)
+
+
+def _step_by_step(decoder, prompts, us, rows, seq_len, keep, cached, return_logits):
+    """`run`'s loop on the host: one decoder call per step. Returns (first_token_s, decode_s,
+    slides, logits)."""
     texts = [list(p) for p in prompts]  # everything each row's model has seen or drawn
-    B = len(texts)
-    rng = np.random.default_rng(seed)
-    out, done = [[] for _ in range(B)], np.zeros(B, bool)
     logits_log = [] if return_logits else None
 
     def uncached_step(u):
@@ -176,26 +219,20 @@ def run(decoder, prompt_ids, max_new_tokens, *, seq_len, vocab_size, seed=0, sto
         windows = [window(t, seq_len, keep) for t in texts]
         positions = np.array([len(w) for w in windows], np.int32)  # where each next token goes
         tokens, logits = decoder.prefill(pad(windows, prefill_width(positions.max(), seq_len)),
-                                         positions, rng.random(B))
+                                         positions, us[0])
     else:
-        tokens, logits = uncached_step(rng.random(B))
+        tokens, logits = uncached_step(us[0])
     first_token_s = time.perf_counter() - start
-    slides, step = 0, 0
-    for step in range(max_new_tokens):
+    slides = 0
+    for step in range(len(us)):
         if return_logits:
             logits_log.append(decoder.numpy(logits))
-        emitted = [None if done[b] else int(tokens[b]) for b in range(B)]
-        for b, token in enumerate(tokens):
-            texts[b].append(int(token))
-            if not done[b]:
-                out[b].append(int(token))
-        if on_token:
-            on_token(step, emitted)
-        if stop_token is not None:
-            done |= np.asarray(tokens) == stop_token
-        if step + 1 == max_new_tokens or done.all():
+        for text, token in zip(texts, tokens):
+            text.append(int(token))
+        rows.add(tokens)
+        if step + 1 == len(us) or rows.done.all():
             break
-        u = rng.random(B)
+        u = us[step + 1]
         if not cached:
             slides += any(len(t) > seq_len and window_length(len(t), seq_len, keep) == keep
                           for t in texts)
@@ -210,8 +247,34 @@ def run(decoder, prompt_ids, max_new_tokens, *, seq_len, vocab_size, seed=0, sto
         else:
             tokens, logits = decoder.decode(tokens, positions, u)
             positions = positions + 1
-    return Generation(prompts, out, [bool(d) for d in done], step + 1, slides, first_token_s,
-                      time.perf_counter() - start - first_token_s, logits_log)
+    return first_token_s, time.perf_counter() - start - first_token_s, slides, logits_log
+
+
+def _on_the_device(decoder, prompts, us, rows, seq_len, keep, stop_token, return_logits):
+    """`run`'s cached loop on the device (decoder.start / resume): one call for the whole
+    generation, or, with an on_token to feed, a first call for the first token and then
+    calls sized to take about STREAM_INTERVAL_S. Returns what _step_by_step does."""
+    windows = [window(p, seq_len, keep) for p in prompts]
+    positions = np.array([len(w) for w in windows], np.int32)
+    start = time.perf_counter()
+    streamed = rows.on_token is not None
+    drawn = decoder.start(pad(windows, prefill_width(positions.max(), seq_len)), positions,
+                          pad(windows, seq_len), us, keep, stop_token,
+                          1 if streamed else len(us), return_logits)
+    first_token_s = time.perf_counter() - start if streamed else None
+    called = start
+    while True:
+        for tokens in drawn:
+            rows.add(tokens)
+        if rows.steps == len(us) or rows.done.all():
+            break
+        per_token = (time.perf_counter() - called) / len(drawn)  # the last call's, compile included
+        chunk = int(np.clip(STREAM_INTERVAL_S / max(per_token, 1e-9), 1, STREAM_CHUNK_MAX))
+        called = time.perf_counter()
+        drawn = decoder.resume(min(len(us), rows.steps + chunk))
+    slides, logits = decoder.loop_results()
+    total = time.perf_counter() - start
+    return first_token_s, total - (first_token_s or 0), slides, None if logits is None else list(logits)
 
 
 def generate(decoder_class, model, prompt_ids, max_new_tokens, *, temperature, top_k, top_p,

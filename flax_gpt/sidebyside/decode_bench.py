@@ -3,14 +3,18 @@ cache and without it, beside the memory-bandwidth bound.
 
 For each batch size B and context length C, the model is the config with seq_len = C +
 `new_tokens` (random weights, vocabulary padded as the train bench pads it), and every row's
-prompt is C random tokens. Each variant (Flax jax.jit fp32 / bf16, PyTorch eager fp32 / bf16
-autocast, torch.compile fp32 / bf16) runs the real generation steps of flax_gpt.sample /
-torch_reference.sample, greedy, each step ending with its tokens on the host:
+prompt is C random tokens. Each variant runs the real generation code of flax_gpt.sample /
+torch_reference.sample, greedy: Flax fp32 / bf16 with the whole generation on the device
+(`flax-loop`: flax_gpt.sample.Loop, what flax_gpt.generate runs) and with one jitted call per
+token (`flax-step`), PyTorch eager fp32 / bf16 autocast and torch.compile fp32 / bf16 (on a
+GPU its decode step a CUDA graph over a static cache), one call per token:
 
-- prefill: the C-token prompts encoded and the first token drawn. Its time is the time to
-  first token (TTFT); B * C over it is the prefill tokens/s;
-- cached decode: `new_tokens` one-token steps at positions C, C + 1, ...; the median step is
-  the time per output token (TPOT), and B over it the decode tokens/s;
+- prefill: the C-token prompts encoded and the first token drawn, on the host. Its time is
+  the time to first token (TTFT); B * C over it is the prefill tokens/s;
+- cached decode: `new_tokens` one-token steps at positions C, C + 1, ...: the time per
+  output token (TPOT) is the median step, each ending with its tokens on the host, or, for
+  flax-loop, the one call that runs them all over `new_tokens`; B over it is the decode
+  tokens/s;
 - uncached decode: the same steps as the full forward of each row's window (fixed shape
   (B, seq_len), what generation did before the cache); `cache_speedup` is its median step
   time over the cached one.
@@ -44,7 +48,8 @@ from flax_gpt.core.files import check_writable, save_figure, write_json
 from flax_gpt.core.streams import synthetic_batch
 from flax_gpt.sidebyside.bench import Skip, kind, matmul_params, pad_vocab, select_variants
 
-VARIANTS = ("flax-jit-fp32", "flax-jit-bf16", "torch-eager-fp32", "torch-eager-bf16",
+VARIANTS = ("flax-loop-fp32", "flax-loop-bf16", "flax-step-fp32", "flax-step-bf16", "torch-eager-fp32",
+            "torch-eager-bf16",
             "torch-compile-fp32", "torch-compile-bf16")
 BANDWIDTH_BYTES = 256 * 2 ** 20  # per copy: far past any CPU cache
 
@@ -90,20 +95,33 @@ class DecodeVariant:
         self.ttft, self.tpot, self.uncached = [], [], []  # seconds: per round, per step, per step
 
     def run(self, ids, steps, seq_len, timed=True):
-        """One prefill, `steps` cached decode steps and `steps` uncached ones."""
+        """One prefill, `steps` cached decode steps and `steps` uncached ones. A decoder that
+        runs its loop on the device (`loop`) runs the prefill and first token in one call and
+        the decode steps in another: its TPOT is that call's time over `steps`, one figure
+        per round."""
         B, C = ids.shape
         lengths, u, d = np.full(B, C, np.int32), np.zeros(B), self.decoder
         windows = generation.pad(ids, seq_len)
         with self.context():
-            start = time.perf_counter()
-            tokens, _ = d.prefill(ids, lengths, u)
-            ttft = [time.perf_counter() - start]
-            tpot, uncached = [], []
-            for i in range(steps):
-                windows[:, C + i] = tokens  # the token this step feeds, for the uncached steps
+            if getattr(d, "loop", False):
                 start = time.perf_counter()
-                tokens, _ = d.decode(tokens, lengths + i, u)
-                tpot.append(time.perf_counter() - start)
+                first = d.start(ids, lengths, windows, np.zeros((steps + 1, B)), 1, None, 1)  # (1, B)
+                ttft = [time.perf_counter() - start]
+                start = time.perf_counter()
+                drawn = d.resume(steps + 1)  # (steps, B): every decode step in one call
+                tpot = [(time.perf_counter() - start) / steps]
+                windows[:, C:C + steps] = np.concatenate([first, drawn[:-1]]).T  # what the steps fed
+            else:
+                start = time.perf_counter()
+                tokens, _ = d.prefill(ids, lengths, u)
+                ttft = [time.perf_counter() - start]
+                tpot = []
+                for i in range(steps):
+                    windows[:, C + i] = tokens  # the token this step feeds, for the uncached steps
+                    start = time.perf_counter()
+                    tokens, _ = d.decode(tokens, lengths + i, u)
+                    tpot.append(time.perf_counter() - start)
+            uncached = []
             for i in range(steps):
                 start = time.perf_counter()
                 d.forward(windows, lengths + i + 1, u)
@@ -130,7 +148,8 @@ def build(name, config, tensors, device):
         model = flax_model.GPT(config, rngs=nnx.Rngs(0), dtype=compute)
         flax_model.set_canonical(model, tensors)
         model.eval()
-        return DecodeVariant(FlaxDecoder(model, greedy), contextlib.nullcontext, jnp.dtype(compute).itemsize)
+        return DecodeVariant(FlaxDecoder(model, greedy, loop="loop" in name), contextlib.nullcontext,
+                             jnp.dtype(compute).itemsize)
     import torch
 
     from torch_reference import model as torch_model
@@ -201,7 +220,7 @@ def bench_shape(config, *, batch_size, context, new_tokens, variants, rounds, de
             "results": [{"variant": name, **results[name]} for name in variants]}
 
 
-def ratios(shape, numerator="flax-jit-fp32", denominators=("torch-eager-fp32", "torch-compile-fp32")):
+def ratios(shape, numerator="flax-loop-fp32", denominators=("torch-eager-fp32", "torch-compile-fp32")):
     """Decode tokens/s of `numerator` over each of `denominators` in one shape's report."""
     rates = {r["variant"]: r.get("decode_tokens_per_s") for r in shape["results"]}
     return {f"{numerator} / {d}": rates[numerator] / rates[d] for d in denominators
