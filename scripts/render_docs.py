@@ -1,17 +1,22 @@
-"""Render the measured tables of README.md (and docs/*.md) from the committed result files.
+"""Render the measured tables and plots of README.md and docs/*.md from the committed result files.
 
 Every measured table sits between `<!-- render: KIND FILE -->` and `<!-- /render -->`, and is
-made here from FILE (under benchmarks/results/), never typed by hand. Each table ends with
-the line saying where its figures come from: the command, the stack, the commit and the
-date that FILE records. A result file without those fields predates the schema: re-run its
-command, or delete it and the table.
+made here from FILE (under benchmarks/results/), never typed by hand; FILE may be several,
+comma-separated, for the kinds that sum up several files (`parity-tiers`, and `headline`,
+whose files are KIND:FILE). Each table ends with the line saying where its figures come
+from: the command, the stack, the commit and the date that FILE records. A result file
+without those fields predates the schema: re-run its command, or delete it and the table.
+The kinds with a plot also write a PNG beside FILE, made from it and stamped with its
+sha256, and show it on the page.
 
-    python scripts/render_docs.py            # rewrite the tables in place
-    python scripts/render_docs.py --check    # exit 1 if a table differs from its file
+    python scripts/render_docs.py            # rewrite the tables and plots
+    python scripts/render_docs.py --check    # exit 1 if a table or plot differs from its file
 """
 
 import argparse
+import hashlib
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -19,10 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from flax_gpt.core.files import atomic_file  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flax_gpt.core.files import atomic_file, save_figure  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = re.compile(r"(<!-- render: (\S+) (\S+) -->\n)(.*?)(<!-- /render -->)", re.S)
 PROVENANCE = ("command", "commit", "date", "versions")
+STAMP = "source-sha256"  # the PNG text chunk naming the bytes of the file it was drawn from
 
 
 class StaleResult(Exception):
@@ -189,19 +197,308 @@ def bench(name):
             + f"\n\n{note}.\n\n" + source(name, result))
 
 
+def layer_errors(result):
+    """Per layer output (embed, layer 0, ...): Flax against PyTorch forward (absolute) and
+    backward (the loss's gradient at that output, relative), and forward against float64."""
+    rows = {r["quantity"]: r for r in result["rows"]}
+    names = [q for q in rows if q == "embed output" or re.fullmatch(r"layer \d+ output", q)]
+    backward = next(r["figures"]["per_layer_rel"] for q, r in rows.items() if q.startswith("output gradients"))
+    truth = [rows[f"{q} vs float64"]["max_abs"] for q in names if f"{q} vs float64" in rows]
+    return names, [rows[q]["max_abs"] for q in names], [backward[q] for q in names], truth
+
+
+def parity_plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, forward, backward, truth = layer_errors(result)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    x = range(len(names))
+    floor = 1e-20  # an exact 0 has no place on a log axis
+    ax.semilogy(x, [max(v, floor) for v in forward], "o-", label="forward: |flax - torch| of the output")
+    ax.semilogy(x, [max(v, floor) for v in backward], "s--",
+                label="backward: gradient at the output, relative")
+    if truth:
+        ax.semilogy(x, [max(v, floor) for v in truth], "^:", label="forward: flax's error against float64")
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_ylabel("max difference")
+    ax.set_title(f"parity per layer: {result['config']['n_layers']} layers, d_model "
+                 f"{result['config']['d_model']}, {result['precision']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def parity_tiers(names):
+    """Several `flax-gpt parity --json` results side by side, one column per precision: the
+    largest difference of each kind between the frameworks, and Flax's against the float64
+    truth (the rows that judge the tiers below float64)."""
+    results = [(name, load(name)) for name in names]
+    layer = r"(embed|layer \d+) output"
+    kinds = [("layer outputs, Flax - PyTorch", layer),
+             ("logits, Flax - PyTorch", r"logits(: flax - torch)?"),
+             ("loss, Flax - PyTorch", r"loss(: flax - torch)?"),
+             ("gradients, Flax - PyTorch", r"gradients \(\d+ tensors\)"),
+             ("train loss per step, Flax - PyTorch", r"train loss, (each of )?\d+ AdamW steps(: flax - torch)?"),
+             ("layer outputs, Flax's error against float64", layer + " vs float64"),
+             ("logits, against float64", r"logits vs float64"),
+             ("gradients (relative), against float64", r"gradients \(\d+ tensors, relative\) vs float64"),
+             ("train loss (10-step medians), against float64", r"train loss vs float64.*"),
+             ("parameters after training (relative), against float64", r"parameters after \d+ steps \(relative\) vs float64")]
+
+    def worst(result, pattern):
+        rows = [r for r in result["rows"] if re.fullmatch(pattern, r["quantity"])]
+        return f"{max(r['max_abs'] for r in rows):.1e}" if rows else "-"
+
+    rows = [[label, *(worst(r, pattern) for _, r in results)] for label, pattern in kinds]
+    rows.append(["verdict", *("passed" if r["passed"] else "FAILED" for _, r in results)])
+    return (table(["largest difference", *(r["precision"] for _, r in results)], rows)
+            + "\n\n" + "\n\n".join(source(name, r) for name, r in results))
+
+
+def compare(name):
+    """One `flax-gpt compare --json` report: each trainer's losses, and compare's judgement."""
+    result = load(name)
+    runs = result["frameworks"]
+    labels = {"flax": "Flax", "torch": "PyTorch", "torch-1ulp": "PyTorch, weights one ulp away"}
+
+    def last_val(run):
+        return f"{run['val'][-1]['val_loss']:.4f} (step {run['val'][-1]['step']})" if run["val"] else "-"
+
+    rows = [[labels.get(k, k), f"{r['loss'][-1]:.4f}", last_val(r), f"{r['seconds']:.0f} s",
+             f"{r['tokens_per_s']:,.0f}"] for k, r in runs.items()]
+    j = result["judgement"]
+    if "bounds" in j:
+        over = [i for i, (g, b) in enumerate(zip(j["window_gap"], j["bounds"])) if g > b]
+        width = result["steps"] // len(j["bounds"])
+        said = (f"{len(j['bounds']) - len(over)} of {len(j['bounds'])} windows within the bound"
+                + ("" if not over else "; over it: " + ", ".join(
+                    f"steps {i * width + 1}-{(i + 1) * width} ({j['window_gap'][i]:.1e} against "
+                    f"{j['bounds'][i]:.1e})" for i in over)))
+    else:
+        said = f"worst {j['worst']:.1e}" if "worst" in j else "not judged"
+    c, t = result["config"], result["train"]
+    verdict = {True: "passed", False: "FAILED", None: "not judged"}[j["passed"]]
+    return (table(["trainer", "final train loss", "val loss", "seconds", "tokens/s"], rows)
+            + f"\n\n{result['steps']} steps, batch {t['batch_size']} x {c['seq_len']}, lr {t['lr']:g}, "
+              f"{result['precision']}; d_model {c['d_model']}, {c['n_layers']} layers, vocabulary "
+              f"{c['vocab_size']:,}; unigram baseline {result['unigram_baseline_loss']:.4f}. "
+              f"Largest |flax - torch| {result['max_abs_loss_diff']:.1e}"
+              + (f", |torch - torch one ulp away| {result['noise_floor']['max_abs_loss_diff']:.1e}"
+                 if result.get("noise_floor") else "")
+            + f".\n\ncompare's judgement ({j['rule']}): **{verdict}**, {said}.\n\n"
+            + source(name, result))
+
+
+def compare_plot(result, path):
+    from flax_gpt.sidebyside import compare as sidebyside
+
+    loss = {k: np.asarray(r["loss"]) for k, r in result["frameworks"].items()}
+    floor = result.get("noise_floor")
+    sidebyside.plot(path, result["frameworks"], np.abs(loss["flax"] - loss["torch"]),
+                    result["unigram_baseline_loss"], None if floor is None else np.asarray(floor["loss_diff"]))
+
+
+def bench_plot(result, path):
+    from flax_gpt.sidebyside import bench as sidebyside
+
+    sidebyside.plot(path, [result])
+
+
+def bench_decode(name):
+    """One `flax-gpt bench-decode --json` result: per batch size and context, each variant."""
+    result = load(name)
+
+    def ms(s):
+        return f"{1000 * s:,.1f}"
+
+    rows = []
+    for shape in result["shapes"]:
+        for r in shape["results"]:
+            where = [shape["batch_size"], shape["context"], r["variant"]]
+            rows.append(where + ["skipped: " + r["skipped"]] + [""] * 8 if "skipped" in r else
+                        where + [f"{r['compile_s']:.1f}", ms(r["ttft_s"]), f"{r['prefill_tokens_per_s']:,.0f}",
+                                 ms(r["tpot_s"]), f"{r['decode_tokens_per_s']:,.0f}", ms(r["uncached_tpot_s"]),
+                                 f"{r['cache_speedup']:.1f}x", f"{r['speedup']:.2f}x",
+                                 f"{100 * r['bandwidth_fraction']:.0f}%"])
+    c = result["config"]
+    note = (f"{result['new_tokens']} new tokens, {result['rounds']} rounds, greedy, random weights; "
+            f"d_model {c['d_model']}, {c['n_layers']} layers, vocabulary {c['vocab_size']:,}; PyTorch on "
+            f"{result['torch_threads']} thread(s), {result['cpu_count']} CPUs; memory bandwidth measured "
+            f"{result['memory_bandwidth_bytes_per_s']['best'] / 1e9:.1f} GB/s; load average "
+            f"{min(min(a) for a in result['load_average']):.1f} to {max(max(a) for a in result['load_average']):.1f}"
+            + ("" if result["complete"] else "; the run was stopped part-way (`complete: false`)"))
+    return (table(["batch", "context", "variant", "compile s", "TTFT ms", "prefill tok/s", "TPOT ms",
+                   "decode tok/s", "uncached TPOT ms", "cache gain", f"speed / {result['shapes'][0]['speedup_of']}",
+                   "of bandwidth"], rows)
+            + f"\n\n{note}.\n\n" + source(name, result))
+
+
+def bench_decode_plot(result, path):
+    from flax_gpt.sidebyside import decode_bench
+
+    decode_bench.plot(path, result)
+
+
+def equivalence(name):
+    """scripts/ddp_equivalence.py: PyTorch on several ranks against one process."""
+    r = load(name)
+    t = r["train"]
+    return (table(["ranks", "sharding", "steps", "worst step, loss", "validation loss",
+                   "parameters after training"],
+                  [[r["nproc"], r["sharding"].upper(), r["steps"], f"{r['max_loss_diff']:.1e}",
+                    f"{r['max_val_loss_diff']:.1e}", f"{r['max_param_diff']:.1e}"]])
+            + f"\n\nAgainst one process on the same global batches (`tiny`, batch {t['batch_size']} as "
+              f"{t['grad_accum']} micro-batches, lr {t['lr']:g}, synthetic tokens), every figure the "
+              f"largest absolute difference.\n\n" + source(name, r))
+
+
+# ---- the headline table: one row per result file, each linking to its page -----------------
+
+def headline_parity(r):
+    tier = "float64 (the truth)" if r["precision"] == "float64" else r["precision"]
+    worst = max(x["max_abs"] for x in r["rows"] if x["quantity"] == "logits")
+    return (f"parity, {r['config']['n_layers']}-layer model, {tier}",
+            f"{'passed' if r['passed'] else 'FAILED'}; logits within {worst:.0e}", "parity.md")
+
+
+def headline_compare(r):
+    j = r["judgement"]
+    said = ("" if "bounds" not in j else
+            f" ({sum(g <= b for g, b in zip(j['window_gap'], j['bounds']))} of {len(j['bounds'])} windows)")
+    return (f"compare, {r['steps']} steps, {r['config']['n_layers']}-layer model",
+            f"largest loss gap {r['max_abs_loss_diff']:.1e}; judged against the noise floor: "
+            f"{'passed' if j['passed'] else 'failed'}{said}", "training.md")
+
+
+def headline_bench(r):
+    rate = {x["variant"]: x for x in r["results"] if "skipped" not in x}
+    flax = rate[r["speedup_of"]]
+    others = ", ".join(f"{x['speedup']:.2f}x {k}" for k, x in rate.items() if k.startswith("torch"))
+    return (f"train step, {r['config']['n_layers']}-layer model, batch {r['batch_size']}, {r['device']}",
+            f"{flax['tokens_per_s']:,.0f} tokens/s Flax; against it: {others}", "benchmarks.md")
+
+
+def headline_bench_decode(r):
+    shape = r["shapes"][0]
+    rate = {x["variant"]: x for x in shape["results"] if "skipped" not in x}
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in shape["flax_over_torch"].items())
+    flax = rate["flax-jit-fp32"]
+    return (f"decoding, {r['config']['n_layers']}-layer model, batch {shape['batch_size']}",
+            f"{flax['decode_tokens_per_s']:,.0f} tokens/s Flax, cache gain {flax['cache_speedup']:.1f}x; "
+            f"{ratios}", "inference.md")
+
+
+def headline_equivalence(r):
+    return (f"{r['sharding'].upper()} on {r['nproc']} ranks against one process",
+            f"loss within {r['max_loss_diff']:.0e}, parameters within {r['max_param_diff']:.0e}", "devices.md")
+
+
+def headline_false_alarms(r):
+    return ("parity on correct code (false alarms)",
+            f"{sum(not x['passed'] for x in r['runs'])} false alarms in {len(r['runs'])} runs", "parity.md")
+
+
+def headline_mutations(r):
+    n = len({o["mutation"] for o in r["outcomes"]})
+    return ("planted bugs", f"{n - len(r['missed'])} of {n} caught where expected, and located", "parity.md")
+
+
+HEADLINES = {"false-alarms": headline_false_alarms, "mutations": headline_mutations, "parity": headline_parity, "compare": headline_compare, "bench": headline_bench,
+             "bench-decode": headline_bench_decode, "equivalence": headline_equivalence}
+
+
+def headline(names):
+    rows = []
+    for pair in names:
+        kind, name = pair.split(":", 1)
+        result = load(name)
+        what, figure, page = HEADLINES[kind](result)
+        rows.append([f"[{what}](docs/{page})", figure,
+                     f"[`{name}`](benchmarks/results/{name}), {str(result['commit'])[:7]}, {result['date'][:10]}"])
+    return table(["what", "measured", "from"], rows)
+
+
+MULTI = {"parity-tiers": parity_tiers, "headline": headline}  # FILE is a comma-separated list
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
-             "faults": faults, "hf-parity": hf_parity, "bench": bench}
+             "faults": faults, "hf-parity": hf_parity, "bench": bench, "compare": compare,
+             "bench-decode": bench_decode, "equivalence": equivalence}
+PLOTS = {"parity": parity_plot, "compare": compare_plot, "bench": bench_plot,
+         "bench-decode": bench_decode_plot}
 
 
-def render(text):
-    """`text` with every block rendered from its file."""
+def figure(kind, name):
+    """The PNG a plotting kind draws from result file `name`: beside it, `compare`'s under the
+    name `flax-gpt compare` gives it."""
+    path = RESULTS / name
+    return path.parent / "loss.png" if kind == "compare" else path.with_suffix(".png")
+
+
+def digest(name):
+    return hashlib.sha256((RESULTS / name).read_bytes()).hexdigest()
+
+
+def draw(kind, name):
+    """Write the figure of (kind, name) from its file and stamp it with the file's sha256."""
+    from PIL import Image, PngImagePlugin
+
+    path = figure(kind, name)
+    result = load(name)
+    PLOTS[kind](result, path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(STAMP, digest(name))
+    info.add_text("Source", source(name, result))
+    with Image.open(path) as image:
+        image.load()
+    with atomic_file(path) as f:
+        image.save(f, format="png", pnginfo=info)
+
+
+def stale_figures(text):
+    """(kind, name, why) for each figure of `text`'s blocks that is missing or was drawn from
+    other bytes than its file holds now."""
+    from PIL import Image
+
+    stale = []
+    for m in BLOCK.finditer(text):
+        kind, name = m.group(2), m.group(3)
+        if kind not in PLOTS:
+            continue
+        path = figure(kind, name)
+        if not path.is_file():
+            stale.append((kind, name, f"{path.relative_to(ROOT)} is missing"))
+            continue
+        with Image.open(path) as image:
+            if image.text.get(STAMP) != digest(name):
+                stale.append((kind, name, f"{path.relative_to(ROOT)} was not drawn from {name} as it is now"))
+    return stale
+
+
+def render(text, base="benchmarks/results/"):
+    """`text` with every block rendered from its file; `base` is where the results folder is
+    seen from the page (links are made from the repository's root)."""
     def block(m):
         kind, name = m.group(2), m.group(3)
-        if kind not in RENDERERS:
-            raise StaleResult(f"unknown table kind {kind!r} (known: {', '.join(RENDERERS)})")
-        return m.group(1) + RENDERERS[kind](name) + "\n" + m.group(5)
+        if kind in MULTI:
+            body = MULTI[kind](name.split(","))
+        elif kind in RENDERERS:
+            body = RENDERERS[kind](name)
+            if kind in PLOTS:
+                png = os.path.relpath(figure(kind, name), RESULTS)
+                body = f"![{kind}: {name}](benchmarks/results/{png})\n\n" + body
+        else:
+            raise StaleResult(f"unknown table kind {kind!r} (known: {', '.join([*RENDERERS, *MULTI])})")
+        if base != "benchmarks/results/":
+            body = body.replace("](benchmarks/results/", f"]({base}").replace("](docs/", "](")
+        return m.group(1) + body + "\n" + m.group(5)
 
     return BLOCK.sub(block, text)
+
+
+def base_of(doc):
+    return os.path.relpath(RESULTS, doc.parent) + "/"
 
 
 def documents():
@@ -210,24 +507,29 @@ def documents():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="exit 1 if a table differs from its file")
+    p.add_argument("--check", action="store_true", help="exit 1 if a table or plot differs from its file")
     args = p.parse_args(argv)
     differ = []
     try:
         for doc in documents():
             text = doc.read_text()
-            new = render(text)
+            new = render(text, base_of(doc))
             if new != text:
-                differ.append(doc)
+                differ.append(str(doc.relative_to(ROOT)))
                 if not args.check:
                     with atomic_file(doc, "w") as f:  # a half-written README never stays
                         f.write(new)
+            for kind, name, why in stale_figures(new):
+                if args.check:
+                    differ.append(why)
+                else:
+                    draw(kind, name)
     except StaleResult as e:
         print(f"render_docs: {e}", file=sys.stderr)
         return 2
     if args.check and differ:
         print("render_docs: these differ from their result files (run python scripts/render_docs.py): "
-              + ", ".join(str(d.relative_to(ROOT)) for d in differ), file=sys.stderr)
+              + ", ".join(differ), file=sys.stderr)
         return 1
     print(("checked " if args.check else "rendered ") + ", ".join(str(d.relative_to(ROOT)) for d in documents()))
     return 0

@@ -1,5 +1,6 @@
-"""Every measured table in README.md and docs/ is what scripts/render_docs.py makes from its
-result file: a figure typed by hand, or a result file re-run without re-rendering, fails."""
+"""Every measured table and plot in README.md and docs/ is what scripts/render_docs.py makes
+from its result file: a figure typed by hand, a result file re-run without re-rendering, or a
+plot missing or drawn from other bytes, fails."""
 
 import importlib.util
 import json
@@ -23,7 +24,9 @@ def test_every_table_is_rendered_from_its_file(render_docs):
     for doc in render_docs.documents():
         text = doc.read_text()
         blocks += len(render_docs.BLOCK.findall(text))
-        assert render_docs.render(text) == text, f"{doc.name}: run python scripts/render_docs.py"
+        assert render_docs.render(text, render_docs.base_of(doc)) == text, \
+            f"{doc.name}: run python scripts/render_docs.py"
+        assert not render_docs.stale_figures(text), f"{doc.name}: run python scripts/render_docs.py"
     assert blocks, "no rendered table: nothing was checked"
 
 
