@@ -198,35 +198,53 @@ def bench(name):
 
 
 def layer_errors(result):
-    """Per layer output (embed, layer 0, ...): Flax against PyTorch forward (absolute) and
-    backward (the loss's gradient at that output, relative), and forward against float64."""
+    """The layer outputs (embed, layer 0, ...) and, per output, the largest Flax - PyTorch
+    difference forward (absolute), backward (the loss's gradient there, relative) and Flax's
+    forward error against float64; a list is empty where the tier does not measure it."""
     rows = {r["quantity"]: r for r in result["rows"]}
-    names = [q for q in rows if q == "embed output" or re.fullmatch(r"layer \d+ output", q)]
-    backward = next(r["figures"]["per_layer_rel"] for q, r in rows.items() if q.startswith("output gradients"))
+    names = [re.sub(" vs float64$", "", q) for q in rows if re.fullmatch(r"(embed|layer \d+) output( vs float64)?", q)]
+    names = list(dict.fromkeys(names))
+    backward = next((r["figures"]["per_layer_rel"] for q, r in rows.items() if q.startswith("output gradients")), {})
+    forward = [rows[q]["max_abs"] for q in names if q in rows]
     truth = [rows[f"{q} vs float64"]["max_abs"] for q in names if f"{q} vs float64" in rows]
-    return names, [rows[q]["max_abs"] for q in names], [backward[q] for q in names], truth
+    return names, forward, [backward[q] for q in names if q in backward], truth
 
 
-def parity_plot(result, path):
+def layer_panel(ax, result):
+    names, forward, backward, truth = layer_errors(result)
+    series = [(forward, "o-", "forward: |flax - torch| of the output"),
+              (backward, "s--", "backward: gradient at the output, relative"),
+              (truth, "^:", "forward: flax's error against float64")]
+    for i, (values, style, label) in enumerate(series):  # one colour per series in every panel
+        if not values:
+            continue
+        shown = [(x, v) for x, v in enumerate(values) if v > 0]  # an exact 0 has no place on a log axis
+        ax.semilogy(*(zip(*shown) if shown else ([], [])), style, color=f"C{i}", label=label)
+        for x, v in enumerate(values):
+            if v == 0:
+                ax.annotate("0 (exact)", (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4 + 12 * i),
+                            textcoords="offset points", ha="center", fontsize=7, color=f"C{i}")
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_title(f"{result['config']['n_layers']} layers, d_model {result['config']['d_model']}, "
+                 f"{result['precision']}", fontsize=9)
+    ax.legend(fontsize=6)
+
+
+def parity_plot(results, path):
+    """One panel per parity result: its error per layer output, forward and backward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, forward, backward, truth = layer_errors(result)
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    x = range(len(names))
-    floor = 1e-20  # an exact 0 has no place on a log axis
-    ax.semilogy(x, [max(v, floor) for v in forward], "o-", label="forward: |flax - torch| of the output")
-    ax.semilogy(x, [max(v, floor) for v in backward], "s--",
-                label="backward: gradient at the output, relative")
-    if truth:
-        ax.semilogy(x, [max(v, floor) for v in truth], "^:", label="forward: flax's error against float64")
-    ax.set_xticks(list(x), names, rotation=20)
-    ax.set_ylabel("max difference")
-    ax.set_title(f"parity per layer: {result['config']['n_layers']} layers, d_model "
-                 f"{result['config']['d_model']}, {result['precision']}")
-    ax.legend(fontsize=7)
+    cols = min(2, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 1, 3.6 * rows), squeeze=False, sharey=True)
+    for ax, result in zip(axes.flat, results):
+        layer_panel(ax, result)
+    for row in axes:
+        row[0].set_ylabel("max difference")
+    fig.suptitle("parity per layer output")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -281,7 +299,7 @@ def compare(name):
         said = f"worst {j['worst']:.1e}" if "worst" in j else "not judged"
     c, t = result["config"], result["train"]
     verdict = {True: "passed", False: "FAILED", None: "not judged"}[j["passed"]]
-    return (table(["trainer", "final train loss", "val loss", "seconds", "tokens/s"], rows)
+    return (table(["trainer", "final train loss", "val loss", "wall seconds (shared machine)", "tokens/s"], rows)
             + f"\n\n{result['steps']} steps, batch {t['batch_size']} x {c['seq_len']}, lr {t['lr']:g}, "
               f"{result['precision']}; d_model {c['d_model']}, {c['n_layers']} layers, vocabulary "
               f"{c['vocab_size']:,}; unigram baseline {result['unigram_baseline_loss']:.4f}. "
@@ -359,9 +377,12 @@ def equivalence(name):
 
 def headline_parity(r):
     tier = "float64 (the truth)" if r["precision"] == "float64" else r["precision"]
-    worst = max(x["max_abs"] for x in r["rows"] if x["quantity"] == "logits")
+    rows = {x["quantity"]: x["max_abs"] for x in r["rows"]}
+    said = f"Flax - PyTorch logits {rows.get('logits', rows.get('logits: flax - torch')):.0e}"
+    if "logits vs float64" in rows:
+        said += f", Flax's logits {rows['logits vs float64']:.0e} from float64"
     return (f"parity, {r['config']['n_layers']}-layer model, {tier}",
-            f"{'passed' if r['passed'] else 'FAILED'}; logits within {worst:.0e}", "parity.md")
+            f"{'passed' if r['passed'] else 'FAILED'}: {said}", "parity.md")
 
 
 def headline_compare(r):
@@ -376,9 +397,10 @@ def headline_compare(r):
 def headline_bench(r):
     rate = {x["variant"]: x for x in r["results"] if "skipped" not in x}
     flax = rate[r["speedup_of"]]
-    others = ", ".join(f"{x['speedup']:.2f}x {k}" for k, x in rate.items() if k.startswith("torch"))
+    others = ", ".join(f"{k} {x['speedup']:.2f}x" for k, x in rate.items() if k.startswith("torch"))
     return (f"train step, {r['config']['n_layers']}-layer model, batch {r['batch_size']}, {r['device']}",
-            f"{flax['tokens_per_s']:,.0f} tokens/s Flax; against it: {others}", "benchmarks.md")
+            f"{r['speedup_of']} {flax['tokens_per_s']:,.0f} tokens/s; speed relative to it: {others}",
+            "benchmarks.md")
 
 
 def headline_bench_decode(r):
@@ -387,8 +409,8 @@ def headline_bench_decode(r):
     ratios = ", ".join(f"{k} {v:.2f}x" for k, v in shape["flax_over_torch"].items())
     flax = rate["flax-jit-fp32"]
     return (f"decoding, {r['config']['n_layers']}-layer model, batch {shape['batch_size']}",
-            f"{flax['decode_tokens_per_s']:,.0f} tokens/s Flax, cache gain {flax['cache_speedup']:.1f}x; "
-            f"{ratios}", "inference.md")
+            f"flax-jit-fp32 {flax['decode_tokens_per_s']:,.0f} tokens/s, cache gain {flax['cache_speedup']:.1f}x; "
+            f"decode speed {ratios}", "inference.md")
 
 
 def headline_equivalence(r):
@@ -425,19 +447,26 @@ MULTI = {"parity-tiers": parity_tiers, "headline": headline}  # FILE is a comma-
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
              "faults": faults, "hf-parity": hf_parity, "bench": bench, "compare": compare,
              "bench-decode": bench_decode, "equivalence": equivalence}
-PLOTS = {"parity": parity_plot, "compare": compare_plot, "bench": bench_plot,
+PLOTS = {"parity": parity_plot, "parity-tiers": parity_plot, "compare": compare_plot, "bench": bench_plot,
          "bench-decode": bench_decode_plot}
 
 
 def figure(kind, name):
-    """The PNG a plotting kind draws from result file `name`: beside it, `compare`'s under the
-    name `flax-gpt compare` gives it."""
+    """The PNG a plotting kind draws from result file `name`: beside it (`compare`'s under the
+    name `flax-gpt compare` gives it); from several files, their names' common start + `all`."""
+    names = name.split(",")
+    if len(names) > 1:
+        return RESULTS / (os.path.commonprefix([Path(n).stem for n in names]) + "all.png")
     path = RESULTS / name
     return path.parent / "loss.png" if kind == "compare" else path.with_suffix(".png")
 
 
 def digest(name):
-    return hashlib.sha256((RESULTS / name).read_bytes()).hexdigest()
+    """sha256 of the bytes of the result file(s) `name` (comma-separated), in order."""
+    h = hashlib.sha256()
+    for n in name.split(","):
+        h.update((RESULTS / n).read_bytes())
+    return h.hexdigest()
 
 
 def draw(kind, name):
@@ -445,11 +474,11 @@ def draw(kind, name):
     from PIL import Image, PngImagePlugin
 
     path = figure(kind, name)
-    result = load(name)
-    PLOTS[kind](result, path)
+    results = [load(n) for n in name.split(",")]
+    PLOTS[kind](results if kind in MULTI or kind == "parity" else results[0], path)
     info = PngImagePlugin.PngInfo()
     info.add_text(STAMP, digest(name))
-    info.add_text("Source", source(name, result))
+    info.add_text("Source", " ".join(source(n, r) for n, r in zip(name.split(","), results)))
     with Image.open(path) as image:
         image.load()
     with atomic_file(path) as f:
@@ -468,11 +497,11 @@ def stale_figures(text):
             continue
         path = figure(kind, name)
         if not path.is_file():
-            stale.append((kind, name, f"{path.relative_to(ROOT)} is missing"))
+            stale.append((kind, name, f"{os.path.relpath(path, ROOT)} is missing"))
             continue
         with Image.open(path) as image:
             if image.text.get(STAMP) != digest(name):
-                stale.append((kind, name, f"{path.relative_to(ROOT)} was not drawn from {name} as it is now"))
+                stale.append((kind, name, f"{os.path.relpath(path, ROOT)} was not drawn from {name} as it is now"))
     return stale
 
 
@@ -485,11 +514,11 @@ def render(text, base="benchmarks/results/"):
             body = MULTI[kind](name.split(","))
         elif kind in RENDERERS:
             body = RENDERERS[kind](name)
-            if kind in PLOTS:
-                png = os.path.relpath(figure(kind, name), RESULTS)
-                body = f"![{kind}: {name}](benchmarks/results/{png})\n\n" + body
         else:
             raise StaleResult(f"unknown table kind {kind!r} (known: {', '.join([*RENDERERS, *MULTI])})")
+        if kind in PLOTS:
+            png = os.path.relpath(figure(kind, name), RESULTS)
+            body = f"![{kind}: {png}](benchmarks/results/{png})\n\n" + body
         if base != "benchmarks/results/":
             body = body.replace("](benchmarks/results/", f"]({base}").replace("](docs/", "](")
         return m.group(1) + body + "\n" + m.group(5)

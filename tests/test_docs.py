@@ -4,6 +4,7 @@ plot missing or drawn from other bytes, fails."""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,24 @@ def test_a_result_file_without_provenance_is_stale(render_docs, tmp_path, monkey
     (tmp_path / "old.json").write_text(json.dumps({"runs": [], "versions": {}}))
     with pytest.raises(render_docs.StaleResult, match="lacks command, commit, date"):
         render_docs.render("<!-- render: false-alarms old.json -->\n<!-- /render -->")
+
+
+def test_a_plot_missing_or_drawn_from_other_bytes_is_caught(render_docs, tmp_path, monkeypatch):
+    monkeypatch.setattr(render_docs, "RESULTS", tmp_path)
+    result = json.loads((ROOT / "benchmarks" / "results" / "parity_small_cpu.json").read_text())
+    (tmp_path / "p.json").write_text(json.dumps(result))
+    text = "<!-- render: parity p.json -->\n<!-- /render -->"
+    assert render_docs.stale_figures(text)[0][2].endswith("p.png is missing")
+    render_docs.draw("parity", "p.json")
+    assert render_docs.stale_figures(text) == []
+    result["rows"][0]["max_abs"] = 1.0  # the file re-run, the plot not redrawn
+    (tmp_path / "p.json").write_text(json.dumps(result))
+    assert "was not drawn from p.json" in render_docs.stale_figures(text)[0][2]
+
+
+def test_every_link_of_the_pages_leads_to_a_file():
+    link = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, _ in link.findall(doc.read_text()):
+            if "://" not in target:
+                assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which is missing"
