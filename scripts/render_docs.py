@@ -42,6 +42,7 @@ def load(name):
     if not path.is_file():
         raise StaleResult(f"{path} is missing")
     result = json.loads(path.read_text())
+    result = {**result.get("environment", {}), **result}  # a script may keep its record apart
     missing = [k for k in PROVENANCE if k not in result]
     if missing:
         raise StaleResult(f"{path} lacks {', '.join(missing)}: it predates the schema; re-run "
@@ -87,10 +88,10 @@ def parity(name):
     result = load(name)
     rows = [[r["quantity"], f"{r['max_abs']:.2e}", "-" if r["tolerance"] is None else f"{r['tolerance']:.1e}",
              "inconclusive" if r.get("inconclusive") else
-             "-" if r["passed"] is None else ("pass" if r["passed"] else "FAIL")]
+             "-" if r["passed"] is None else ("pass" if r["passed"] else "FAIL"), r["note"] or "-"]
             for r in result["rows"]]
     verdict = "passed" if result["passed"] else "FAILED"
-    return (table(["quantity", "max abs diff (Flax's error, for rows vs float64)", "tolerance", "verdict"], rows)
+    return (table(["quantity", "max abs diff (Flax's error, for rows vs float64)", "tolerance", "verdict", "note"], rows)
             + f"\n\nVerdict: {verdict}.\n\n" + source(name, result))
 
 
@@ -373,6 +374,21 @@ def equivalence(name):
               f"largest absolute difference.\n\n" + source(name, r))
 
 
+def gpt2_text(name):
+    """scripts/gpt2_text.py: a GPT-2-style `tiny` trained with GPT-2's BPE, and its samples."""
+    r = load(name)
+    e, d = r["eval"], r["dataset"]
+    valid = sum(sample["valid_utf8"] for sample in r["samples"])
+    return (table(["steps", "batch", "val loss per token", "bits per byte", "perplexity per byte",
+                   "samples that decode as valid UTF-8"],
+                  [[r["steps"], f"{r['batch_size']} x {r['seq_len']}", f"{e['loss']:.3f}",
+                    f"{e['bits_per_byte']:.2f}", f"{e['perplexity_per_byte']:.2f}",
+                    f"{valid} of {len(r['samples'])}"]])
+            + f"\n\nVocabulary {d['vocab_size']:,}; {d['train_tokens']:,} training tokens "
+              f"({d['train_bytes']:,} bytes), {e['tokens']:,} validation tokens evaluated "
+              f"({e['bytes']:,} bytes).\n\n" + source(name, r))
+
+
 # ---- the headline table: one row per result file, each linking to its page -----------------
 
 def headline_parity(r):
@@ -446,8 +462,8 @@ def headline(names):
 MULTI = {"parity-tiers": parity_tiers, "headline": headline}  # FILE is a comma-separated list
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
              "faults": faults, "hf-parity": hf_parity, "bench": bench, "compare": compare,
-             "bench-decode": bench_decode, "equivalence": equivalence}
-PLOTS = {"parity": parity_plot, "parity-tiers": parity_plot, "compare": compare_plot, "bench": bench_plot,
+             "bench-decode": bench_decode, "equivalence": equivalence, "gpt2-text": gpt2_text}
+PLOTS = {"parity": lambda result, path: parity_plot([result], path), "parity-tiers": parity_plot, "compare": compare_plot, "bench": bench_plot,
          "bench-decode": bench_decode_plot}
 
 
@@ -475,7 +491,7 @@ def draw(kind, name):
 
     path = figure(kind, name)
     results = [load(n) for n in name.split(",")]
-    PLOTS[kind](results if kind in MULTI or kind == "parity" else results[0], path)
+    PLOTS[kind](results if kind in MULTI else results[0], path)
     info = PngImagePlugin.PngInfo()
     info.add_text(STAMP, digest(name))
     info.add_text("Source", " ".join(source(n, r) for n, r in zip(name.split(","), results)))
@@ -510,12 +526,13 @@ def render(text, base="benchmarks/results/"):
     seen from the page (links are made from the repository's root)."""
     def block(m):
         kind, name = m.group(2), m.group(3)
-        if kind in MULTI:
-            body = MULTI[kind](name.split(","))
-        elif kind in RENDERERS:
-            body = RENDERERS[kind](name)
-        else:
+        if kind not in RENDERERS and kind not in MULTI:
             raise StaleResult(f"unknown table kind {kind!r} (known: {', '.join([*RENDERERS, *MULTI])})")
+        try:
+            body = MULTI[kind](name.split(",")) if kind in MULTI else RENDERERS[kind](name)
+        except KeyError as e:  # a file of an older schema than its renderer reads
+            raise StaleResult(f"{name} lacks {e}, which the {kind} table reads: it predates the "
+                              f"schema; re-run its command, or delete it and its table") from None
         if kind in PLOTS:
             png = os.path.relpath(figure(kind, name), RESULTS)
             body = f"![{kind}: {png}](benchmarks/results/{png})\n\n" + body

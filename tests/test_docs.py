@@ -64,3 +64,12 @@ def test_every_link_of_the_pages_leads_to_a_file():
         for target, _ in link.findall(doc.read_text()):
             if "://" not in target:
                 assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which is missing"
+
+
+def test_a_result_file_of_an_older_schema_is_stale(render_docs, tmp_path, monkeypatch):
+    monkeypatch.setattr(render_docs, "RESULTS", tmp_path)
+    result = json.loads((ROOT / "benchmarks" / "results" / "bench_small_cpu.json").read_text())
+    del result["results"][0]["mfu_causal"]  # a field the bench table reads, from before it was written
+    (tmp_path / "old.json").write_text(json.dumps(result))
+    with pytest.raises(render_docs.StaleResult, match="old.json lacks 'mfu_causal', which the bench table reads"):
+        render_docs.render("<!-- render: bench old.json -->\n<!-- /render -->")
