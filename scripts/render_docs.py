@@ -2,12 +2,13 @@
 
 Every measured table sits between `<!-- render: KIND FILE -->` and `<!-- /render -->`, and is
 made here from FILE (under benchmarks/results/), never typed by hand; FILE may be several,
-comma-separated, for the kinds that sum up several files (`parity-tiers`, and `headline`,
-whose files are KIND:FILE). Each table ends with the line saying where its figures come
+comma-separated, for the kinds that sum up several files (`parity-tiers`, `decode-parity`,
+and `headline`, whose files are KIND:FILE). Each table ends with the line saying where its figures come
 from: the command, the stack, the commit and the date that FILE records. A result file
 without those fields predates the schema: re-run its command, or delete it and the table.
-The kinds with a plot also write a PNG beside FILE, made from it and stamped with its
-sha256, and show it on the page.
+The kinds with a plot also write a PNG beside FILE (from several files, their names'
+common start + `all.png`), made from it and stamped with its sha256, and show it on the
+page; the PNG is redrawn when the stamp no longer matches (delete it to redraw it anyway).
 
     python scripts/render_docs.py            # rewrite the tables and plots
     python scripts/render_docs.py --check    # exit 1 if a table or plot differs from its file
@@ -183,9 +184,13 @@ def bench(name):
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    rows = [[r["variant"], "skipped: " + r["skipped"], "", "", "", ""] if "skipped" in r else
+    def gib(x):
+        return "-" if x is None else f"{x / 2**30:.2f} GiB"
+
+    rows = [[r["variant"], "skipped: " + r["skipped"], "", "", "", "", "", ""] if "skipped" in r else
             [r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['median_s']:.2f} s",
-             f"{r['speedup']:.2f}x", pct(r["mfu"]), pct(r["mfu_causal"])]
+             f"{r['speedup']:.2f}x", pct(r["mfu"]), pct(r["mfu_causal"]), f"{r['compile_s']:.1f}",
+             gib(r.get("peak_memory_bytes"))]
             for r in result["results"]]
     c = result["config"]
     note = (f"Batch {result['batch_size']} x {result['seq_len']} tokens, {result['precision']}, "
@@ -194,7 +199,7 @@ def bench(name):
             f"{result['flops_per_token_causal'] / 1e9:.2f}); peak of each variant: {'; '.join(sorted({r.get('peak_source', '-') for r in result['results']}))}; "
             f"config d_model {c['d_model']}, {c['n_layers']} layers, vocabulary {c['vocab_size']:,}")
     return (table(["variant", "tokens/s", "step (median)", f"speed / {result['speedup_of']}", "MFU",
-                   "MFU (causal)"], rows)
+                   "MFU (causal)", "compile s", "peak memory (XLA's; PyTorch's on a GPU only)"], rows)
             + f"\n\n{note}.\n\n" + source(name, result))
 
 
@@ -374,6 +379,41 @@ def equivalence(name):
               f"largest absolute difference.\n\n" + source(name, r))
 
 
+def decode_parity(names):
+    """Several `flax-gpt decode-parity --json` results, one row per precision."""
+    results = [(name, load(name)) for name in names]
+    rows = []
+    for _, r in results:
+        steps = len(r["step_logits_diff"])
+        tokens = (f"the same at all {steps} steps" if r["agree"] else
+                  f"part at step {r['first_mismatch']}" if r["first_mismatch"] is not None else "NaN in the logits")
+        rows.append([r["precision"], tokens, f"{r['max_logits_diff']:.1e}", f"{min(r['step_top2_gap']):.2e}",
+                     "none" if r["first_near_tie"] is None else f"step {r['first_near_tie']}", r["slides"]])
+    r = results[0][1]
+    return (table(["precision", "tokens", "max \\|logits Flax - PyTorch\\|", "smallest top-two gap",
+                   "first near tie", "window slides"], rows)
+            + f"\n\n{len(r['prompts'])} prompts in one ragged batch, {r['max_new_tokens']} new tokens each; "
+              f"steps count from 0.\n\n" + "\n\n".join(source(name, r) for name, r in results))
+
+
+def decode_parity_plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, r in enumerate(results):
+        ax.semilogy(r["step_logits_diff"], color=f"C{i}", label=f"{r['precision']}: max |logits flax - torch|")
+    ax.semilogy(results[0]["step_top2_gap"], color="k", lw=0.8, label="smallest top-two gap (PyTorch's logits)")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("logits")
+    ax.set_title("decoding in both frameworks: difference against the margin of the greedy choice")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def gpt2_text(name):
     """scripts/gpt2_text.py: a GPT-2-style `tiny` trained with GPT-2's BPE, and its samples."""
     r = load(name)
@@ -429,6 +469,13 @@ def headline_bench_decode(r):
             f"decode speed {ratios}", "inference.md")
 
 
+def headline_decode_parity(r):
+    said = (f"same tokens at all {len(r['step_logits_diff'])} steps" if r["agree"] else
+            f"tokens part at step {r['first_mismatch']}")
+    return (f"greedy decoding in both frameworks, {r['precision']}",
+            f"{said}; logits within {r['max_logits_diff']:.0e}", "inference.md")
+
+
 def headline_equivalence(r):
     return (f"{r['sharding'].upper()} on {r['nproc']} ranks against one process",
             f"loss within {r['max_loss_diff']:.0e}, parameters within {r['max_param_diff']:.0e}", "devices.md")
@@ -445,7 +492,8 @@ def headline_mutations(r):
 
 
 HEADLINES = {"false-alarms": headline_false_alarms, "mutations": headline_mutations, "parity": headline_parity, "compare": headline_compare, "bench": headline_bench,
-             "bench-decode": headline_bench_decode, "equivalence": headline_equivalence}
+             "bench-decode": headline_bench_decode, "decode-parity": headline_decode_parity,
+             "equivalence": headline_equivalence}
 
 
 def headline(names):
@@ -459,12 +507,12 @@ def headline(names):
     return table(["what", "measured", "from"], rows)
 
 
-MULTI = {"parity-tiers": parity_tiers, "headline": headline}  # FILE is a comma-separated list
+MULTI = {"parity-tiers": parity_tiers, "decode-parity": decode_parity, "headline": headline}  # FILE is a comma-separated list
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
              "faults": faults, "hf-parity": hf_parity, "bench": bench, "compare": compare,
              "bench-decode": bench_decode, "equivalence": equivalence, "gpt2-text": gpt2_text}
 PLOTS = {"parity": lambda result, path: parity_plot([result], path), "parity-tiers": parity_plot, "compare": compare_plot, "bench": bench_plot,
-         "bench-decode": bench_decode_plot}
+         "bench-decode": bench_decode_plot, "decode-parity": decode_parity_plot}
 
 
 def figure(kind, name):
