@@ -5,7 +5,8 @@ made here from FILE (under benchmarks/results/), never typed by hand; FILE may b
 comma-separated, for the kinds that sum up several files (`parity-tiers`, `decode-parity`,
 and `headline`, whose files are KIND:FILE). Each table ends with the line saying where its figures come
 from: the command, the stack, the commit and the date that FILE records. A result file
-without those fields predates the schema: re-run its command, or delete it and the table.
+without those fields (or the machine) predates the schema: re-run its command, or delete it
+and the table.
 The kinds with a plot also write a PNG beside FILE (from several files, their names'
 common start + `all.png`), made from it and stamped with its sha256, and show it on the
 page; the PNG is redrawn when the stamp no longer matches (delete it to redraw it anyway).
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 from flax_gpt.core.files import atomic_file, save_figure  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = re.compile(r"(<!-- render: (\S+) (\S+) -->\n)(.*?)(<!-- /render -->)", re.S)
-PROVENANCE = ("command", "commit", "date", "versions")
+PROVENANCE = ("command", "commit", "date", "versions", "machine")
 STAMP = "source-sha256"  # the PNG text chunk naming the bytes of the file it was drawn from
 
 

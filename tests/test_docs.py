@@ -73,3 +73,10 @@ def test_a_result_file_of_an_older_schema_is_stale(render_docs, tmp_path, monkey
     (tmp_path / "old.json").write_text(json.dumps(result))
     with pytest.raises(render_docs.StaleResult, match="old.json lacks 'mfu_causal', which the bench table reads"):
         render_docs.render("<!-- render: bench old.json -->\n<!-- /render -->")
+
+
+def test_every_result_file_records_its_command_stack_machine_and_commit(render_docs):
+    files = sorted(render_docs.RESULTS.rglob("*.json"))
+    assert files
+    for path in files:
+        render_docs.load(str(path.relative_to(render_docs.RESULTS)))  # StaleResult if not
