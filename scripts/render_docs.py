@@ -93,7 +93,8 @@ def parity(name):
              "-" if r["passed"] is None else ("pass" if r["passed"] else "FAIL"), r["note"] or "-"]
             for r in result["rows"]]
     verdict = "passed" if result["passed"] else "FAILED"
-    return (table(["quantity", "max abs diff (Flax's error, for rows vs float64)", "tolerance", "verdict", "note"], rows)
+    return (table(["quantity", "max abs diff (Flax's error, for rows vs float64)", "tolerance", "verdict",
+                   "note"], rows)
             + f"\n\nVerdict: {verdict}.\n\n" + source(name, result))
 
 
@@ -271,7 +272,8 @@ def parity_tiers(names):
              ("logits, against float64", r"logits vs float64"),
              ("gradients (relative), against float64", r"gradients \(\d+ tensors, relative\) vs float64"),
              ("train loss (10-step medians), against float64", r"train loss vs float64.*"),
-             ("parameters after training (relative), against float64", r"parameters after \d+ steps \(relative\) vs float64")]
+             ("parameters after training (relative), against float64",
+              r"parameters after \d+ steps \(relative\) vs float64")]
 
     def worst(result, pattern):
         rows = [r for r in result["rows"] if re.fullmatch(pattern, r["quantity"])]
@@ -492,7 +494,8 @@ def headline_mutations(r):
     return ("planted bugs", f"{n - len(r['missed'])} of {n} caught where expected, and located", "parity.md")
 
 
-HEADLINES = {"false-alarms": headline_false_alarms, "mutations": headline_mutations, "parity": headline_parity, "compare": headline_compare, "bench": headline_bench,
+HEADLINES = {"false-alarms": headline_false_alarms, "mutations": headline_mutations,
+             "parity": headline_parity, "compare": headline_compare, "bench": headline_bench,
              "bench-decode": headline_bench_decode, "decode-parity": headline_decode_parity,
              "equivalence": headline_equivalence}
 
@@ -508,12 +511,14 @@ def headline(names):
     return table(["what", "measured", "from"], rows)
 
 
-MULTI = {"parity-tiers": parity_tiers, "decode-parity": decode_parity, "headline": headline}  # FILE is a comma-separated list
+# the kinds whose FILE is a comma-separated list
+MULTI = {"parity-tiers": parity_tiers, "decode-parity": decode_parity, "headline": headline}
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
              "faults": faults, "hf-parity": hf_parity, "bench": bench, "compare": compare,
              "bench-decode": bench_decode, "equivalence": equivalence, "gpt2-text": gpt2_text}
-PLOTS = {"parity": lambda result, path: parity_plot([result], path), "parity-tiers": parity_plot, "compare": compare_plot, "bench": bench_plot,
-         "bench-decode": bench_decode_plot, "decode-parity": decode_parity_plot}
+PLOTS = {"parity": lambda result, path: parity_plot([result], path), "parity-tiers": parity_plot,
+         "compare": compare_plot, "bench": bench_plot, "bench-decode": bench_decode_plot,
+         "decode-parity": decode_parity_plot}
 
 
 def figure(kind, name):
