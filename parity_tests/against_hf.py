@@ -1,6 +1,6 @@
 """Both frameworks against Hugging Face's own GPT-2 (`transformers.GPT2LMHeadModel`), through
 the one adapter (flax_gpt/core/hf.py): the measurement behind parity_tests/test_hf.py and
-the README's figures.
+the figures of docs/models.md.
 
 A GPT-2 with every parameter randomised (biases and LayerNorm gains and biases too: GPT-2's
 own init leaves those at 0 and 1, where a bug would hide) is imported from its state_dict.

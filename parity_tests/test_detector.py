@@ -1,6 +1,6 @@
 """No false alarms: `flax-gpt parity` passes on correct code over seeds, random and real
 tokens, explicit and fused attention, every precision, and equivalent rewrites of one
-framework (parity_tests/detector.py; the full grid is its command, see README)."""
+framework (parity_tests/detector.py; the full grid is its command, see docs/parity.md)."""
 
 import concurrent.futures
 import multiprocessing
@@ -19,7 +19,7 @@ from tests.datasets import prepare_dataset
 TRAIN_STEPS = 8
 SWEPT = {"tiny": CONFIGS["tiny"], "d36-3heads": CONFIGS["d36-3heads"], "one-head": CONFIGS["one-head"]}
 TRAINED = {"tiny": CONFIGS["tiny"]}
-SEEDS = [0]  # the measured grid (README) sweeps three; one keeps the suite within its time
+SEEDS = [0]  # the measured grid (docs/parity.md) sweeps three; one keeps the suite within its time
 # jaxlib 0.7.1 sweeps in a fresh process without the compilation cache (see `sweep`): 28
 # minutes of the suite for the grid above. There the sweep is `tiny` on one seed; the grid
 # runs on the newest stack.

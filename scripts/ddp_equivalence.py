@@ -1,7 +1,7 @@
 """Hold PyTorch data parallel (DDP, `--nproc 2` on gloo; FSDP2 with --fsdp) to one process.
 Prints one JSON object: the worst per-step loss, validation loss and final parameter
-differences (README's DDP and FSDP figures; tests/test_ddp.py holds a short run to the same
-tolerances).
+differences, with the command, stack and commit (docs/devices.md's DDP and FSDP figures;
+tests/test_ddp.py holds a short run to the same tolerances).
 
     python scripts/ddp_equivalence.py --out DIR [--fsdp]
 
@@ -32,6 +32,7 @@ def main():
     from flax_gpt.core import runfolder, weights
     from flax_gpt.core.config import GPTConfig
     from flax_gpt.core.hparams import TrainConfig
+    from flax_gpt.sidebyside.pair import environment
 
     config = GPTConfig.preset("tiny")
     tc = TrainConfig(steps=args.steps, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=5)
@@ -44,16 +45,14 @@ def main():
     one, ddp = runs["one"], runs[label]
     _, a = weights.load(args.out / "one" / runfolder.WEIGHTS)
     _, b = weights.load(args.out / label / runfolder.WEIGHTS)
-    import torch
-
     print(json.dumps({
-        "nproc": args.nproc, "sharding": label, "torch": torch.__version__,
+        "nproc": args.nproc, "sharding": label,
         "config": config.to_dict(), "train": tc.to_dict(),
         "max_loss_diff": max(abs(x["loss"] - y["loss"]) for x, y in zip(one.steps, ddp.steps)),
         "max_val_loss_diff": max(abs(x["val_loss"] - y["val_loss"])
                                  for x, y in zip(one.evals, ddp.evals)),
         "max_param_diff": max(float(np.abs(a[k] - b[k]).max()) for k in a),
-        "steps": len(ddp.steps), "evaluations": len(ddp.evals)}))
+        "steps": len(ddp.steps), "evaluations": len(ddp.evals), **environment({})}))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ a JAX job of two processes with 2 fake CPU devices each): how many seconds after
 SIGTERM to one process, or kill -9 of one, every process of the job has exited, and how
 many after its last step a finished run has. The runs are those of tests/test_faults.py
 (tiny, synthetic, a checkpoint every 10 steps; tests/faulty.py slows each step by 0.1 s so
-that a signal lands mid-run). Writes a result file that README's "Several devices" table is
+that a signal lands mid-run). Writes a result file that docs/devices.md's faults table is
 rendered from (scripts/render_docs.py).
 
     python scripts/fault_times.py --out benchmarks/results/faults_cpu.json [--repeats 3]

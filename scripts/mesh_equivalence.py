@@ -1,8 +1,8 @@
 """Hold the Flax trainer on a device mesh to the single-device run, and check checkpoints of a
-sharded run. Prints one JSON object (README's table quotes it; tests/test_mesh.py runs it
+sharded run. Prints one JSON object (docs/devices.md describes it; tests/test_mesh.py runs it
 short).
 
-    python scripts/mesh_equivalence.py --kink-masked --float64 --checkpoints DIR   # README
+    python scripts/mesh_equivalence.py --kink-masked --float64 --checkpoints DIR   # the full run
 
 On `--devices` fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, set here
 before jax is imported), every mesh of `--meshes` trains each config of `--configs` from the

@@ -4,7 +4,7 @@ Times (median of repeats, one framework at a time) forward + backward of: one de
 (explicit and fused), its feed-forward, the prediction head with the loss, the loss alone, and the whole model;
 then every matmul shape of the step run alone, as the forward computes it (x @ W) and as
 the backward does (dX = dY @ W^T, dW = X^T @ dY, and dW^T = dY^T @ X, the layout PyTorch
-stores), in GFLOP/s. The README's benchmark section quotes these figures.
+stores), in GFLOP/s. docs/benchmarks.md says what they showed.
 Run: python scripts/profile_step.py [--batch-size 16]   (~2 minutes on 2 cores)
 """
 

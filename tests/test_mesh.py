@@ -8,7 +8,7 @@ layer, and a layer less halves the compilation). Another runs `train --mesh`, a 
 without it and `bench --mesh` through the CLI; a third, `train` as two JAX processes of 4
 devices, resumed in one. All compile with LLVM unoptimized (--fast-compile, see the script;
 XLA_FLAGS here): the HLO, the sharding and the collectives are the default build's, and both
-sides of each comparison compile alike. README's figures are the script's full run: 2
+sides of each comparison compile alike. The script's full run (docs/devices.md) is 2
 layers, 50 steps, default flags.
 """
 
@@ -67,7 +67,7 @@ def test_every_mesh_trains_as_one_device(report):
 def check_float32(name, runs):
     """Every step's loss within LOSS_TOL and the parameters after the last within PARAM_TOL,
     unmasked: over a few steps no ReLU unit sits within rounding of its kink (over 50 one
-    does; README)."""
+    does; docs/devices.md)."""
     for mesh in MESHES:
         run = runs[mesh]
         assert len(run["loss_diff"]) == STEPS
