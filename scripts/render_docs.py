@@ -466,9 +466,11 @@ def headline_bench_decode(r):
     shape = r["shapes"][0]
     rate = {x["variant"]: x for x in shape["results"] if "skipped" not in x}
     ratios = ", ".join(f"{k} {v:.2f}x" for k, v in shape["flax_over_torch"].items())
-    flax = rate["flax-jit-fp32"]
+    name = shape["speedup_of"]
+    best = max((x for k, x in rate.items() if k.startswith("torch")), key=lambda x: x["bandwidth_fraction"])
     return (f"decoding, {r['config']['n_layers']}-layer model, batch {shape['batch_size']}",
-            f"flax-jit-fp32 {flax['decode_tokens_per_s']:,.0f} tokens/s, cache gain {flax['cache_speedup']:.1f}x; "
+            f"{name} {rate[name]['decode_tokens_per_s']:,.0f} tokens/s, {100 * rate[name]['bandwidth_fraction']:.0f}% "
+            f"of the memory bandwidth (PyTorch's best, {best['variant']}: {100 * best['bandwidth_fraction']:.0f}%); "
             f"decode speed {ratios}", "inference.md")
 
 
