@@ -731,7 +731,9 @@ def add_bench_decode(sub):
                     "--new-tokens): prefill tokens/s, time to first token, time per output "
                     "token and decode tokens/s, with the key/value cache and without it "
                     "(the window recomputed per token); and the bytes a decode step must read "
-                    "against the machine's memory bandwidth, measured on the spot.")
+                    "against the machine's memory bandwidth, measured on the spot. A variant "
+                    "that cannot run here is skipped; one that raises is reported as crashed, "
+                    "and the exit status is then 1.")
     add_model_options(p, preset_default="small")
     p.add_argument("--batch-sizes", default="1,8", metavar="A,B,...", help="default 1,8")
     p.add_argument("--contexts", default=None, metavar="A,B,...",
@@ -784,7 +786,11 @@ def run_bench_decode(args):
     if args.plot:
         decode_bench.plot(args.plot, r)
         print(f"wrote {args.plot}")
-    return 0
+    crashed = [(s["batch_size"], s["context"], x) for s in r["shapes"] for x in s["results"] if x.get("crashed")]
+    for size, context, x in crashed:  # reported like a skip, but a failure
+        print(f"bench-decode: {x['variant']} crashed at batch {size}, context {context}: {x['skipped']}",
+              file=sys.stderr)
+    return 1 if crashed else 0
 
 
 def print_bench_decode(report, shape):

@@ -52,10 +52,11 @@ def pick(logits, u, knobs, greedy):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else sample_tokens(logits, u, *knobs)
 
 
-def _donated(*names):
-    """The arguments a generation function donates on accelerators, so that XLA updates the
-    cache in place; on CPU buffers are not donated (see flax_gpt.train.donated)."""
-    return () if jax.default_backend() == "cpu" else names
+def _donated(*args):
+    """The arguments (names or positions) a generation function donates on accelerators, so
+    that XLA updates the cache in place; on CPU buffers are not donated (see
+    flax_gpt.train.donated)."""
+    return () if jax.default_backend() == "cpu" else args
 
 
 # ---- the steps, as plain functions of the model: jitted one by one (the step-by-step path)
@@ -95,9 +96,9 @@ def forward(model, windows, lengths, u, knobs, greedy):
     return pick(logits, u, knobs, greedy), logits
 
 
-def jitted(step, donate=()):
+def jitted(step, donate_argnums=()):
     """`step` as one jitted function of (graphdef, state, *args), greedy static."""
-    @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=donate)
+    @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnums=donate_argnums)
     def run(graphdef, state, *args, greedy):
         return step(nnx.merge(graphdef, state), *args, greedy=greedy)
 
@@ -182,7 +183,7 @@ _prefill, _merge, _forward = jitted(prefill), jax.jit(merge, static_argnames="gr
 
 @functools.cache
 def _decode():
-    return jitted(decode, donate=_donated("cache"))
+    return jitted(decode, donate_argnums=_donated(2))  # (graphdef, state, cache, ...)
 
 
 class FlaxDecoder:
@@ -236,7 +237,7 @@ class FlaxDecoder:
         # the buffers' rows rounded up to a power of two, so that few programs are compiled
         us = np.pad(us, ((0, (1 << (len(us) - 1).bit_length()) - len(us)), (0, 0)))
         self.us, self.keep, self.stop = self._u(us), keep, jnp.int32(-1 if stop_token is None else stop_token)
-        self.state_loop = _start(self.graphdef, self.state, ids, jnp.asarray(lengths), jnp.asarray(window),
+        self.running = _start(self.graphdef, self.state, ids, jnp.asarray(lengths), jnp.asarray(window),
                                  self.us, limit, self.knobs, self.stop, greedy=self.greedy, keep=keep,
                                  return_logits=return_logits)
         return self._drawn(0)
@@ -244,18 +245,18 @@ class FlaxDecoder:
     def resume(self, limit):
         """More steps of the loop `start` began, until `limit` tokens per row: the tokens drawn
         since, numpy (steps, B)."""
-        drawn = int(self.state_loop.step)
-        self.state_loop = _resume()(self.graphdef, self.state, self.state_loop, self.us, limit,
+        drawn = int(self.running.step)
+        self.running = _resume()(self.graphdef, self.state, self.running, self.us, limit,
                                     self.knobs, self.stop, greedy=self.greedy, keep=self.keep)
         return self._drawn(drawn)
 
     def _drawn(self, since):
-        loop = self.state_loop
+        loop = self.running
         return np.asarray(loop.out[since:int(loop.step)])
 
     def loop_results(self):
         """(slides, per-step logits (steps, B, V) numpy or None) of the loop so far."""
-        loop = self.state_loop
+        loop = self.running
         logits = None if loop.logits is None else np.asarray(loop.logits[:int(loop.step)])
         return int(loop.slides), logits
 

@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [--out DIR]            # on a GPU machine
 #   scripts/gpu_check.sh --device cpu --out DIR # the smoke mode: the same commands, tiny shapes
-#   scripts/gpu_check.sh --checks bench         # some of the checks: parity, compare, bench
+#   scripts/gpu_check.sh --checks bench         # some of the checks: parity, compare, bench, decode
 #
 # It needs a Python with torch, jax and flax already installed (nothing is installed, nothing
 # is downloaded, torchtext is not needed): the checkout is put on PYTHONPATH. It runs
@@ -16,6 +16,8 @@
 #   4. `bench --preset gpt2-124m` and `--preset gpt2` with every variant (smoke: `tiny`,
 #      without torch.compile, which compiles for minutes on a CPU, and PyTorch bf16, which a
 #      CPU without native bf16 ran for over 5 minutes on `tiny`);
+#   5. `bench-decode --preset gpt2` with every variant, beside the measured memory bandwidth
+#      (smoke: `tiny`, Flax's loop and PyTorch eager);
 # and writes every JSON and PNG into DIR (default benchmarks/results/gpu_check), then prints a
 # summary, one line per file. The exit status is 1 if any check failed, after all have run: a
 # bench variant that crashed fails (one that cannot run here, e.g. without torch.compile, is
@@ -24,15 +26,15 @@ set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 device=cuda
 out="$repo/benchmarks/results/gpu_check"
-checks=parity,compare,bench
-usage="pass --device cuda|cpu, --out DIR and --checks parity,compare,bench"
+checks=parity,compare,bench,decode
+usage="pass --device cuda|cpu, --out DIR and --checks parity,compare,bench,decode"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device|--out|--checks)
       [ $# -ge 2 ] || { echo "gpu_check.sh: $1 needs a value: $usage" >&2; exit 2; }
       case "$1" in --device) device=$2 ;; --out) out=$2 ;; *) checks=$2 ;; esac
       shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1': $usage" >&2; exit 2 ;;
   esac
 done
@@ -42,11 +44,11 @@ case "$device" in
 esac
 IFS=, read -ra chosen <<< "$checks"
 [ ${#chosen[@]} -gt 0 ] || {
-  echo "gpu_check.sh: --checks needs at least one of parity, compare, bench" >&2; exit 2; }
+  echo "gpu_check.sh: --checks needs at least one of parity, compare, bench, decode" >&2; exit 2; }
 for c in "${chosen[@]}"; do
   case "$c" in
-    parity|compare|bench) ;;
-    *) echo "gpu_check.sh: --checks takes parity, compare and bench, comma-separated; got '$c'" >&2
+    parity|compare|bench|decode) ;;
+    *) echo "gpu_check.sh: --checks takes parity, compare, bench and decode, comma-separated; got '$c'" >&2
        exit 2 ;;
   esac
 done
@@ -60,6 +62,8 @@ if [ "$device" = cpu ]; then
   compare_steps=2
   bench=(--preset tiny --batch-size 2 --warmup 1 --steps 1 --rounds 1
          --variants flax-jit-fp32,flax-jit-bf16,flax-nnx-jit-fp32,torch-eager-fp32)
+  decode=(--preset tiny --batch-sizes 1 --contexts 4 --new-tokens 2 --rounds 1
+          --variants flax-loop-fp32,torch-eager-fp32)
 else
   python - <<'EOF' || exit 2
 import sys
@@ -76,6 +80,7 @@ EOF
   compare_preset=small; train_steps=50; big_steps=10
   compare_steps=200
   bench=(--preset gpt2-124m)
+  decode=(--preset gpt2 --batch-sizes 1,8 --contexts 128 --new-tokens 64 --rounds 3)
 fi
 
 mkdir -p "$out" || exit 2
@@ -118,6 +123,10 @@ if wanted bench; then  # exits 1 when a variant crashed
       --json "$out/bench_$preset.json" --plot "$out/bench_$preset.png"
   done
 fi
+if wanted decode; then
+  check "bench-decode-${decode[1]}" bench-decode "${decode[@]}" --device "$device" \
+    --json "$out/bench_decode_${decode[1]}.json" --plot "$out/bench_decode_${decode[1]}.png"
+fi
 
 python - "$out" <<'EOF' || failed+=(summary)
 import json
@@ -138,6 +147,12 @@ for path in sorted(Path(sys.argv[1]).rglob("*.json")):
                           f"({'-' if r.get('mfu') is None else format(r['mfu'], '.0%')} MFU)"
                           for r in d["results"])
         print(f"  {path.name}: {rates}")
+    elif "shapes" in d:  # bench-decode
+        for shape in d["shapes"]:
+            rates = ", ".join(f"{r['variant']} skipped ({r['skipped']})" if "skipped" in r else
+                              f"{r['variant']} {r['decode_tokens_per_s']:,.0f} tok/s "
+                              f"({r['bandwidth_fraction']:.0%} of bandwidth)" for r in shape["results"])
+            print(f"  {path.name}: batch {shape['batch_size']}: {rates}")
     elif "frameworks" in d:  # compare
         verdict = {True: "within", False: "NOT within", None: "not judged"}[
             d.get("judgement", {}).get("passed")]

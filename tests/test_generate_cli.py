@@ -111,3 +111,26 @@ def test_bench_decode_command(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     bad = run_cli_here("bench-decode", "--variants", "flax-loop-fp64")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "unknown variant" in bad.stderr
+
+
+def test_a_crashed_decode_variant_fails_the_command(tmp_path, monkeypatch):
+    """A variant that raises is reported beside the others, marked crashed, and the exit
+    status is 1; the other variants still ran."""
+    from flax_gpt.sidebyside import decode_bench
+
+    build = decode_bench.build
+
+    def broken(name, *args):
+        if name == "torch-eager-fp32":
+            raise RuntimeError("broken on purpose")
+        return build(name, *args)
+
+    monkeypatch.setattr(decode_bench, "build", broken)
+    result = run_cli_here("bench-decode", "--preset", "tiny", "--batch-sizes", "1", "--contexts", "6",
+                          "--new-tokens", "3", "--rounds", "1", "--variants", "flax-loop-fp32,torch-eager-fp32",
+                          "--json", tmp_path / "b.json")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == ("bench-decode: torch-eager-fp32 crashed at batch 1, "
+                                                      "context 6: RuntimeError: broken on purpose")
+    results = {r["variant"]: r for r in json.loads((tmp_path / "b.json").read_text())["shapes"][0]["results"]}
+    assert results["torch-eager-fp32"]["crashed"] and results["flax-loop-fp32"]["decode_tokens_per_s"] > 0

@@ -62,6 +62,10 @@ def test_smoke_mode_runs_every_check_and_summarises(tmp_path):
     variants = {r["variant"] for r in bench["results"]}
     assert variants == {"flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32", "torch-eager-fp32"}
     assert (out / "bench_tiny.png").stat().st_size > 0
+    decode = json.loads((out / "bench_decode_tiny.json").read_text())
+    assert [r["variant"] for r in decode["shapes"][0]["results"]] == ["flax-loop-fp32", "torch-eager-fp32"]
+    assert all(r["decode_tokens_per_s"] > 0 for r in decode["shapes"][0]["results"])
+    assert "bench_decode_tiny.json: batch 1: flax-loop-fp32 " in result.stdout
     report = json.loads((out / "compare_tiny" / "report.json").read_text())
     assert report["steps"] == 2 and report["judgement"]["passed"] is not None
     assert "compare_tiny/report.json: max |loss diff|" in result.stdout
@@ -97,7 +101,7 @@ def test_a_crashed_bench_variant_fails_the_run(tmp_path):
     (["--out", ""], "--out needs a folder"),
     (["--device", "cpu", "--out"], "--out needs a value"),  # before: shift 2 looped for ever
     (["--device"], "--device needs a value"),
-    (["--checks", "bench,train"], "--checks takes parity, compare and bench, comma-separated; "
+    (["--checks", "bench,train"], "--checks takes parity, compare, bench and decode, comma-separated; "
                                   "got 'train'"),
     (["--checks", ""], "--checks needs at least one of parity, compare, bench"),
 ])

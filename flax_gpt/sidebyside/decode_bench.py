@@ -46,7 +46,7 @@ from flax_gpt.core import generation
 from flax_gpt.core.errors import FlaxGPTError
 from flax_gpt.core.files import check_writable, save_figure, write_json
 from flax_gpt.core.streams import synthetic_batch
-from flax_gpt.sidebyside.bench import Skip, kind, matmul_params, pad_vocab, select_variants
+from flax_gpt.sidebyside.bench import Crash, Skip, kind, matmul_params, not_run, pad_vocab, select_variants
 
 VARIANTS = ("flax-loop-fp32", "flax-loop-bf16", "flax-step-fp32", "flax-step-bf16", "torch-eager-fp32",
             "torch-eager-bf16",
@@ -193,9 +193,9 @@ def bench_shape(config, *, batch_size, context, new_tokens, variants, rounds, de
             built[name] = variant
             results[name] = {"compile_s": time.perf_counter() - start}
         except Skip as e:
-            results[name] = {"skipped": str(e)}
-        except Exception as e:  # a broken backend is a result to report, not a crash
-            results[name] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            results[name] = not_run(e)
+        except Exception as e:  # reported beside the others, and a failure of the benchmark
+            results[name] = not_run(Crash(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
     for r in range(rounds):
         print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
         for variant in built.values():
