@@ -4,11 +4,12 @@ Times (median of repeats, one framework at a time) forward + backward of: one de
 (explicit and fused), its feed-forward, the prediction head with the loss, the loss alone, and the whole model;
 then every matmul shape of the step run alone, as the forward computes it (x @ W) and as
 the backward does (dX = dY @ W^T, dW = X^T @ dY, and dW^T = dY^T @ X, the layout PyTorch
-stores), in GFLOP/s. docs/benchmarks.md says what they showed.
-Run: python scripts/profile_step.py [--batch-size 16]   (~2 minutes on 2 cores)
+stores), in GFLOP/s. docs/benchmarks.md renders what they showed from the --json file.
+Run: python scripts/profile_step.py [--batch-size 16] [--json PATH]   (~2 minutes on 2 cores)
 """
 
 import argparse
+import sys
 import time
 
 import jax
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 from flax import nnx
 
-from flax_gpt import precision
-from flax_gpt.sidebyside import bench
 from flax_gpt import model as flax_model
 from flax_gpt.core.config import GPTConfig
+from flax_gpt.core.errors import FlaxGPTError
+from flax_gpt.core.files import check_writable, write_json
+from flax_gpt.sidebyside import bench
+from flax_gpt.sidebyside.pair import apply_precision, environment
 from torch_reference import model as torch_model
 
 
@@ -101,8 +104,11 @@ def parts(config, batch_size):
     times = {**median_ms({k: f for k, f in fns.items() if k.startswith("jax")}),
              **median_ms({k: f for k, f in fns.items() if k.startswith("torch")})}
     print("forward + backward, ms        jax    torch")
+    out = {}
     for name in list(rows) + ["  loss alone", "whole model"]:
         print(f"  {name:<24} {times['jax ' + name]:7.1f} {times['torch ' + name]:7.1f}")
+        out[name] = {"jax": times["jax " + name], "torch": times["torch " + name]}
+    return out
 
 
 def matmuls(config, batch_size):
@@ -115,7 +121,7 @@ def matmuls(config, batch_size):
         "X^T @ dY": (lambda a, b: a.T @ b, lambda a, b: a.T @ b, lambda M, k, n: ((M, k), (M, n))),
         "dY^T @ X": (lambda a, b: b.T @ a, lambda a, b: b.T @ a, lambda M, k, n: ((M, k), (M, n))),
     }
-    totals = {"jax": 0.0, "torch": 0.0}
+    totals, rows = {"jax": 0.0, "torch": 0.0}, []
     print(f"matmuls of the step (M = {M} tokens), GFLOP/s   jax  torch")
     for k, n, count in ((d, d, 4 * L), (d, f, L), (f, d, L), (d, V, 1)):
         for form, (jf, tf, shapes) in forms.items():
@@ -128,19 +134,33 @@ def matmuls(config, batch_size):
             if form != "dY^T @ X":  # the three the step computes; dY^T @ X is the alternative
                 totals["jax"] += count * ms["jax"]
                 totals["torch"] += count * ms["torch"]
-            print(f"  {k:>5} -> {n:<5} x{count:<3} {form:<9} {flops / ms['jax'] / 1e6:7.0f} "
-                  f"{flops / ms['torch'] / 1e6:6.0f}")
+            rows.append({"k": k, "n": n, "count": count, "form": form, "in_step": form != "dY^T @ X",
+                         **{f: flops / ms[f] / 1e6 for f in ms}})  # GFLOP/s
+            print(f"  {k:>5} -> {n:<5} x{count:<3} {form:<9} {rows[-1]['jax']:7.0f} {rows[-1]['torch']:6.0f}")
     print(f"all matmuls of one step, run alone: jax {totals['jax']:.0f} ms, torch {totals['torch']:.0f} ms")
+    return {"tokens": M, "shapes": rows, "total_ms": totals}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", help="write the figures here, with the command, stack and commit")
     args = parser.parse_args()
-    precision.apply("highest")
+    if args.batch_size < 1:
+        sys.exit(f"profile_step.py: --batch-size must be a positive integer, got {args.batch_size}")
+    try:
+        if args.json:
+            check_writable(args.json, "--json")
+    except FlaxGPTError as e:
+        sys.exit(f"profile_step.py: {e}")
+    record = apply_precision("highest")
     config = GPTConfig.preset("small", vocab_size=bench.pad_vocab(11548))
-    parts(config, args.batch_size)
-    matmuls(config, args.batch_size)
+    result = {"config": config.to_dict(), "batch_size": args.batch_size,
+              "parts_ms": parts(config, args.batch_size), "matmuls": matmuls(config, args.batch_size),
+              **environment(record)}
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -205,6 +205,23 @@ def bench(name):
             + f"\n\n{note}.\n\n" + source(name, result))
 
 
+def profile(name):
+    """scripts/profile_step.py --json: where the time of one train step goes, by part and by
+    matmul shape, in both frameworks."""
+    r = load(name)
+    parts = [[name.replace("  ", "&nbsp;&nbsp;"), f"{t['jax']:.1f}", f"{t['torch']:.1f}"]
+             for name, t in r["parts_ms"].items()]
+    m = r["matmuls"]
+    shapes = [[f"{x['k']} -> {x['n']}", x["count"], f"`{x['form']}`" + ("" if x["in_step"] else " (alternative)"),
+               f"{x['jax']:.0f}", f"{x['torch']:.0f}"] for x in m["shapes"]]
+    return (table(["forward + backward", "JAX ms", "PyTorch ms"], parts)
+            + f"\n\n" + table([f"matmul (M = {m['tokens']} tokens)", "per step", "form", "JAX GFLOP/s",
+                                "PyTorch GFLOP/s"], shapes)
+            + f"\n\nThe step's matmuls run alone: JAX {m['total_ms']['jax']:.0f} ms, PyTorch "
+              f"{m['total_ms']['torch']:.0f} ms (`small`, batch {r['batch_size']}, vocabulary "
+              f"{r['config']['vocab_size']:,}).\n\n" + source(name, r))
+
+
 def layer_errors(result):
     """The layer outputs (embed, layer 0, ...) and, per output, the largest Flax - PyTorch
     difference forward (absolute), backward (the loss's gradient there, relative) and Flax's
@@ -517,7 +534,8 @@ def headline(names):
 MULTI = {"parity-tiers": parity_tiers, "decode-parity": decode_parity, "headline": headline}
 RENDERERS = {"false-alarms": false_alarms, "parity": parity, "mutations": mutations,
              "faults": faults, "hf-parity": hf_parity, "bench": bench, "compare": compare,
-             "bench-decode": bench_decode, "equivalence": equivalence, "gpt2-text": gpt2_text}
+             "bench-decode": bench_decode, "equivalence": equivalence, "gpt2-text": gpt2_text,
+             "profile": profile}
 PLOTS = {"parity": lambda result, path: parity_plot([result], path), "parity-tiers": parity_plot,
          "compare": compare_plot, "bench": bench_plot, "bench-decode": bench_decode_plot,
          "decode-parity": decode_parity_plot}
