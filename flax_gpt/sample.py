@@ -154,28 +154,25 @@ def _steps(model, loop, us, limit, knobs, stop, keep, greedy):
                               lambda loop: _advance(model, loop, us, knobs, stop, keep, greedy), loop)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "keep", "return_logits"))
-def _start(graphdef, state, ids, lengths, window, us, limit, knobs, stop, *, greedy, keep,
-           return_logits):
-    """Prefill and the loop up to `limit` tokens per row, one program."""
-    model = nnx.merge(graphdef, state)
-    tokens, logits, cache = prefill(model, ids, lengths, us[0], knobs, greedy)
-    B = tokens.shape[0]
-    loop = Loop(jnp.int32(0), tokens, lengths, window, cache, jnp.zeros(B, bool), jnp.int32(0),
-                jnp.zeros(us.shape, jnp.int32),
-                jnp.zeros((*us.shape, logits.shape[-1]), logits.dtype) if return_logits else None)
-    return _steps(model, _record(loop, tokens, logits, stop), us, limit, knobs, stop, keep, greedy)
-
-
 @functools.cache
-def _resume():
+def _generate():
     @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "keep"),
                        donate_argnames=_donated("loop"))
-    def resume(graphdef, state, loop, us, limit, knobs, stop, *, greedy, keep):
-        """More steps of a started loop, up to `limit` tokens per row."""
-        return _steps(nnx.merge(graphdef, state), loop, us, limit, knobs, stop, keep, greedy)
+    def generate(graphdef, state, loop, ids, us, limit, knobs, stop, *, greedy, keep):
+        """The loop until `limit` tokens per row, one program. A loop at step 0 (blank: see
+        FlaxDecoder.start) begins with the prefill of `ids` (B, W), the prompts, whose
+        lengths are its positions; later calls go on where the last one stopped, the prefill
+        skipped, so that a streamed generation runs the same program."""
+        model = nnx.merge(graphdef, state)
 
-    return resume
+        def begin(loop):
+            tokens, logits, cache = prefill(model, ids, loop.positions, us[0], knobs, greedy)
+            return _record(loop._replace(cache=cache), tokens, logits, stop)
+
+        loop = jax.lax.cond(loop.step == 0, begin, lambda loop: loop, loop)
+        return _steps(model, loop, us, limit, knobs, stop, keep, greedy)
+
+    return generate
 
 
 _prefill, _merge, _forward = jitted(prefill), jax.jit(merge, static_argnames="greedy"), jitted(forward)
@@ -233,21 +230,30 @@ class FlaxDecoder:
     def start(self, ids, lengths, window, us, keep, stop_token, limit, return_logits=False):
         """The prefill of `ids` (B, W) and the loop (see Loop) until `limit` tokens per row.
         `window` (B, seq_len): the prompts' windows; `us` (max_new_tokens, B): every step's
-        uniforms. Returns the tokens drawn, numpy (steps, B)."""
+        uniforms. Returns the tokens drawn, numpy (steps, B). With `return_logits` the loop
+        keeps every step's logits on the device: (max_new_tokens rounded up, B, V)."""
         # the buffers' rows rounded up to a power of two, so that few programs are compiled
-        us = np.pad(us, ((0, (1 << (len(us) - 1).bit_length()) - len(us)), (0, 0)))
-        self.us, self.keep, self.stop = self._u(us), keep, jnp.int32(-1 if stop_token is None else stop_token)
-        self.running = _start(self.graphdef, self.state, ids, jnp.asarray(lengths), jnp.asarray(window),
-                                 self.us, limit, self.knobs, self.stop, greedy=self.greedy, keep=keep,
-                                 return_logits=return_logits)
-        return self._drawn(0)
+        us = self._u(np.pad(us, ((0, (1 << (len(us) - 1).bit_length()) - len(us)), (0, 0))))
+        ids, lengths = jnp.asarray(ids), jnp.asarray(lengths)
+        _, logits, cache = jax.eval_shape(  # what the prefill gives, for the blank loop
+            lambda state: prefill(nnx.merge(self.graphdef, state), ids, lengths, us[0], self.knobs, self.greedy),
+            self.state)
+        zeros = lambda like: jnp.zeros(like.shape, like.dtype)  # noqa: E731
+        blank = Loop(jnp.int32(0), jnp.zeros(len(lengths), jnp.int32), lengths, jnp.asarray(window),
+                     jax.tree.map(zeros, cache), jnp.zeros(len(lengths), bool), jnp.int32(0),
+                     jnp.zeros(us.shape, jnp.int32),
+                     jnp.zeros((*us.shape, logits.shape[-1]), logits.dtype) if return_logits else None)
+        self.ids, self.us, self.keep = ids, us, keep
+        self.stop = jnp.int32(-1 if stop_token is None else stop_token)
+        self.running = blank
+        return self.resume(limit)
 
     def resume(self, limit):
         """More steps of the loop `start` began, until `limit` tokens per row: the tokens drawn
         since, numpy (steps, B)."""
         drawn = int(self.running.step)
-        self.running = _resume()(self.graphdef, self.state, self.running, self.us, limit,
-                                    self.knobs, self.stop, greedy=self.greedy, keep=self.keep)
+        self.running = _generate()(self.graphdef, self.state, self.running, self.ids, self.us, limit,
+                                   self.knobs, self.stop, greedy=self.greedy, keep=self.keep)
         return self._drawn(drawn)
 
     def _drawn(self, since):

@@ -119,8 +119,9 @@ def test_uncached_generation_draws_the_same_tokens(path):
     assert cached.tokens == uncached.tokens and cached.slides == uncached.slides >= 2
 
 
-@pytest.mark.parametrize("config_name", ["seq-len-1", "gpt2-options"])  # seq_len 1: a slide per step
-@pytest.mark.parametrize("precision", ["float64"], indirect=True)
+@pytest.mark.parametrize("config_name,precision", [
+    ("seq-len-1", "float64"),  # a slide at every step
+    ("gpt2-options", "float64"), ("tiny", "highest")], indirect=["precision"])
 def test_the_loop_on_the_device_is_the_step_by_step_loop(config_name, precision):
     """The whole generation as one program and one jitted call per token: the same tokens,
     slides and stops, and logits within the layers' tolerance (XLA may fuse the one program
@@ -288,17 +289,18 @@ def test_greedy_takes_the_first_of_tied_logits(framework):
 @pytest.mark.parametrize("path", FRAMEWORKS)
 def test_stop_token_and_streaming(path, monkeypatch):
     """A row stops after its stop token; the others go on; on_token sees every step's
-    tokens as they come, None for stopped rows; the result matches what was streamed. The
-    loop on the device streams in calls of at most 3 steps here, so that several resume."""
+    tokens as they come, None for stopped rows; the result matches what was streamed and
+    what the same seed drew unstreamed. The loop on the device streams in calls of at most 3
+    steps here, so that several resume."""
     monkeypatch.setattr(generation, "STREAM_CHUNK_MAX", 3)
     config = CONFIGS["tiny"]
     model = model_for(path, pair.build_pair(config, tensors_for("tiny")))
-    prompts = ragged_prompts(config, seed=3)
-    free = GENERATE[path](model, prompts, 20, temperature=0)
+    prompts, sampling = ragged_prompts(config, seed=3), dict(temperature=0.8, top_k=20, seed=5)
+    free = GENERATE[path](model, prompts, 20, **sampling)
     stop = free.tokens[1][4]  # row 1's fifth token
     seen = []
-    out = GENERATE[path](model, prompts, 20, temperature=0, stop_token=stop,
-                              on_token=lambda step, tokens: seen.append((step, tokens)))
+    out = GENERATE[path](model, prompts, 20, stop_token=stop, **sampling,
+                         on_token=lambda step, tokens: seen.append((step, tokens)))
     row = free.tokens[1].index(stop) + 1
     assert out.tokens[1] == free.tokens[1][:row] and out.stopped[1]
     assert [s for s, _ in seen] == list(range(out.steps))
@@ -311,17 +313,21 @@ def test_stop_token_and_streaming(path, monkeypatch):
 
 
 def test_a_request_is_one_call_unless_streamed(monkeypatch):
-    """Without on_token the loop on the device never returns before the end; streamed, it
-    resumes in calls of at most STREAM_CHUNK_MAX steps. Requests whose lengths round up to
-    the same power of two share one compiled program."""
-    limits = []
-    resume = flax_sample.FlaxDecoder.resume
-    monkeypatch.setattr(flax_sample.FlaxDecoder, "resume", lambda self, limit: limits.append(limit) or resume(self, limit))
+    """Without on_token the loop on the device runs in one call; streamed, its first call
+    returns the first token and the next ones at most STREAM_CHUNK_MAX steps each. One
+    compiled program serves both, and requests whose lengths round up to the same power of
+    two."""
+    limits = []  # each call's `limit`: the tokens per row it runs to
+    program = flax_sample._generate()
+    monkeypatch.setattr(flax_sample, "_generate",
+                        lambda: lambda *args, **kw: limits.append(args[5]) or program(*args, **kw))
     model = pair.build_pair(CONFIGS["tiny"], tensors_for("tiny"))[0]
     flax_gpt.generate(model, [1, 2], 20, temperature=0)
-    compiled = flax_sample._start._cache_size()
+    compiled = program._cache_size()
     flax_gpt.generate(model, [3, 4], 30, temperature=0)
-    assert limits == [] and flax_sample._start._cache_size() == compiled
+    assert limits == [20, 30]
     monkeypatch.setattr(generation, "STREAM_CHUNK_MAX", 4)
     flax_gpt.generate(model, [1, 2], 20, temperature=0, on_token=lambda step, tokens: None)
-    assert limits[-1] == 20 and all(0 < b - a <= 4 for a, b in zip([1, *limits], limits))
+    streamed = limits[2:]
+    assert streamed[0] == 1 and streamed[-1] == 20 and all(0 < b - a <= 4 for a, b in zip(streamed, streamed[1:]))
+    assert program._cache_size() == compiled

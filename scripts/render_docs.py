@@ -52,10 +52,17 @@ def load(name):
     return result
 
 
+def short_commit(result, width):
+    """The result's commit cut to `width` hex digits, "+dirty" kept: made with uncommitted
+    changes."""
+    commit = result["commit"] or "outside git"
+    return commit[:width] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
 def source(name, result):
     v = result["versions"]
     stack = f"python {v['python']}, jax {v['jax']}, flax {v['flax']}, torch {v['torch']}, numpy {v['numpy']}"
-    commit = (result["commit"] or "outside git")[:12] + ("+dirty" if str(result["commit"]).endswith("+dirty") else "")
+    commit = short_commit(result, 12)
     return (f"Source: [`{name}`](benchmarks/results/{name}), `{result['command']}`; {stack}; "
             f"commit {commit}, {result['date']}.")
 
@@ -482,13 +489,14 @@ def headline_bench(r):
 def headline_bench_decode(r):
     shape = r["shapes"][0]
     rate = {x["variant"]: x for x in shape["results"] if "skipped" not in x}
-    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in shape["flax_over_torch"].items())
     name = shape["speedup_of"]
-    best = max((x for k, x in rate.items() if k.startswith("torch")), key=lambda x: x["bandwidth_fraction"])
+    torch = {k: x for k, x in rate.items() if k.startswith("torch")}
+    best = max(torch, key=lambda k: torch[k]["bandwidth_fraction"])
+    others = ", ".join(f"{k} {x['speedup']:.2f}x" for k, x in torch.items())
     return (f"decoding, {r['config']['n_layers']}-layer model, batch {shape['batch_size']}",
             f"{name} {rate[name]['decode_tokens_per_s']:,.0f} tokens/s, {100 * rate[name]['bandwidth_fraction']:.0f}% "
-            f"of the memory bandwidth (PyTorch's best, {best['variant']}: {100 * best['bandwidth_fraction']:.0f}%); "
-            f"decode speed {ratios}", "inference.md")
+            f"of the memory bandwidth (PyTorch's best, {best}: {100 * torch[best]['bandwidth_fraction']:.0f}%); "
+            f"speed relative to it: {others}", "inference.md")
 
 
 def headline_decode_parity(r):
@@ -526,7 +534,7 @@ def headline(names):
         result = load(name)
         what, figure, page = HEADLINES[kind](result)
         rows.append([f"[{what}](docs/{page})", figure,
-                     f"[`{name}`](benchmarks/results/{name}), {str(result['commit'])[:7]}, {result['date'][:10]}"])
+                     f"[`{name}`](benchmarks/results/{name}), {short_commit(result, 7)}, {result['date'][:10]}"])
     return table(["what", "measured", "from"], rows)
 
 

@@ -58,12 +58,28 @@ def test_a_plot_missing_or_drawn_from_other_bytes_is_caught(render_docs, tmp_pat
     assert "was not drawn from p.json" in render_docs.stale_figures(text)[0][2]
 
 
-def test_every_link_of_the_pages_leads_to_a_file():
-    link = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
+def anchors(page):
+    """The anchors GitHub makes of a page's headings: lower case, punctuation but - and _
+    dropped, spaces as -."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def test_every_link_of_the_pages_leads_to_a_file_and_heading():
+    link = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for target, _ in link.findall(doc.read_text()):
-            if "://" not in target:
-                assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which is missing"
+        for target, anchor in link.findall(doc.read_text()):
+            if "://" in target:
+                continue
+            page = doc.parent / target if target else doc
+            assert page.exists(), f"{doc.name} links to {target}, which is missing"
+            if anchor and page.suffix == ".md":
+                assert anchor in anchors(page), f"{doc.name} links to {target}#{anchor}: no such heading"
+
+
+def test_a_link_to_a_missing_heading_is_caught():
+    assert "the-verdict-as-an-instrument-false-alarms-and-planted-bugs" in anchors(ROOT / "docs" / "parity.md")
+    assert "what-the-parity-work-finds" not in anchors(ROOT / "docs" / "parity.md")
 
 
 def test_a_result_file_of_an_older_schema_is_stale(render_docs, tmp_path, monkeypatch):

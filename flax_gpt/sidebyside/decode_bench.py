@@ -221,10 +221,11 @@ def bench_shape(config, *, batch_size, context, new_tokens, variants, rounds, de
 
 
 def ratios(shape, numerator="flax-loop-fp32", denominators=("torch-eager-fp32", "torch-compile-fp32")):
-    """Decode tokens/s of `numerator` over each of `denominators` in one shape's report."""
-    rates = {r["variant"]: r.get("decode_tokens_per_s") for r in shape["results"]}
-    return {f"{numerator} / {d}": rates[numerator] / rates[d] for d in denominators
-            if rates.get(numerator) and rates.get(d)}
+    """Decode speed of `numerator` over each of `denominators` in one shape's report: the
+    median over rounds of their per-round TPOT ratios, as `speedup` is."""
+    rounds = {r["variant"]: np.asarray(r["round_tpot_s"]) for r in shape["results"] if "round_tpot_s" in r}
+    return {f"{numerator} / {d}": float(np.median(rounds[d] / rounds[numerator])) for d in denominators
+            if numerator in rounds and d in rounds}
 
 
 # ---- the whole benchmark ------------------------------------------------------------------
