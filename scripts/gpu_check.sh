@@ -14,8 +14,8 @@
 #   3. a short `compare` of the two trainers on synthetic tokens, judged against PyTorch's own
 #      noise floor (`small`; smoke: `tiny`);
 #   4. `bench --preset gpt2-124m` and `--preset gpt2` with every variant (smoke: `tiny`,
-#      without torch.compile, which compiles for minutes on a CPU, and PyTorch bf16, which a
-#      CPU without native bf16 ran for over 5 minutes on `tiny`);
+#      Flax jax.jit and PyTorch eager fp32: torch.compile compiles for minutes on a CPU,
+#      and PyTorch bf16 ran for over 5 minutes on `tiny` on a CPU without native bf16);
 #   5. `bench-decode --preset gpt2` with every variant, beside the measured memory bandwidth
 #      (smoke: `tiny`, Flax's loop and PyTorch eager);
 # and writes every JSON and PNG into DIR (default benchmarks/results/gpu_check), then prints a
@@ -61,7 +61,7 @@ if [ "$device" = cpu ]; then
   presets=(tiny); precisions=(highest); gpt2_presets=(); compare_preset=tiny; train_steps=1
   compare_steps=2
   bench=(--preset tiny --batch-size 2 --warmup 1 --steps 1 --rounds 1
-         --variants flax-jit-fp32,flax-jit-bf16,flax-nnx-jit-fp32,torch-eager-fp32)
+         --variants flax-jit-fp32,torch-eager-fp32)
   decode=(--preset tiny --batch-sizes 1 --contexts 4 --new-tokens 2 --rounds 1
           --variants flax-loop-fp32,torch-eager-fp32)
 else

@@ -28,7 +28,7 @@ def test_gpt2_options_through_every_command(tmp_path):
         ["bench", *GPT2_TINY, "--batch-size", "2", "--warmup", "0", "--steps", "1", *small,
          "--json", tmp_path / "bench.json"],
         ["bench-decode", *[a for a in GPT2_TINY if a not in ("--seq-len", "16")], "--batch-sizes", "1", "--contexts", "6", "--new-tokens", "3",
-         *small, "--json", tmp_path / "decode.json"],
+         "--rounds", "1", "--variants", "flax-loop-fp32,torch-eager-fp32", "--json", tmp_path / "decode.json"],
         ["export-hf", tmp_path / "flax", "--out", tmp_path / "hf"],
         ["import-hf", tmp_path / "hf", "--out", tmp_path / "again.safetensors", "--json"],
         # an imported GPT-2 carries its dropout (0.1): parity compares at 0 all the same

@@ -60,7 +60,7 @@ def test_smoke_mode_runs_every_check_and_summarises(tmp_path):
         assert f"  {name}: " in result.stdout and "passed" in result.stdout
     bench = json.loads((out / "bench_tiny.json").read_text())
     variants = {r["variant"] for r in bench["results"]}
-    assert variants == {"flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32", "torch-eager-fp32"}
+    assert variants == {"flax-jit-fp32", "torch-eager-fp32"}
     assert (out / "bench_tiny.png").stat().st_size > 0
     decode = json.loads((out / "bench_decode_tiny.json").read_text())
     assert [r["variant"] for r in decode["shapes"][0]["results"]] == ["flax-loop-fp32", "torch-eager-fp32"]
@@ -90,7 +90,7 @@ def test_a_crashed_bench_variant_fails_the_run(tmp_path):
     report = json.loads((out / "bench_tiny.json").read_text())
     results = {r["variant"]: r for r in report["results"]}
     assert results.pop("torch-eager-fp32")["crashed"] is True
-    assert set(results) == {"flax-jit-fp32", "flax-jit-bf16", "flax-nnx-jit-fp32"}
+    assert set(results) == {"flax-jit-fp32"}
     assert all(r["tokens_per_s"] > 0 for r in results.values())  # the others ran
     assert sorted(p.name for p in out.iterdir()) == ["bench_tiny.json", "bench_tiny.png"]
 
