@@ -235,9 +235,9 @@ class FlaxDecoder:
         # the buffers' rows rounded up to a power of two, so that few programs are compiled
         us = self._u(np.pad(us, ((0, (1 << (len(us) - 1).bit_length()) - len(us)), (0, 0))))
         ids, lengths = jnp.asarray(ids), jnp.asarray(lengths)
-        _, logits, cache = jax.eval_shape(  # what the prefill gives, for the blank loop
-            lambda state: prefill(nnx.merge(self.graphdef, state), ids, lengths, us[0], self.knobs, self.greedy),
-            self.state)
+        # what the prefill gives, for the blank loop (traced once per shape: jit's cache)
+        _, logits, cache = _prefill.eval_shape(self.graphdef, self.state, ids, lengths, us[0], self.knobs,
+                                               greedy=self.greedy)
         zeros = lambda like: jnp.zeros(like.shape, like.dtype)  # noqa: E731
         blank = Loop(jnp.int32(0), jnp.zeros(len(lengths), jnp.int32), lengths, jnp.asarray(window),
                      jax.tree.map(zeros, cache), jnp.zeros(len(lengths), bool), jnp.int32(0),
