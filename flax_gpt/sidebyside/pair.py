@@ -5,6 +5,7 @@ weights, the seeded initial weights, and the environment every side-by-side resu
 import datetime
 import importlib.metadata
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -92,5 +93,5 @@ def provenance():
     commit = git("rev-parse", "HEAD")
     if commit and git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
+    return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
