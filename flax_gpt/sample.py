@@ -175,7 +175,7 @@ def _generate():
     return generate
 
 
-_prefill, _merge, _forward = jitted(prefill), jax.jit(merge, static_argnames="greedy"), jitted(forward)
+_prefill, _slide, _forward = jitted(prefill), jitted(slide), jitted(forward)
 
 
 @functools.cache
@@ -213,12 +213,9 @@ class FlaxDecoder:
 
     def slide(self, tokens, positions, kept, rows, u):
         """A decode step in which the rows in `rows` re-encode their last tokens `kept`
-        (B, keep) from position 0 instead. Three jitted calls, each also used on its own, so
-        that a slide compiles little."""
-        _, logits = self.decode(tokens, positions, u)
-        _, fresh_logits, fresh = _prefill(self.graphdef, self.state, kept, np.full(len(kept), kept.shape[1], np.int32),
-                                          self._u(u), self.knobs, greedy=self.greedy)
-        tokens, logits, self.cache = _merge(jnp.asarray(rows), fresh_logits, fresh, logits, self.cache,
+        (B, keep) from position 0 instead (see `slide`)."""
+        tokens, logits, self.cache = _slide(self.graphdef, self.state, self.cache, jnp.asarray(tokens, jnp.int32),
+                                            jnp.asarray(positions, jnp.int32), kept, jnp.asarray(rows),
                                             self._u(u), self.knobs, greedy=self.greedy)
         return np.asarray(tokens), logits
 
