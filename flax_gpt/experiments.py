@@ -30,6 +30,7 @@ from flax_gpt.core import loop, memory, runfolder
 from flax_gpt.core.config import GPTConfig
 from flax_gpt.core.data import BOS, EOS, IGNORE_INDEX, TokenDataset
 from flax_gpt.core.errors import CheckpointError, DatasetError, FlaxGPTError
+from flax_gpt.core.generation import Sampling, check_window_keep
 from flax_gpt.core.hparams import check_sampling
 from flax_gpt.core.sharding import MeshError, MeshShape
 from flax_gpt.core.streams import DatasetStream, SyntheticStream, check_stream
@@ -521,6 +522,7 @@ def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, 
     `on_text(piece)` gets the prompt's text, then each new token's text as it is drawn,
     rendered alike."""
     check_sampling(max_new_tokens, temperature, top_k, seed)
+    Sampling(temperature, top_k, top_p)  # refused here, before the prompt is echoed
     for name, text in (("--prompt", prompt), ("--stop", stop)):
         try:
             (text or "").encode("utf-8")
@@ -530,16 +532,22 @@ def generate(run, *, prompt="", data=None, max_new_tokens=100, temperature=1.0, 
     record, dataset, tensors = model_source(run, data, bpe_files)
     dataset = dataset or runfolder.run_dataset(record, data)
     stop_token = None if stop is None else dataset.token_id(stop)
+    check_window_keep(window_keep, record["model"]["seq_len"])
     model = run_model(run, record, 1, "generating", precision, framework, tensors=tensors)
+    context = contextlib.nullcontext()
     if framework == "torch":
+        from torch_reference.precision import autocast
         from torch_reference.sample import generate as sample
+
+        context = autocast(precision or "highest")  # bf16: PyTorch's matmuls as Flax's
     else:
         from flax_gpt.sample import generate as sample
     prompt_ids = [dataset.start, *dataset.encode(prompt)]
     stream = TextStream(dataset, on_text, prompt_ids, specials) if on_text else None
-    out = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                 top_p=top_p, seed=seed, stop_token=stop_token, window_keep=window_keep,
-                 cached=cached, on_token=stream)
+    with context:
+        out = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed, stop_token=stop_token, window_keep=window_keep,
+                     cached=cached, on_token=stream)
     if stream:
         stream.finish()
     ids = out.ids[0]

@@ -38,7 +38,8 @@ def sample_tokens(logits, u, temperature, top_k, top_p):
     probs = jnp.where(rank < top_k, probs, 0)
     probs = probs / probs.sum(axis=-1, keepdims=True)
     before = jnp.cumsum(probs, axis=-1) - probs  # the mass of the likelier tokens
-    kept = (rank < top_k) & (before < top_p)  # (B, V): a prefix, never empty
+    # (B, V): a prefix, never empty; top_p 1 keeps all (a float32 mass of 1 is reached early)
+    kept = (rank < top_k) & ((before < top_p) | (top_p >= 1))
     probs = jnp.where(kept, probs, 0)
     cdf = jnp.cumsum(probs / probs.sum(axis=-1, keepdims=True), axis=-1)
     index = jnp.minimum(jnp.sum(cdf <= u[:, None].astype(cdf.dtype), axis=-1),

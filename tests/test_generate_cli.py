@@ -50,6 +50,14 @@ def test_both_frameworks_generate_the_same_text(run):
     assert uncached["ids"] == record["ids"]
 
 
+def test_torch_generates_in_bf16_under_autocast(run):
+    """--precision bf16 runs PyTorch under autocast, as Flax computes its matmuls in bf16:
+    its text is not the float32 text (bf16 rounding differs between the two frameworks, so
+    their sampled bf16 texts may part at a near tie)."""
+    sampled = ["--temperature", "1.2", "--top-k", "50", "--seed", "3", "--framework", "torch", "--precision"]
+    assert generated(run, *sampled, "bf16") != generated(run, *sampled, "highest")
+
+
 def test_streamed_text_is_the_returned_text(run):
     """What generate prints token by token is the text it returns: line ends for <eos> and
     no <bos>, or with --show-specials every token as it is."""

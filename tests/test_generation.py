@@ -49,7 +49,7 @@ def test_prompt_rows():
 
 @pytest.mark.parametrize("fields,message", [
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"), (dict(top_p=0), "top_p"),
+    (dict(temperature=1e-50), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"), (dict(top_p=0), "top_p"),
     (dict(top_p=1.5), "top_p")])
 def test_sampling_refusals(fields, message):
     with pytest.raises(GenerationError, match=message):

@@ -30,7 +30,8 @@ def sample_tokens(logits, u, temperature, top_k, top_p):
     probs = torch.where(rank < top_k, probs, 0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
     before = torch.cumsum(probs, dim=-1) - probs  # the mass of the likelier tokens
-    kept = (rank < top_k) & (before < top_p)  # (B, V): a prefix, never empty
+    # (B, V): a prefix, never empty; top_p 1 keeps all (a float32 mass of 1 is reached early)
+    kept = (rank < top_k) & ((before < top_p) | (top_p >= 1))
     probs = torch.where(kept, probs, 0)
     cdf = torch.cumsum(probs / probs.sum(dim=-1, keepdim=True), dim=-1)
     index = torch.minimum(torch.sum(cdf <= u[:, None].to(cdf.dtype), dim=-1),
@@ -135,7 +136,8 @@ class TorchDecoder:
 
     @staticmethod
     def numpy(logits):
-        return logits.detach().cpu().numpy()
+        """As numpy, bf16 (under autocast) widened to float32: numpy has no bfloat16."""
+        return logits.detach().to(at_least_float32(logits.dtype)).cpu().numpy()
 
 
 def generate(model, prompt_ids, max_new_tokens=100, *, temperature=1.0, top_k=0, top_p=1.0,

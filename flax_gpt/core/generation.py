@@ -36,6 +36,10 @@ class GenerationError(FlaxGPTError, ValueError):
     """A generation request that cannot run: bad prompt ids, sampling settings or window."""
 
 
+# Below this, logits / temperature can overflow to inf and the softmax to NaN: use 0 (greedy).
+MIN_TEMPERATURE = 1e-6
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How a token is drawn from the logits: temperature 0 is greedy; `top_k` 0 keeps every
@@ -46,8 +50,9 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not (np.isfinite(self.temperature) and self.temperature >= 0):
-            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (np.isfinite(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE)):
+            raise GenerationError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                                  f"got {self.temperature}")
         if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise GenerationError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
